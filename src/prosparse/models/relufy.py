@@ -1,0 +1,159 @@
+"""Find the gated FFNs of any transformers model by structure, and swap their activation in place.
+
+A gated FFN (facts.md) is a module with a down projection ``down_proj`` fed by either separate
+``gate_proj`` and ``up_proj`` linears or one fused ``gate_up_proj`` (Phi-3), and a parameter-free
+activation child (``act_fn`` in Llama/Mistral/Qwen/Gemma/OLMo2/Granite/SmolLM3, ``activation_fn``
+in Phi-3). Nothing here lists model classes: a new family with the Hugging Face module names
+works unchanged, and the state dict keeps its keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from prosparse.models.activations import activation_params, make_activation
+
+_SEPARATE = ("gate_proj", "up_proj")
+_FUSED = "gate_up_proj"
+_LOOKED_FOR = (
+    "modules with a 'down_proj' linear fed by 'gate_proj' and 'up_proj' linears (or one fused "
+    "'gate_up_proj') through a parameter-free activation child such as 'act_fn'"
+)
+
+
+@dataclass
+class GatedFFN:
+    """One gated FFN found in a model."""
+
+    name: str
+    """Qualified module name, e.g. ``model.layers.3.mlp``."""
+    module: nn.Module
+    """The FFN module itself."""
+    act_attr: str
+    """Attribute holding the activation (``act_fn`` or ``activation_fn``)."""
+    fused: bool
+    """True when gate and up live in one ``gate_up_proj`` (Phi-3)."""
+
+    @property
+    def act(self) -> nn.Module:
+        return getattr(self.module, self.act_attr)
+
+    @property
+    def down_proj(self) -> nn.Linear:
+        return self.module.down_proj
+
+
+def _is_linear(m: nn.Module | None) -> bool:
+    return isinstance(m, nn.Module) and hasattr(m, "weight") and getattr(m, "weight").dim() == 2
+
+
+def _activation_child(module: nn.Module) -> str | None:
+    for name, child in module.named_children():
+        if name in ("down_proj", "up_proj", "gate_proj", _FUSED):
+            continue
+        if next(child.parameters(), None) is None:
+            return name
+    return None
+
+
+def find_gated_ffns(model: nn.Module) -> list[GatedFFN]:
+    """Every gated FFN of ``model``, in module order (layer order for decoder stacks).
+
+    Raises ``ValueError`` naming the model class and what was looked for when there is none.
+    """
+    found = []
+    for name, module in model.named_modules():
+        down = getattr(module, "down_proj", None)
+        if not _is_linear(down):
+            continue
+        fused = _is_linear(getattr(module, _FUSED, None))
+        separate = all(_is_linear(getattr(module, a, None)) for a in _SEPARATE)
+        if not (fused or separate):
+            continue
+        act_attr = _activation_child(module)
+        if act_attr is None:
+            continue
+        found.append(GatedFFN(name, module, act_attr, fused and not separate))
+    if not found:
+        raise ValueError(
+            f"{type(model).__name__} has no gated FFN: looked for {_LOOKED_FOR}. "
+            "ProSparse applies to gated (SwiGLU/GeGLU) FFNs; models such as GPT-2 or BERT have none."
+        )
+    return found
+
+
+def relufy_(
+    model: nn.Module,
+    act: str = "relu",
+    threshold: float = 0.0,
+    shift: float = 0.0,
+    filter: Callable[[GatedFFN], bool] | None = None,
+) -> list[str]:
+    """Replace the activation of every gated FFN in ``model`` (in place) and update its config.
+
+    ``act`` is ``relu``, ``fatrelu`` (keeps ``g >= threshold``) or ``shifted_relu``
+    (``relu(g - shift)``). A zero threshold or shift gives a plain ``nn.ReLU``, saved as
+    ``hidden_act: "relu"`` so plain transformers loads it. ``filter`` keeps only some FFNs.
+    Returns the names of the FFNs changed.
+    """
+    if act == "fatrelu" and threshold < 0:
+        raise ValueError(f"threshold ({threshold}) must be >= 0 for fatrelu")
+    if (act == "fatrelu" and threshold == 0) or (act == "shifted_relu" and shift == 0):
+        act = "relu"
+    if act != "fatrelu" and threshold:
+        raise ValueError(f"threshold={threshold} applies to act='fatrelu' only (got act={act!r})")
+    if act != "shifted_relu" and shift:
+        raise ValueError(f"shift={shift} applies to act='shifted_relu' only (got act={act!r})")
+    changed = []
+    for ffn in find_gated_ffns(model):
+        if filter is not None and not filter(ffn):
+            continue
+        old = ffn.act
+        new = make_activation(act, threshold=threshold, shift=shift)
+        buf = next(old.buffers(), None) if old is not None else None
+        device = buf.device if buf is not None else ffn.down_proj.weight.device
+        setattr(ffn.module, ffn.act_attr, new.to(device))
+        changed.append(ffn.name)
+    if filter is None and hasattr(model, "config"):
+        param = threshold if act == "fatrelu" else shift if act == "shifted_relu" else 0.0
+        set_activation_config(model.config, act, param)
+    return changed
+
+
+def set_activation_config(config, act: str, param: float) -> None:
+    """Write the activation into a (possibly nested) transformers config.
+
+    ``hidden_act`` (and Gemma's ``hidden_activation``) becomes ``act``; ``hidden_act_param``
+    holds the threshold or shift and is dropped for plain ReLU so the config stays vanilla.
+    """
+    configs = [config]
+    text = getattr(config, "text_config", None)
+    if text is not None and text is not config:
+        configs.append(text)
+    for cfg in configs:
+        touched = False
+        for key in ("hidden_act", "hidden_activation"):
+            if hasattr(cfg, key) and getattr(cfg, key) is not None:
+                setattr(cfg, key, act)
+                touched = True
+        if not touched and cfg is config:
+            cfg.hidden_act = act
+        if act == "relu":
+            if hasattr(cfg, "hidden_act_param"):
+                delattr(cfg, "hidden_act_param")
+        else:
+            cfg.hidden_act_param = float(param)
+
+
+def current_activation(model: nn.Module) -> tuple[str, float]:
+    """``(name, param)`` shared by all gated FFNs; ``("other:<Class>", 0.0)`` for SiLU/GELU."""
+    kinds = set()
+    for ffn in find_gated_ffns(model):
+        p = activation_params(ffn.act)
+        kinds.add(p if p is not None else (f"other:{type(ffn.act).__name__}", 0.0))
+    if len(kinds) != 1:
+        return ("mixed", 0.0)
+    return kinds.pop()
