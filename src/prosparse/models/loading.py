@@ -84,7 +84,6 @@ def load_model(
     ``spec`` is an embedded name (``smollm2-135m``), a Hugging Face directory, a ``.gguf`` file,
     or a hub id (only when online: ``HF_HUB_OFFLINE`` unset, or ``online=True``).
     """
-    import prosparse.models  # noqa: F401  (registers our activations with transformers)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)

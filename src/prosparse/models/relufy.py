@@ -47,7 +47,7 @@ class GatedFFN:
 
 
 def _is_linear(m: nn.Module | None) -> bool:
-    return isinstance(m, nn.Module) and hasattr(m, "weight") and getattr(m, "weight").dim() == 2
+    return isinstance(m, nn.Module) and hasattr(m, "weight") and m.weight.dim() == 2
 
 
 def _activation_child(module: nn.Module) -> str | None:
@@ -157,3 +157,28 @@ def current_activation(model: nn.Module) -> tuple[str, float]:
     if len(kinds) != 1:
         return ("mixed", 0.0)
     return kinds.pop()
+
+
+_ACT_KEYS = ("hidden_act", "hidden_activation", "hidden_act_param")
+
+
+def activation_state(model: nn.Module) -> Callable[[], None]:
+    """Snapshot every gated FFN's activation module and the config's activation keys; the
+    returned function puts them back (used to try thresholds and restore SiLU afterwards)."""
+    modules = [(f.module, f.act_attr, f.act) for f in find_gated_ffns(model)]
+    configs = [c for c in (getattr(model, "config", None),
+                           getattr(getattr(model, "config", None), "text_config", None))
+               if c is not None]
+    saved = [(c, {k: getattr(c, k) for k in _ACT_KEYS if hasattr(c, k)}) for c in configs]
+
+    def restore() -> None:
+        for module, attr, act in modules:
+            setattr(module, attr, act)
+        for cfg, values in saved:
+            for k in _ACT_KEYS:
+                if k in values:
+                    setattr(cfg, k, values[k])
+                elif hasattr(cfg, k):
+                    delattr(cfg, k)
+
+    return restore

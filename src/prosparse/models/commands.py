@@ -1,0 +1,64 @@
+"""``prosparse convert``: swap the FFN activation and write a loadable checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+from prosparse.models.activations import ACTIVATIONS
+from prosparse.models.loading import DEFAULT_MODEL, DTYPES
+
+
+def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    """The MODEL argument and --dtype/--device shared by every command that loads a model."""
+    help_ = f"HF directory, .gguf file, hub id (online) or embedded name (default {DEFAULT_MODEL})"
+    if positional:
+        p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=help_)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights dtype")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+
+
+def add_activation_args(p: argparse.ArgumentParser, default: str | None = "relu") -> None:
+    p.add_argument("--act", default=default, choices=ACTIVATIONS,
+                   help="FFN activation to swap in" + ("" if default else " (default: keep)"))
+    p.add_argument("--threshold", type=float, default=0.0,
+                   help="FATReLU threshold t (keeps g >= t); implies --act fatrelu when > 0")
+    p.add_argument("--shift", type=float, default=0.0, help="shifted ReLU bias b: relu(g - b)")
+
+
+def apply_activation_args(model, args) -> None:
+    """relufy_ from --act/--threshold/--shift, when any of them asks for a swap."""
+    from prosparse.models.relufy import relufy_
+
+    act = args.act
+    if args.threshold and act in (None, "relu"):
+        act = "fatrelu"
+    if args.shift and act in (None, "relu"):
+        act = "shifted_relu"
+    if act is None:
+        return
+    relufy_(model, act=act, threshold=args.threshold if act == "fatrelu" else 0.0,
+            shift=args.shift if act == "shifted_relu" else 0.0)
+
+
+def _convert(args) -> int:
+    from prosparse.models.loading import load_model
+    from prosparse.models.relufy import current_activation
+    from prosparse.models.saving import save_model
+
+    model, tok = load_model(args.model, dtype=args.dtype, device="cpu")
+    apply_activation_args(model, args)
+    out = save_model(model, tok, args.out, overwrite=args.overwrite)
+    act, param = current_activation(model)
+    print(f"wrote {out} (hidden_act={act}" + (f", hidden_act_param={param:g})" if param else ")"))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("convert", help="swap the FFN activation (ReLU/FATReLU) and save",
+                       description="Swap every gated FFN's activation and write a safetensors "
+                                   "checkpoint with its tokenizer (atomically).")
+    add_model_args(p)
+    add_activation_args(p)
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_convert)

@@ -1,0 +1,101 @@
+"""``prosparse sparsity`` and ``prosparse threshold``."""
+
+from __future__ import annotations
+
+import argparse
+
+from prosparse.data import DEFAULT_DATA
+from prosparse.models.commands import add_activation_args, add_model_args, apply_activation_args
+from prosparse.tables import format_table, pct
+
+
+def add_data_args(p: argparse.ArgumentParser, tokens: int = 8192, seq_len: int = 256) -> None:
+    p.add_argument("--data", action="append", metavar="NAME=PATH",
+                   help=f"data source: wiki, qa, NAME=PATH (.txt/.jsonl/folder); repeatable "
+                        f"(default {DEFAULT_DATA})")
+    p.add_argument("--tokens", type=int, default=tokens, help="tokens measured per data source")
+    p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per packed block")
+    p.add_argument("--batch-size", type=int, default=4, help="blocks per forward pass")
+
+
+def sparsity_table(result: dict) -> str:
+    rows = [[name, d["tokens"], f"{d['perplexity']:.2f}", pct(d["average_sparsity"])]
+            for name, d in result["datasets"].items()]
+    return format_table(["data", "tokens", "perplexity", "sparsity %"], rows)
+
+
+def _sparsity(args) -> int:
+    from prosparse.io import write_json
+    from prosparse.models.loading import load_model
+    from prosparse.sparsity.measure import measure_sparsity
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    apply_activation_args(model, args)
+    result = measure_sparsity(model, tok, args.data or [DEFAULT_DATA], tokens=args.tokens,
+                              seq_len=args.seq_len, batch_size=args.batch_size,
+                              model_name=args.model)
+    print(sparsity_table(result))
+    print(f"average sparsity: {pct(result['average_sparsity'])}%")
+    if args.json:
+        write_json(args.json, result)
+    if args.plot:
+        from prosparse.plots import plot_layer_sparsity
+
+        plot_layer_sparsity({k: v["layer_sparsity"] for k, v in result["datasets"].items()},
+                            args.plot, title=f"Layer-wise sparsity: {args.model}")
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of numbers (e.g. 0,0.005,0.01)"
+        ) from None
+
+
+def _threshold(args) -> int:
+    from prosparse.io import write_json
+    from prosparse.models.loading import load_model
+    from prosparse.sparsity.threshold import threshold_sweep
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    apply_activation_args(model, args)
+    result = threshold_sweep(model, tok, args.thresholds, data=args.data or [DEFAULT_DATA],
+                             tolerance=args.tolerance, tokens=args.tokens, seq_len=args.seq_len,
+                             batch_size=args.batch_size)
+    rows = [[f"{r['t']:g}", pct(r["average_sparsity"]), f"{r['perplexity']:.3f}"]
+            for r in result["thresholds"]]
+    print(format_table(["t", "sparsity %", "perplexity"], rows))
+    print(f"recommended t = {result['recommended']:g} (perplexity within "
+          f"{100 * args.tolerance:g}% of t = 0: {result['baseline_perplexity']:.3f})")
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sparsity", help="measure activation sparsity and perplexity",
+                       description="Count exact zeros of every FFN's intermediate output x1 "
+                                   "(the input of down_proj) per layer, with perplexity, on "
+                                   "held-out text.")
+    add_model_args(p)
+    add_activation_args(p, default=None)
+    add_data_args(p)
+    p.add_argument("--json", help="write results as JSON here")
+    p.add_argument("--plot", help="write the layer-wise sparsity plot (PNG) here")
+    p.set_defaults(func=_sparsity)
+
+    p = sub.add_parser("threshold", help="sweep the FATReLU threshold (paper Table 9)",
+                       description="Sparsity and perplexity for each FATReLU threshold t, and "
+                                   "the largest t within a perplexity tolerance of t = 0.")
+    add_model_args(p)
+    add_activation_args(p, default=None)
+    add_data_args(p)
+    p.add_argument("--thresholds", type=_floats, default=[0.0, 0.005, 0.01, 0.02],
+                   help="comma-separated thresholds (default 0,0.005,0.01,0.02)")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="relative perplexity increase allowed over t = 0 (0.01 = +1%%)")
+    p.add_argument("--json", help="write results as JSON here")
+    p.set_defaults(func=_threshold)
