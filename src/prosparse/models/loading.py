@@ -66,6 +66,42 @@ def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
     return path
 
 
+def cache_dir() -> Path:
+    """Where converted embedded models are kept (``$PROSPARSE_CACHE`` or ~/.cache/prosparse)."""
+    root = os.environ.get("PROSPARSE_CACHE") or Path.home() / ".cache" / "prosparse"
+    return Path(root)
+
+
+def _embedded_cached(name: str) -> Path:
+    """A safetensors copy of an embedded GGUF model, made on first use.
+
+    Dequantising the GGUF takes ~20 s on 2 cores; the fp32 copy (bit-identical weights) loads
+    in about a second. A failed or concurrent write falls back to the GGUF file.
+    """
+    gguf = embedded_model_path(name)
+    target = cache_dir() / "models" / f"{name}-{gguf.stat().st_size}"
+    if (target / "config.json").is_file():
+        return target
+    if os.environ.get("PROSPARSE_NO_CACHE"):
+        return gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prosparse.io import atomic_dir
+
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
+    dequantized_(model)
+    try:
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    except OSError:
+        if not (target / "config.json").is_file():
+            return gguf
+    return target
+
+
 def _describe_failure(spec: str) -> str:
     return (
         f"no model at {spec!r}: not a directory with config.json, not a .gguf file, "
@@ -90,7 +126,7 @@ def load_model(
     path = Path(spec).expanduser()
     kwargs: dict = {}
     if spec in EMBEDDED:
-        path = embedded_model_path(spec)
+        path = _embedded_cached(spec)
     if path.is_file() and path.suffix == ".gguf":
         source, kwargs = str(path.parent), {"gguf_file": path.name}
     elif path.is_dir() and (path / "config.json").is_file():
@@ -110,6 +146,8 @@ def load_model(
         if source == spec:  # a hub id that could not be fetched
             raise FileNotFoundError(f"{_describe_failure(spec)}; hub lookup failed: {e}") from e
         raise
+    if "gguf_file" in kwargs:
+        dequantized_(model)
     restore_activation_(model)
     model.to(device)
     model.eval()
@@ -117,6 +155,16 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     model.prosparse_source = spec
     return model, tokenizer
+
+
+def dequantized_(model) -> None:
+    """Forget the GGUF origin of a model: transformers dequantises GGUF weights into plain
+    ``nn.Linear`` modules but keeps a quantizer marker that makes ``save_pretrained`` refuse."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def restore_activation_(model) -> None:
