@@ -26,34 +26,68 @@ def shifted_relu(g: torch.Tensor, shift: float | torch.Tensor) -> torch.Tensor:
     return torch.relu(g - shift)
 
 
-class FATReLU(nn.Module):
-    """``act(g) = g if g >= threshold else 0``; the threshold is a persistent buffer."""
+class _ScalarActivation(nn.Module):
+    """An activation with one scalar (threshold or shift), kept two ways.
 
-    def __init__(self, threshold: float = 0.0):
+    ``value`` is a Python float: it survives transformers' meta-device construction, which
+    leaves buffers missing from a checkpoint uninitialised. The persistent buffer carries the
+    scalar inside checkpoints, for configs that name the activation without it
+    (``hidden_act: "fatrelu"``): built with ``None``, the module reads the loaded buffer.
+    A state-dict hook writes ``value`` into the buffer, so every save path stores it.
+    """
+
+    buffer_name = "param"
+
+    def __init__(self, value: float | None = 0.0):
         super().__init__()
-        if threshold < 0:
+        self.value = None if value is None else float(value)
+        self.register_buffer(self.buffer_name, torch.tensor(self.value or 0.0), persistent=True)
+        self._register_state_dict_hook(_write_value_into_state_dict)
+
+    def scalar(self, dtype: torch.dtype) -> float | torch.Tensor:
+        """The scalar for inputs of ``dtype`` (a Python float is cast to ``dtype`` by torch)."""
+        if self.value is None:
+            return getattr(self, self.buffer_name).to(dtype)
+        return self.value
+
+    @property
+    def param(self) -> float:
+        """The scalar as the shortest decimal that its buffer dtype round-trips."""
+        if self.value is not None:
+            return self.value
+        return shortest_float(getattr(self, self.buffer_name))
+
+    def extra_repr(self) -> str:
+        return f"{self.buffer_name}={self.param:g}"
+
+
+def _write_value_into_state_dict(module, state_dict, prefix, _local_metadata):
+    key = prefix + module.buffer_name
+    if module.value is not None and key in state_dict:
+        state_dict[key] = torch.full_like(state_dict[key], module.value)
+
+
+class FATReLU(_ScalarActivation):
+    """``act(g) = g if g >= threshold else 0`` (paper Eq. (3)); buffer ``threshold``."""
+
+    buffer_name = "threshold"
+
+    def __init__(self, threshold: float | None = 0.0):
+        if threshold is not None and threshold < 0:
             raise ValueError(f"FATReLU threshold ({threshold}) must be >= 0")
-        self.register_buffer("threshold", torch.tensor(float(threshold)), persistent=True)
+        super().__init__(threshold)
 
     def forward(self, g: torch.Tensor) -> torch.Tensor:
-        return fatrelu(g, self.threshold.to(g.dtype))
-
-    def extra_repr(self) -> str:
-        return f"threshold={self.threshold.item():g}"
+        return fatrelu(g, self.scalar(g.dtype))
 
 
-class ShiftedReLU(nn.Module):
-    """``act(g) = relu(g - shift)``; the shift is a persistent buffer."""
+class ShiftedReLU(_ScalarActivation):
+    """``act(g) = relu(g - shift)``; buffer ``shift``."""
 
-    def __init__(self, shift: float = 0.0):
-        super().__init__()
-        self.register_buffer("shift", torch.tensor(float(shift)), persistent=True)
+    buffer_name = "shift"
 
     def forward(self, g: torch.Tensor) -> torch.Tensor:
-        return shifted_relu(g, self.shift.to(g.dtype))
-
-    def extra_repr(self) -> str:
-        return f"shift={self.shift.item():g}"
+        return shifted_relu(g, self.scalar(g.dtype))
 
 
 ACTIVATIONS = ("relu", "fatrelu", "shifted_relu")
@@ -72,13 +106,23 @@ def make_activation(act: str, threshold: float = 0.0, shift: float = 0.0) -> nn.
     raise KeyError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
 
 
+def shortest_float(value: torch.Tensor) -> float:
+    """The shortest decimal that rounds to ``value`` in its own dtype (fp32 0.0099999998 -> 0.01),
+    so configs say ``hidden_act_param: 0.01`` rather than the buffer's binary approximation."""
+    x = value.item()
+    for digits in range(1, 18):
+        y = float(f"{x:.{digits}g}")
+        if torch.tensor(y, dtype=value.dtype).item() == x:
+            return y
+    return x
+
+
 def activation_params(module: nn.Module) -> tuple[str, float] | None:
     """``(name, param)`` of one of our activation modules, or None for anything else."""
     if isinstance(module, FATReLU):
-        t = float(module.threshold)
-        return ("relu", 0.0) if t == 0.0 else ("fatrelu", t)
+        return ("relu", 0.0) if module.param == 0.0 else ("fatrelu", module.param)
     if isinstance(module, ShiftedReLU):
-        return ("shifted_relu", float(module.shift))
+        return ("shifted_relu", module.param)
     if isinstance(module, nn.ReLU):
         return ("relu", 0.0)
     return None
@@ -110,14 +154,14 @@ def register_with_transformers() -> None:
     """Make ``ACT2FN["fatrelu"]``, ``["shifted_relu"]`` and legacy ``["fatrelu_<t>"]`` resolve.
 
     Model classes build ``act_fn = ACT2FN[config.hidden_act]`` with no access to
-    ``hidden_act_param``: the module is built with threshold 0 and the checkpoint's persistent
-    ``threshold`` buffer then restores the value. Legacy strings carry the value themselves.
+    ``hidden_act_param``: the module is built without a value and reads the checkpoint's
+    persistent ``threshold`` buffer. Legacy strings carry the value themselves.
     """
     from transformers import activations
 
     acts = activations.ACT2FN
-    acts["fatrelu"] = FATReLU
-    acts["shifted_relu"] = ShiftedReLU
+    acts["fatrelu"] = (FATReLU, {"threshold": None})
+    acts["shifted_relu"] = (ShiftedReLU, {"shift": None})
     base = type(acts)
     if getattr(base, "_prosparse_legacy", False):
         return
