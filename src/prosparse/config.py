@@ -1,0 +1,301 @@
+"""Training recipes: dataclasses (one docstring line per field), YAML loading, dotted overrides.
+
+A recipe file is YAML whose keys mirror :class:`Recipe`; any key can be overridden on the command
+line as ``a.b.c=VALUE`` (list items by index: ``stages.4.lambda=0.1``). Values are parsed as YAML
+(``1e-4`` is a float, ``true`` a bool, ``[wiki, qa]`` a list). Unknown keys are errors that list
+the valid ones. The schedule's ``lambda`` key is the field ``Stage.lam`` (``lambda`` is reserved
+in Python).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from prosparse.sparsity.schedule import Stage, validate_stages
+
+NORMALIZATIONS = ("mean", "sum_scaled")
+TRAIN_PARAMS = ("all", "ffn")
+ACTIVATIONS = ("relu", "shifted_relu", "fatrelu")
+
+
+@dataclass
+class PenaltyConfig:
+    """How ||x1||_1 is normalised; the lambdas of a recipe only mean something with it (facts.md)."""
+
+    normalization: str = "sum_scaled"
+    """``sum_scaled``: sum |x1| over tokens and neurons * scale, summed over layers, / grad-accum
+    count (the authors' framework); ``mean``: mean |x1| over elements, summed over layers."""
+    scale: float = 1e-8
+    """Multiplier of the ``sum_scaled`` sum (1e-8 in the authors' framework)."""
+
+
+@dataclass
+class DataConfig:
+    """Training text: sources with mixture weights, packed into blocks of ``seq_len``."""
+
+    sources: list[str] = field(default_factory=lambda: ["wiki"])
+    """Data specs (``wiki``, ``qa``, ``NAME=PATH`` of .txt/.jsonl/folder)."""
+    weights: list[float] | None = None
+    """Mixture weight per source (fraction of training blocks); None = proportional to size."""
+    seq_len: int = 4096
+    """Tokens per packed block (the context length)."""
+    heldout: list[str] = field(default_factory=lambda: ["wiki"])
+    """Data specs whose held-out split gives perplexity and sparsity during training."""
+    heldout_tokens: int = 8192
+    """Held-out tokens per evaluation (per source)."""
+    cache: bool = True
+    """Keep tokenised, packed blocks on disk (under the run folder's ``data/``)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a cosine learning rate after a linear warm-up."""
+
+    lr: float = 3e-5
+    """Peak learning rate (Table 6: 3e-5 for 7B, 5e-5 for 13B)."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr`` at the last step of the schedule."""
+    warmup_steps: int = 100
+    """Linear warm-up steps of the learning rate (not of lambda)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (beta1, beta2)."""
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping."""
+    train_params: str = "all"
+    """Which parameters train: ``all``, or ``ffn`` (gate/up/down projections only)."""
+
+
+@dataclass
+class DistillConfig:
+    """Opt-in knowledge distillation from the frozen original (pre-swap) model (not in the paper)."""
+
+    weight: float = 0.0
+    """Weight of KL(teacher || student) on next-token distributions; 0 disables (no teacher)."""
+    temperature: float = 1.0
+    """Softmax temperature of both distributions; the KL is multiplied by T^2."""
+    lm_weight: float = 1.0
+    """Weight of the plain LM cross-entropy (1 in the paper; may be lowered when distilling)."""
+
+
+@dataclass
+class ThresholdConfig:
+    """Activation threshold shifting at the end (paper Section 3.2, Appendix O)."""
+
+    value: float | None = None
+    """FATReLU threshold t of the final checkpoint; None = the sweep's recommendation."""
+    sweep: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.03, 0.05])
+    """Thresholds tried when ``value`` is None."""
+    tolerance: float = 0.01
+    """Sweep: largest t whose held-out perplexity is within this relative tolerance of t=0."""
+
+
+@dataclass
+class LogConfig:
+    """What is logged and how often."""
+
+    eval_every: int = 500
+    """Steps between held-out evaluations (sparsity per layer, perplexity); 0 = only at the end."""
+    eval_tokens: int = 8192
+    """Held-out tokens per source for the evaluations during training (<= data.heldout_tokens)."""
+    measure_before: bool = True
+    """Measure the original model and the bare swap before training (the report's first rows)."""
+    tensorboard: bool = True
+    """Also write TensorBoard events (when tensorboard is installed)."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints: HF model + optimizer + scheduler + step + data position + RNG, atomic."""
+
+    every: int = 1000
+    """Steps between checkpoints; 0 = only the final model."""
+    keep: int = 2
+    """Keep the last N checkpoints."""
+
+
+@dataclass
+class Recipe:
+    """A ProSparse training run: swap, progressive L1 (Algorithm 1), threshold shift."""
+
+    model: str = "smollm2-135m"
+    """Model spec for ``prosparse.load_model`` (embedded name, HF folder, .gguf)."""
+    activation: str = "relu"
+    """Activation swapped in before training: ``relu``, ``shifted_relu`` (baseline), ``fatrelu``."""
+    activation_param: float = 0.0
+    """Shift b of ``shifted_relu`` or threshold of ``fatrelu`` during training."""
+    stages: list[Stage] = field(default_factory=lambda: [Stage(steps=100, lam=0.0)])
+    """Algorithm 1 stages: ``{lambda, steps (cumulative T_i), fixed, name}``."""
+    penalty: PenaltyConfig = field(default_factory=PenaltyConfig)
+    """Normalisation of the L1 term."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and held-out data."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimiser and learning-rate schedule."""
+    batch_size: int = 1
+    """Sequences per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Optional distillation from the original model."""
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    """Final threshold shift."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Logging."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    dtype: str = "auto"
+    """Autocast: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16``, ``fp32``."""
+    seed: int = 0
+    """Seed of the data order and of torch."""
+
+    def validate(self) -> None:
+        validate_stages(self.stages)
+        _choice("penalty.normalization", self.penalty.normalization, NORMALIZATIONS)
+        _choice("optim.train_params", self.optim.train_params, TRAIN_PARAMS)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("dtype", self.dtype, ("auto", "bf16", "fp32"))
+        for key, value in (("batch_size", self.batch_size), ("grad_accum", self.grad_accum),
+                           ("data.seq_len", self.data.seq_len)):
+            if value < 1:
+                raise ValueError(f"{key} ({value}) must be >= 1")
+        if self.data.weights is not None and len(self.data.weights) != len(self.data.sources):
+            raise ValueError(
+                f"data.weights has {len(self.data.weights)} entries for "
+                f"{len(self.data.sources)} data.sources; give one weight per source or null"
+            )
+        if self.distill.weight < 0 or self.distill.lm_weight < 0:
+            raise ValueError("distill.weight and distill.lm_weight must be >= 0")
+        if self.distill.weight == 0 and self.distill.lm_weight == 0:
+            raise ValueError("distill.lm_weight is 0 and distill.weight is 0: nothing to train on; "
+                             "set one of them > 0")
+        if self.optim.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be >= 0")
+
+    @property
+    def total_steps(self) -> int:
+        return self.stages[-1].steps
+
+
+def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise KeyError(f"unknown {key} {value!r}; choose one of {', '.join(valid)}")
+
+
+# --- dict <-> dataclass -------------------------------------------------------------------------
+
+_YAML_NAMES = {"lam": "lambda"}  # dataclass field -> YAML key
+
+
+def _yaml_key(name: str) -> str:
+    return _YAML_NAMES.get(name, name)
+
+
+def to_dict(obj) -> dict:
+    """A recipe as plain YAML-ready data (``Stage.lam`` written as ``lambda``)."""
+    if dataclasses.is_dataclass(obj):
+        return {_yaml_key(f.name): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _build(cls, data, where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'recipe'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {_yaml_key(f.name): f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise KeyError(f"unknown recipe key {(where + '.' if where else '') + key!r}; "
+                           f"choose one of {', '.join(fields)}")
+        name = fields[key]
+        kwargs[name] = _coerce(hints[name], value, f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{where}.{i}") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ValueError(f"{where} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    """Build and validate a :class:`Recipe` from YAML data."""
+    recipe = _build(Recipe, data or {}, "")
+    recipe.validate()
+    return recipe
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=VALUE`` overrides to raw recipe data (list items by index)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like KEY=VALUE (e.g. optim.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else None
+        parts = key.split(".")
+        node = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            here = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                    raise KeyError(f"override {key!r}: {here} is not an index of a "
+                                   f"{len(node)}-item list")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            else:
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+    return data
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no recipe at {str(path)!r}; see configs/ for examples")
+        data = yaml.safe_load(path.read_text()) or {}
+    return recipe_from_dict(apply_overrides(data, list(overrides)))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """YAML text of a recipe, every setting written out (the run's saved config)."""
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)

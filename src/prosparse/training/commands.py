@@ -1,0 +1,71 @@
+"""``prosparse train RECIPE [overrides]`` and ``prosparse schedule RECIPE`` (check lambda before
+spending GPU days)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _schedule(args) -> int:
+    from prosparse.config import load_recipe
+    from prosparse.io import write_json
+    from prosparse.sparsity.schedule import schedule_curve
+    from prosparse.tables import format_table
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    curve = schedule_curve(recipe.stages, every=args.every)
+    rows, prev = [], 0
+    for i, s in enumerate(recipe.stages):
+        kind = "fixed" if s.fixed else "zero" if s.lam == 0 else "flat" if (
+            i == 0 or recipe.stages[i - 1].lam in (0, s.lam) or recipe.stages[i - 1].fixed
+        ) else "sine"
+        rows.append([s.name or str(i), f"{prev + 1}-{s.steps}", f"{s.lam:g}", kind])
+        prev = s.steps
+    print(format_table(["stage", "steps", "lambda (end)", "shape"], rows))
+    print(f"normalisation: {recipe.penalty.normalization}"
+          + (f" (scale {recipe.penalty.scale:g})" if recipe.penalty.normalization == "sum_scaled"
+             else ""))
+    if args.json:
+        write_json(args.json, curve)
+        print(f"wrote {args.json} ({len(curve['steps'])} points)")
+    if args.plot:
+        from prosparse.plots import plot_curves
+
+        plot_curves(curve["steps"], {"lambda": curve["lambda"]}, args.plot,
+                    title=f"L1 factor schedule: {Path(args.recipe).name}")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _train(args) -> int:
+    from prosparse.config import load_recipe
+    from prosparse.training.loop import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = args.out or str(Path("runs") / Path(args.recipe).stem)
+    result = train(recipe, out, resume=args.resume)
+    if result.report:
+        print(result.report["table"])
+        print(json.dumps({k: result.report[k] for k in ("threshold", "tokens_trained",
+                                                        "wall_seconds")}))
+    print(f"run folder: {result.run}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="ProSparse training from a recipe (configs/*.yaml)")
+    p.add_argument("recipe", help="YAML recipe, e.g. configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.4.lambda=0.1")
+    p.add_argument("--out", default=None, help="run folder (default runs/<recipe name>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in the run folder")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("schedule", help="print / save / plot a recipe's lambda curve")
+    p.add_argument("recipe", help="YAML recipe")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.4.lambda=0.1")
+    p.add_argument("--json", default=None, help='write {"steps": [...], "lambda": [...]}')
+    p.add_argument("--plot", default=None, help="write the curve as a PNG")
+    p.add_argument("--every", type=int, default=1, help="keep every k-th step (last kept)")
+    p.set_defaults(func=_schedule)

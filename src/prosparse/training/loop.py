@@ -1,0 +1,309 @@
+"""The ProSparse training loop on Accelerate (paper Section 3.2): ReLU swap, progressive L1
+(Algorithm 1), optional distillation, then activation threshold shifting.
+
+Runs unchanged under ``accelerate launch`` (DDP, FSDP, DeepSpeed): the model and optimizer go
+through ``accelerator.prepare``, gradients accumulate under ``accelerator.accumulate``, metrics
+are reduced across processes, checkpoints use ``accelerator.save_state``. The learning rate and
+lambda are pure functions of the step, so a resumed run lands on the same values.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from prosparse.config import Recipe, dump_recipe
+from prosparse.models.relufy import find_gated_ffns
+from prosparse.sparsity.hooks import capture_x1
+from prosparse.sparsity.penalty import PenaltyCollector
+from prosparse.sparsity.schedule import l1_factor, stage_index
+from prosparse.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from prosparse.training.data import build_blocks, heldout_blocks, micro_batch
+
+
+def lr_at(step: int, recipe: Recipe) -> float:
+    """Cosine learning rate after a linear warm-up, a pure function of the 1-based step."""
+    o = recipe.optim
+    total = recipe.total_steps
+    if o.warmup_steps and step <= o.warmup_steps:
+        return o.lr * step / o.warmup_steps
+    span = max(total - o.warmup_steps, 1)
+    progress = min(max(step - o.warmup_steps, 0) / span, 1.0)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+            ) -> torch.Tensor:
+    """KL(teacher || student) of next-token distributions, mean over tokens, times T^2."""
+    v = logits.shape[-1]
+    s = F.log_softmax(logits.float().reshape(-1, v) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float().reshape(-1, v) / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Token-mean next-token cross-entropy."""
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                           ids[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, blocks: dict[str, torch.Tensor], batch_size: int = 4) -> dict:
+    """Held-out perplexity and sparsity (per layer, averaged) over every source, the blocks split
+    across processes and the counts summed over them."""
+    from prosparse.sparsity.hooks import ZeroCounter
+
+    model.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    out = {}
+    for name, all_blocks in blocks.items():
+        mine = all_blocks[rank::world]
+        n_layers = len(find_gated_ffns(model))
+        counter = ZeroCounter(n_layers)
+        nll = torch.zeros(2, dtype=torch.float64)
+        with capture_x1(model, counter):
+            for start in range(0, len(mine), batch_size):
+                ids = mine[start:start + batch_size].to(accelerator.device)
+                with accelerator.autocast():
+                    logits = model(input_ids=ids).logits
+                nll[0] += lm_loss(logits, ids).item() * ids[:, 1:].numel()
+                nll[1] += ids[:, 1:].numel()
+        counts = torch.cat([counter.zeros, counter.total, nll]).to(accelerator.device)
+        counts = accelerator.reduce(counts, reduction="sum").cpu()
+        zeros, total = counts[:n_layers], counts[n_layers:2 * n_layers]
+        layer = (zeros / total.clamp(min=1)).tolist()
+        out[name] = {"tokens": int(all_blocks.numel()),
+                     "perplexity": math.exp(counts[-2] / max(counts[-1], 1)),
+                     "average_sparsity": sum(layer) / len(layer), "layer_sparsity": layer,
+                     "_nll": (float(counts[-2]), float(counts[-1]))}
+    model.train()
+    nll_sum = sum(d["_nll"][0] for d in out.values())
+    nll_cnt = sum(d["_nll"][1] for d in out.values())
+    tok = sum(d["tokens"] for d in out.values())
+    n_layers = len(next(iter(out.values()))["layer_sparsity"])
+    layer = [sum(d["layer_sparsity"][i] * d["tokens"] for d in out.values()) / tok
+             for i in range(n_layers)]
+    for d in out.values():
+        d.pop("_nll")
+    return {"perplexity": math.exp(nll_sum / max(nll_cnt, 1)),
+            "average_sparsity": sum(layer) / n_layers, "layer_sparsity": layer, "datasets": out}
+
+
+class MetricsLog:
+    """JSONL (always) and TensorBoard (optional) metrics, on the main process only."""
+
+    def __init__(self, run: Path, enabled: bool, tensorboard: bool, resume_step: int = 0):
+        self.enabled = enabled
+        self.path = run / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step and self.path.is_file():
+            # Drop lines past the checkpoint so the resumed run's lines replace them.
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        elif self.path.exists():
+            self.path.unlink()
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run / "tensorboard"), purge_step=resume_step + 1)
+            except ImportError:
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record["step"]
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, step)
+                elif isinstance(v, list) and k.endswith("layer_sparsity"):
+                    for i, x in enumerate(v):
+                        self.tb.add_scalar(f"{k}/{i}", x, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run: str | Path) -> list[dict]:
+    path = Path(run) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run returns; ``report`` is what report.json holds."""
+
+    run: Path
+    """Run folder."""
+    step: int
+    """Last optimiser step done."""
+    report: dict = field(default_factory=dict)
+    """Before/after measurements, threshold, tokens, wall time (empty when stopped early)."""
+
+
+def _mixed_precision(recipe: Recipe) -> str:
+    if recipe.dtype == "bf16" or (recipe.dtype == "auto" and torch.cuda.is_available()):
+        return "bf16"
+    return "no"
+
+
+def train(recipe: Recipe, out: str | Path, resume: bool = False, stop_after: int | None = None,
+          progress: bool = True, accelerator=None) -> TrainResult:
+    """Run ``recipe`` into the run folder ``out``.
+
+    ``resume`` continues from the latest checkpoint in ``out``; ``stop_after`` stops after that
+    many optimiser steps (an interruption, for tests) without the final threshold shift.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from prosparse.models.loading import load_model
+    from prosparse.models.relufy import relufy_
+
+    wall_start = time.time()
+    recipe.validate()
+    run = Path(out)
+    if accelerator is None:
+        accelerator = Accelerator(gradient_accumulation_steps=recipe.grad_accum,
+                                  mixed_precision=_mixed_precision(recipe))
+    main = accelerator.is_main_process
+    ckpt = latest_checkpoint(run) if resume else None
+    if resume and ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {run}/checkpoints; "
+                                "run without --resume to start")
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "recipe.yaml").write_text(dump_recipe(recipe))
+    set_seed(recipe.seed)
+
+    # --- model, teacher, activation swap -------------------------------------------------------
+    model, tok = load_model(recipe.model)
+    model.to(accelerator.device)
+    heldout = heldout_blocks(tok, recipe.data.heldout, recipe.data.seq_len,
+                             recipe.data.heldout_tokens)
+    eval_blocks = {k: v[: max(1, recipe.log.eval_tokens // recipe.data.seq_len)]
+                   for k, v in heldout.items()}
+    report: dict = {"model": recipe.model, "recipe": str(run / "recipe.yaml")}
+    measure_before = recipe.log.measure_before and ckpt is None
+    if measure_before:
+        report["original"] = evaluate(accelerator, model, heldout)
+    teacher = None
+    if recipe.distill.weight > 0:
+        teacher = copy.deepcopy(model).eval()
+        teacher.requires_grad_(False)
+    relufy_(model, act=recipe.activation,
+            **({"threshold": recipe.activation_param} if recipe.activation == "fatrelu" else
+               {"shift": recipe.activation_param} if recipe.activation == "shifted_relu" else {}))
+    if measure_before:
+        report["relu_swap"] = evaluate(accelerator, model, heldout)
+    for name, p in model.named_parameters():
+        p.requires_grad_(recipe.optim.train_params == "all" or
+                         any(k in name for k in ("gate_proj", "up_proj", "down_proj")))
+    model.train()
+    o = recipe.optim
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr,
+                            betas=tuple(o.betas), weight_decay=o.weight_decay)
+    model, opt = accelerator.prepare(model, opt)
+
+    # --- data: global micro-batch k of step s is k = (s - 1) * grad_accum + m -------------------
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = recipe.grad_accum * recipe.batch_size * world
+    with accelerator.main_process_first():
+        blocks = build_blocks(tok, recipe.data.sources, recipe.data.weights, recipe.data.seq_len,
+                              recipe.total_steps * per_step, recipe.seed,
+                              run / "data" if recipe.data.cache else None)
+
+    start_step = 0
+    if ckpt is not None:
+        start_step = load_checkpoint(accelerator, ckpt)["step"]
+    log = MetricsLog(run, main, recipe.log.tensorboard, start_step)
+    last = recipe.total_steps if stop_after is None else min(recipe.total_steps,
+                                                             start_step + stop_after)
+    n_layers = len(find_gated_ffns(model))
+    bar = tqdm(range(start_step + 1, last + 1), initial=start_step, total=recipe.total_steps,
+               disable=not (progress and main), desc="train")
+    record: dict = {}
+    for step in bar:
+        lam = l1_factor(step, recipe.stages)
+        lr = lr_at(step, recipe)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        sums = torch.zeros(4, dtype=torch.float64)  # lm, penalty, kd, loss
+        collector = PenaltyCollector(n_layers, recipe.penalty.normalization,
+                                     recipe.penalty.scale, recipe.grad_accum, enabled=lam > 0)
+        with capture_x1(model, collector):
+            for m in range(recipe.grad_accum):
+                ids = micro_batch(blocks, (step - 1) * recipe.grad_accum + m,
+                                  recipe.batch_size, rank, world).to(accelerator.device)
+                with accelerator.accumulate(model):
+                    logits = model(input_ids=ids).logits  # (batch, seq, vocab)
+                    lm = lm_loss(logits, ids)
+                    penalty = collector.take()
+                    kd = torch.zeros((), device=logits.device)
+                    if teacher is not None:
+                        with torch.no_grad(), accelerator.autocast():
+                            teacher_logits = teacher(input_ids=ids).logits
+                        kd = kd_loss(logits, teacher_logits, recipe.distill.temperature)
+                    # The objective, in one line (paper Section 3.2, + opt-in distillation):
+                    loss = (recipe.distill.lm_weight * lm + lam * penalty
+                            + recipe.distill.weight * kd)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        if o.grad_clip > 0:
+                            accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                sums += torch.tensor([lm.item(), penalty.item(), kd.item(), loss.item()],
+                                     dtype=torch.float64)
+        counts = collector.zeros
+        stats = torch.cat([sums / recipe.grad_accum, counts.zeros, counts.total])
+        stats = accelerator.reduce(stats.to(accelerator.device), reduction="sum").cpu()
+        lm_v, pen_v, kd_v, loss_v = (stats[:4] / world).tolist()
+        zeros, total = stats[4:4 + n_layers], stats[4 + n_layers:]
+        train_sparsity = float((zeros / total.clamp(min=1)).mean())
+        record = {"step": step, "stage": stage_index(step, recipe.stages), "lambda": lam,
+                  "lr": lr, "lm_loss": lm_v, "penalty": pen_v, "kd_loss": kd_v, "loss": loss_v,
+                  "train_sparsity": train_sparsity, "tokens": step * per_step * recipe.data.seq_len}
+        evaluate_now = (recipe.log.eval_every and step % recipe.log.eval_every == 0) or \
+            step == recipe.total_steps
+        if evaluate_now:
+            ev = evaluate(accelerator, model, eval_blocks)
+            record.update(heldout_perplexity=ev["perplexity"],
+                          heldout_sparsity=ev["average_sparsity"],
+                          heldout_layer_sparsity=ev["layer_sparsity"])
+        log.write(record)
+        bar.set_postfix(loss=f"{loss_v:.3f}", lm=f"{lm_v:.3f}", lam=f"{lam:.3g}",
+                        sparsity=f"{100 * train_sparsity:.1f}%")
+        ck = recipe.checkpoint
+        if (ck.every and step % ck.every == 0) or (stop_after is not None and step == last):
+            trainer = {"step": step, "micro_batches": step * recipe.grad_accum,
+                       "data_position": step * per_step, "tokens": record["tokens"],
+                       "lambda": lam, "lr": lr, "world_size": world}
+            save_checkpoint(accelerator, model, tok, run, step, trainer, ck.keep)
+    bar.close()
+    log.close()
+    if last < recipe.total_steps:
+        return TrainResult(run=run, step=last)
+
+    # --- end of training: threshold shift (paper Section 3.2, Appendix O) ----------------------
+    from prosparse.training.report import finish_run
+
+    report["tokens_trained"] = recipe.total_steps * per_step * recipe.data.seq_len
+    report = finish_run(accelerator, model, tok, recipe, run, heldout, report, wall_start)
+    return TrainResult(run=run, step=recipe.total_steps, report=report)

@@ -1,0 +1,99 @@
+"""End of a run: threshold shift, final checkpoint, report.json, plots and the before/after table.
+
+``report.json`` keys: ``original``, ``relu_swap``, ``trained``, ``final`` (each
+``{"average_sparsity", "perplexity", "layer_sparsity", "datasets"}``, held-out, fractions in
+[0, 1]), ``threshold``, ``threshold_sweep``, ``tokens_trained``, ``wall_seconds``, ``recipe``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prosparse.tables import format_table, pct
+
+ROWS = (("original", "original (SiLU)"), ("relu_swap", "bare ReLU swap"),
+        ("trained", "after training"), ("final", "after threshold shift"))
+
+
+def before_after_table(report: dict) -> str:
+    """Markdown table: sparsity and held-out perplexity of each phase."""
+    rows = []
+    for key, label in ROWS:
+        r = report.get(key)
+        if r is None:
+            continue
+        if key == "final":
+            label = f"{label} (t={report.get('threshold', 0):g})"
+        rows.append([label, pct(r["average_sparsity"]), f"{r['perplexity']:.2f}"])
+    return format_table(["model", "sparsity %", "held-out ppl"], rows)
+
+
+def _plots(run: Path, report: dict) -> list[str]:
+    from prosparse.training.loop import read_metrics
+
+    try:
+        from prosparse.plots import plot_curves, plot_layer_sparsity
+    except ImportError:
+        return []
+    made = []
+    try:
+        metrics = read_metrics(run)
+        steps = [m["step"] for m in metrics]
+        curves = {"lambda": [m["lambda"] for m in metrics],
+                  "lm loss": [m["lm_loss"] for m in metrics],
+                  "train sparsity %": [100 * m["train_sparsity"] for m in metrics]}
+        if any(m["kd_loss"] for m in metrics):
+            curves["kd loss"] = [m["kd_loss"] for m in metrics]
+        made.append(str(plot_curves(steps, curves, run / "training.png",
+                                    title="lambda, loss and sparsity along training (Fig. 2)")))
+        series = {label: report[key]["layer_sparsity"] for key, label in ROWS
+                  if key in report and key != "original"}
+        made.append(str(plot_layer_sparsity(series, run / "layer_sparsity.png",
+                                            title="layer-wise sparsity, held-out (Fig. 4)")))
+    except ImportError:
+        pass
+    return made
+
+
+def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, report: dict,
+               wall_start: float) -> dict:
+    """Measure the trained model, shift the threshold, save ``final/``, write the report."""
+    from prosparse.io import write_json
+    from prosparse.models.relufy import relufy_
+    from prosparse.training.loop import evaluate
+
+    report["trained"] = evaluate(accelerator, model, heldout)
+    th = recipe.threshold
+    if th.value is None:
+        from prosparse.sparsity.threshold import threshold_sweep
+
+        unwrapped = accelerator.unwrap_model(model)
+        sweep = threshold_sweep(unwrapped, tokenizer, list(th.sweep), data=recipe.data.heldout,
+                                tolerance=th.tolerance, tokens=recipe.data.heldout_tokens,
+                                seq_len=recipe.data.seq_len, progress=False)
+        report["threshold_sweep"] = sweep
+        t = float(sweep["recommended"])
+    else:
+        t = float(th.value)
+    report["threshold"] = t
+    relufy_(model, act="fatrelu", threshold=t)
+    report["final"] = evaluate(accelerator, model, heldout)
+    final = run / "final"
+    unwrapped = accelerator.unwrap_model(model)
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        from prosparse.io import atomic_dir
+
+        with atomic_dir(final, overwrite=True) as tmp:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+    report["final_checkpoint"] = str(final)
+    report["wall_seconds"] = time.time() - wall_start
+    if accelerator.is_main_process:
+        report["table"] = before_after_table(report)
+        (run / "table.md").write_text(report["table"] + "\n")
+        report["plots"] = _plots(run, report)
+        write_json(run / "report.json", report)
+    return report

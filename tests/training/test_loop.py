@@ -1,0 +1,81 @@
+"""The training loop on a tiny random model: resume is exact, the report and final model load."""
+
+import json
+
+import pytest
+import torch
+
+from prosparse.config import load_recipe
+from prosparse.training.loop import read_metrics, train
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    from tests.conftest import char_tokenizer, tiny_llama
+
+    path = tmp_path / "tiny"
+    model, tok = tiny_llama(), char_tokenizer()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def tiny_recipe(model_dir, text_file, *extra):
+    return load_recipe(None, [
+        f"model={model_dir}", f"data.sources=[{text_file}]", f"data.heldout=[{text_file}]",
+        "data.seq_len=32", "data.heldout_tokens=128", "log.eval_tokens=64", "log.eval_every=3",
+        "log.tensorboard=false", "batch_size=2", "grad_accum=2",
+        "stages=[{lambda: 0, steps: 2}, {lambda: 0.5, steps: 4}, {lambda: 1.0, steps: 6}]",
+        "penalty.normalization=mean", "optim.lr=1e-3", "optim.warmup_steps=2",
+        "checkpoint.every=0", "checkpoint.keep=2", "threshold.value=0.01", *extra])
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.mark.parametrize("distill", [0.0, 0.5])
+def test_resume_is_exact(tiny_dir, text_file, tmp_path, distill):
+    recipe = tiny_recipe(tiny_dir, text_file, f"distill.weight={distill}")
+    _reset_accelerate()
+    full = train(recipe, tmp_path / "full", progress=False)
+    _reset_accelerate()
+    part = train(recipe, tmp_path / "part", stop_after=3, progress=False)
+    assert part.step == 3 and not part.report
+    assert (tmp_path / "part/checkpoints/step-000003/model/config.json").is_file()
+    _reset_accelerate()
+    resumed = train(recipe, tmp_path / "part", resume=True, progress=False)
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
+    assert [m["step"] for m in b] == list(range(1, 7))
+    for x, y in zip(a, b):
+        for key in ("lambda", "lr", "lm_loss", "penalty", "kd_loss", "loss", "train_sparsity"):
+            assert x[key] == y[key], f"step {x['step']} {key}: {x[key]} vs {y[key]}"
+    assert [m["lambda"] for m in a] == [0.0, 0.0, 0.5, 0.5, 0.75, 1.0]
+    assert (distill > 0) == (a[-1]["kd_loss"] > 0)
+    assert resumed.report["final"]["perplexity"] == full.report["final"]["perplexity"]
+
+
+def test_report_and_final_checkpoint_load(tiny_dir, text_file, tmp_path):
+    from prosparse import load_model
+    from prosparse.models.relufy import current_activation
+
+    _reset_accelerate()
+    res = train(tiny_recipe(tiny_dir, text_file), tmp_path / "run", progress=False)
+    report = json.loads((tmp_path / "run/report.json").read_text())
+    for key in ("original", "relu_swap", "trained", "final"):
+        assert 0 <= report[key]["average_sparsity"] <= 1 and report[key]["perplexity"] > 1
+    assert report["original"]["average_sparsity"] == 0.0  # SiLU has no exact zeros
+    assert report["final"]["average_sparsity"] >= report["trained"]["average_sparsity"]
+    assert report["threshold"] == 0.01 and report["tokens_trained"] == 6 * 2 * 2 * 32
+    assert "after threshold shift (t=0.01)" in report["table"]
+    model, _ = load_model(str(tmp_path / "run/final"))
+    assert current_activation(model) == ("fatrelu", 0.01)
+    recipe_saved = (tmp_path / "run/recipe.yaml").read_text()
+    assert "normalization: mean" in recipe_saved
+    assert res.step == 6
+    with torch.no_grad():  # the saved model is the trained one, not the original
+        assert not torch.equal(model.model.layers[0].mlp.up_proj.weight,
+                               load_model(str(tiny_dir))[0].model.layers[0].mlp.up_proj.weight)
