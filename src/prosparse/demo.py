@@ -1,8 +1,9 @@
-"""``prosparse demo``: the main job on the embedded default model and corpus.
+"""``prosparse demo`` (``make demo``): the main job on the embedded default model and corpus.
 
-Measures the embedded SmolLM2-135M as shipped (SiLU), after a bare ReLU swap, and after a
-FATReLU swap: held-out sparsity and perplexity on ``wiki`` and ``qa`` in one table, plus the
-layer-wise plot, written to a report folder.
+Runs ``configs/demo.yaml``: the embedded SmolLM2-135M is measured as shipped (SiLU) and after a
+bare ReLU swap, trained with progressive L1 (Algorithm 1) and distillation from the original on
+the bundled ``wiki`` corpus, threshold-shifted, and measured again; the before/after table is
+printed and the run folder (report.json, table.md, plots, final/) written to ``--out``.
 """
 
 from __future__ import annotations
@@ -10,68 +11,38 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from prosparse.tables import format_table, pct
+DEMO_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
-def run_demo(out: str = "runs/demo", tokens: int = 8192, seq_len: int = 256,
-             threshold: float = 0.01) -> dict:
-    from prosparse.io import write_json
-    from prosparse.models.loading import DEFAULT_MODEL, load_model
-    from prosparse.models.relufy import activation_state, relufy_
-    from prosparse.sparsity.measure import measure_sparsity
+def run_demo(out: str = "runs/demo", recipe: str | Path | None = None,
+             overrides: list[str] = ()) -> dict:
+    """Train the demo recipe into ``out``; returns the report (report.json)."""
+    from prosparse.config import load_recipe
+    from prosparse.training.loop import train
 
+    path = Path(recipe) if recipe else DEMO_RECIPE
+    if not path.is_file():
+        raise FileNotFoundError(f"demo recipe {str(path)!r} not found; pass --recipe "
+                                "configs/demo.yaml from a checkout of prosparse")
     start = time.time()
-    model, tok = load_model(DEFAULT_MODEL)
-    restore = activation_state(model)
-    settings = {
-        "original": lambda: None,
-        "relu_swap": lambda: relufy_(model, act="relu"),
-        f"fatrelu_{threshold:g}": lambda: relufy_(model, act="fatrelu", threshold=threshold),
-    }
-    report = {"model": DEFAULT_MODEL, "tokens": tokens, "seq_len": seq_len, "settings": {}}
-    for name, apply in settings.items():
-        restore()
-        apply()
-        report["settings"][name] = measure_sparsity(model, tok, ["wiki", "qa"], tokens=tokens,
-                                                    seq_len=seq_len, model_name=name)
-    restore()
-    report["wall_seconds"] = time.time() - start
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "report.json", report)
-    rows = []
-    for name, r in report["settings"].items():
-        d = r["datasets"]
-        rows.append([name, pct(r["average_sparsity"]), f"{d['wiki']['perplexity']:.2f}",
-                     pct(d["wiki"]["average_sparsity"]), f"{d['qa']['perplexity']:.2f}",
-                     pct(d["qa"]["average_sparsity"])])
-    table = format_table(["setting", "sparsity %", "wiki ppl", "wiki sp. %", "qa ppl",
-                          "qa sp. %"], rows)
-    (folder / "table.md").write_text(table + "\n")
-    print(table)
-    try:
-        from prosparse.plots import plot_layer_sparsity
-
-        series = {f"{n} / {ds}": r["datasets"][ds]["layer_sparsity"]
-                  for n, r in report["settings"].items() if n != "original" for ds in ("wiki", "qa")}
-        plot_layer_sparsity(series, folder / "layer_sparsity.png",
-                            title=f"{DEFAULT_MODEL}: layer-wise sparsity (held-out)")
-    except ImportError as e:
-        print(f"(no plot: {e})")
-    print(f"report: {folder}/report.json, {folder}/table.md, {folder}/layer_sparsity.png "
-          f"({report['wall_seconds']:.0f} s)")
+    result = train(load_recipe(path, list(overrides)), out)
+    report = result.report
+    print(report["table"])
+    print(f"threshold t = {report['threshold']:g}, trained on {report['tokens_trained']} tokens, "
+          f"wall {time.time() - start:.0f} s")
+    print(f"run folder: {out} (report.json, table.md, training.png, layer_sparsity.png, final/)")
     return report
 
 
 def _demo(args) -> int:
-    run_demo(out=args.out, tokens=args.tokens, seq_len=args.seq_len, threshold=args.threshold)
+    run_demo(out=args.out, recipe=args.recipe, overrides=args.overrides)
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="the main job on the embedded default model and corpus")
-    p.add_argument("--out", default="runs/demo", help="report folder (default runs/demo)")
-    p.add_argument("--tokens", type=int, default=8192, help="held-out tokens per data source")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per block")
-    p.add_argument("--threshold", type=float, default=0.01, help="FATReLU threshold")
+    p = sub.add_parser("demo", help="ReLUfy the embedded default model (configs/demo.yaml) and "
+                                    "print the before/after table")
+    p.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. stages.2.lambda=4")
+    p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument("--recipe", default=None, help="recipe (default configs/demo.yaml)")
     p.set_defaults(func=_demo)

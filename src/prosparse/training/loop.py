@@ -155,6 +155,8 @@ class TrainResult:
     """Last optimiser step done."""
     report: dict = field(default_factory=dict)
     """Before/after measurements, threshold, tokens, wall time (empty when stopped early)."""
+    lambdas: list[float] = field(default_factory=list)
+    """lambda this process used at each step it ran (every rank must agree)."""
 
 
 def _mixed_precision(recipe: Recipe) -> str:
@@ -239,8 +241,10 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, stop_after: int
     bar = tqdm(range(start_step + 1, last + 1), initial=start_step, total=recipe.total_steps,
                disable=not (progress and main), desc="train")
     record: dict = {}
+    lambdas = []
     for step in bar:
         lam = l1_factor(step, recipe.stages)
+        lambdas.append(lam)
         lr = lr_at(step, recipe)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -299,11 +303,11 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, stop_after: int
     bar.close()
     log.close()
     if last < recipe.total_steps:
-        return TrainResult(run=run, step=last)
+        return TrainResult(run=run, step=last, lambdas=lambdas)
 
     # --- end of training: threshold shift (paper Section 3.2, Appendix O) ----------------------
     from prosparse.training.report import finish_run
 
     report["tokens_trained"] = recipe.total_steps * per_step * recipe.data.seq_len
     report = finish_run(accelerator, model, tok, recipe, run, heldout, report, wall_start)
-    return TrainResult(run=run, step=recipe.total_steps, report=report)
+    return TrainResult(run=run, step=recipe.total_steps, report=report, lambdas=lambdas)

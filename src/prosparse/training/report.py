@@ -77,7 +77,8 @@ def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, 
     else:
         t = float(th.value)
     report["threshold"] = t
-    relufy_(model, act="fatrelu", threshold=t)
+    # The unwrapped model: a DDP/FSDP wrapper has no .config, which must name the activation.
+    relufy_(accelerator.unwrap_model(model), act="fatrelu", threshold=t)
     report["final"] = evaluate(accelerator, model, heldout)
     final = run / "final"
     unwrapped = accelerator.unwrap_model(model)
