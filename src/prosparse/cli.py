@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "prosparse.models.commands",
     "prosparse.sparsity.commands",
     "prosparse.training.commands",
+    "prosparse.evaluation.commands",
     "prosparse.demo",
 )
 
