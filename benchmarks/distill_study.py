@@ -46,7 +46,8 @@ def main() -> None:
     base = [f"stages=[{{lambda: 0, steps: {s // 4}}}, {{lambda: 0.5, steps: {s // 2}}}, "
             f"{{lambda: 2.0, steps: {s * 7 // 8}}}, {{lambda: 2.0, steps: {s}}}]",
             f"log.eval_every={args.eval_every}", "log.measure_before=false",
-            "threshold.value=0", "checkpoint.every=0", "log.tensorboard=false"]
+            "threshold.value=0", "checkpoint.every=0", "log.tensorboard=false",
+            "data.heldout_tokens=2048", "log.eval_tokens=2048"]
     results = {}
     for name in args.variants:
         recipe = load_recipe(args.recipe, base + VARIANTS[name] + args.overrides)

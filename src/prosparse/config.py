@@ -50,6 +50,8 @@ class DataConfig:
     """Data specs whose held-out split gives perplexity and sparsity during training."""
     heldout_tokens: int = 8192
     """Held-out tokens per evaluation (per source)."""
+    heldout_seq_len: int | None = None
+    """Block length of held-out evaluation (perplexity depends on it); None = ``seq_len``."""
     cache: bool = True
     """Keep tokenised, packed blocks on disk (under the run folder's ``data/``)."""
 
@@ -72,6 +74,9 @@ class OptimConfig:
     """Max global gradient norm; 0 disables clipping."""
     train_params: str = "all"
     """Which parameters train: ``all``, or ``ffn`` (gate/up/down projections only)."""
+    freeze: list[str] = field(default_factory=list)
+    """Parameter-name substrings kept frozen on top of ``train_params`` (e.g. ``[down_proj]``:
+    the L1 term can then not be paid by shrinking x1 and growing down_proj to compensate)."""
 
 
 @dataclass

@@ -79,3 +79,18 @@ def test_report_and_final_checkpoint_load(tiny_dir, text_file, tmp_path):
     with torch.no_grad():  # the saved model is the trained one, not the original
         assert not torch.equal(model.model.layers[0].mlp.up_proj.weight,
                                load_model(str(tiny_dir))[0].model.layers[0].mlp.up_proj.weight)
+
+
+def test_freeze_keeps_named_parameters(tiny_dir, text_file, tmp_path):
+    from prosparse import load_model
+
+    _reset_accelerate()
+    train(tiny_recipe(tiny_dir, text_file, "optim.freeze=[down_proj]", "optim.train_params=ffn",
+                      "log.measure_before=false"), tmp_path / "run", progress=False)
+    before, _ = load_model(str(tiny_dir))
+    after, _ = load_model(str(tmp_path / "run/final"))
+    mlp0, mlp1 = before.model.layers[0].mlp, after.model.layers[0].mlp
+    assert torch.equal(mlp0.down_proj.weight, mlp1.down_proj.weight)
+    assert not torch.equal(mlp0.up_proj.weight, mlp1.up_proj.weight)
+    assert torch.equal(before.model.layers[0].self_attn.q_proj.weight,
+                       after.model.layers[0].self_attn.q_proj.weight)

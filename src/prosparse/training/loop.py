@@ -197,9 +197,9 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, stop_after: int
     # --- model, teacher, activation swap -------------------------------------------------------
     model, tok = load_model(recipe.model)
     model.to(accelerator.device)
-    heldout = heldout_blocks(tok, recipe.data.heldout, recipe.data.seq_len,
-                             recipe.data.heldout_tokens)
-    eval_blocks = {k: v[: max(1, recipe.log.eval_tokens // recipe.data.seq_len)]
+    eval_len = recipe.data.heldout_seq_len or recipe.data.seq_len
+    heldout = heldout_blocks(tok, recipe.data.heldout, eval_len, recipe.data.heldout_tokens)
+    eval_blocks = {k: v[: max(1, recipe.log.eval_tokens // eval_len)]
                    for k, v in heldout.items()}
     report: dict = {"model": recipe.model, "recipe": str(run / "recipe.yaml")}
     measure_before = recipe.log.measure_before and ckpt is None
@@ -215,8 +215,12 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, stop_after: int
     if measure_before:
         report["relu_swap"] = evaluate(accelerator, model, heldout)
     for name, p in model.named_parameters():
-        p.requires_grad_(recipe.optim.train_params == "all" or
-                         any(k in name for k in ("gate_proj", "up_proj", "down_proj")))
+        p.requires_grad_((recipe.optim.train_params == "all" or
+                          any(k in name for k in ("gate_proj", "up_proj", "down_proj")))
+                         and not any(k in name for k in recipe.optim.freeze))
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(f"optim.freeze {recipe.optim.freeze} with optim.train_params "
+                         f"{recipe.optim.train_params!r} leaves nothing to train")
     model.train()
     o = recipe.optim
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr,

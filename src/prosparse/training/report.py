@@ -71,7 +71,8 @@ def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, 
         unwrapped = accelerator.unwrap_model(model)
         sweep = threshold_sweep(unwrapped, tokenizer, list(th.sweep), data=recipe.data.heldout,
                                 tolerance=th.tolerance, tokens=recipe.data.heldout_tokens,
-                                seq_len=recipe.data.seq_len, progress=False)
+                                seq_len=recipe.data.heldout_seq_len or recipe.data.seq_len,
+                                progress=False)
         report["threshold_sweep"] = sweep
         t = float(sweep["recommended"])
     else:
