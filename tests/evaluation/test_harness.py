@@ -196,3 +196,16 @@ def test_cli_eval_and_table(llama, tokenizer, data_root, tmp_path, capsys):
 
     assert main(["eval", str(model_dir), "--tasks", "nope", "--data-root", str(data_root)]) == 2
     assert "piqa, winogrande" in capsys.readouterr().err
+
+
+def test_online_names_pass_through_to_lm_eval(monkeypatch, data_root):
+    import prosparse.evaluation.harness as harness
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(harness, "_standard_task_names", lambda: {"triviaqa"})
+    specs, members = resolve_tasks(["piqa", "triviaqa"], data_root=data_root)
+    assert specs[1] == "triviaqa" and members == {"piqa": ["piqa"], "triviaqa": ["triviaqa"]}
+    assert specs[0]["task"] == "piqa" and specs[0]["doc_to_text"] == "Question: {{goal}}\nAnswer:"
+    with pytest.raises(KeyError, match="neither local"):
+        resolve_tasks(["trivia"], data_root=data_root)
