@@ -53,6 +53,30 @@ def _train(args) -> int:
     return 0
 
 
+def _fit_lambda(args) -> int:
+    from prosparse.sparsity.fit import PAPER_7B, fit_points
+
+    fit = PAPER_7B
+    if args.point:
+        pairs = []
+        for item in args.point:
+            try:
+                lam, sp = (float(v) for v in item.split(":"))
+            except ValueError:
+                raise ValueError(f"--point {item!r} must look like LAMBDA:SPARSITY_PERCENT "
+                                 "(e.g. 0.05:85.9)") from None
+            pairs.append((lam, sp))
+        fit = fit_points([p[0] for p in pairs], [p[1] for p in pairs])
+    source = "your points" if args.point else "the paper's ProSparse-7B fit"
+    print(f"sparsity(%) = 100 - exp(-{fit.a:.4g} * lambda^{fit.alpha:.3g} + {fit.b:.4g})  "
+          f"({source})")
+    for target in args.target:
+        print(f"target {target:g}% -> lambda_S = {fit.lam(target):.4g}")
+    for lam in args.predict:
+        print(f"lambda_S {lam:g} -> predicted sparsity {fit.sparsity(lam):.2f}%")
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("train", help="ProSparse training from a recipe (configs/*.yaml)")
     p.add_argument("recipe", help="YAML recipe, e.g. configs/demo.yaml")
@@ -69,3 +93,10 @@ def register(sub) -> None:
     p.add_argument("--plot", default=None, help="write the curve as a PNG")
     p.add_argument("--every", type=int, default=1, help="keep every k-th step (last kept)")
     p.set_defaults(func=_schedule)
+
+    p = sub.add_parser("fit-lambda", help="lambda_S for a target sparsity (paper fit or yours)")
+    p.add_argument("--target", type=float, nargs="*", default=[], help="target sparsity in %%")
+    p.add_argument("--predict", type=float, nargs="*", default=[], help="lambda_S to predict")
+    p.add_argument("--point", action="append", default=[],
+                   help="a measured LAMBDA:SPARSITY_PERCENT of your model (repeat; >= 2)")
+    p.set_defaults(func=_fit_lambda)
