@@ -68,3 +68,22 @@ def plot_curves(
     if title:
         axes[0, 0].set_title(title)
     return _save(fig, out)
+
+
+def plot_predictor_layers(
+    layers: list[dict], out: str | os.PathLike, title: str = "Activation predictors"
+) -> Path:
+    """Per-layer recall, predicted sparsity and true sparsity in % (paper Table 2, by layer)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    x = [m.get("layer", i) + 1 for i, m in enumerate(layers)]
+    for key, label, style in (("recall", "recall", "o-"),
+                              ("predicted_sparsity", "predicted sparsity", "s-"),
+                              ("true_sparsity", "true sparsity", "^--")):
+        ax.plot(x, [100 * m[key] for m in layers], style, ms=3, label=label)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("%")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)

@@ -1,0 +1,192 @@
+"""``prosparse predictors collect | train | eval | export``."""
+
+from __future__ import annotations
+
+import argparse
+
+from prosparse.data import DEFAULT_DATA
+from prosparse.models.commands import add_activation_args, add_model_args, apply_activation_args
+from prosparse.sparsity.commands import add_data_args
+from prosparse.tables import pct
+
+
+def _layers(text: str) -> list[int]:
+    """``0-9,12`` -> [0, ..., 9, 12]."""
+    out = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a layer list such as 0-9,12") from None
+    return out
+
+
+def _collect(args) -> int:
+    import torch
+
+    from prosparse.data import load_texts, pack_blocks, parse_data_spec
+    from prosparse.io import atomic_dir
+    from prosparse.models.loading import load_model
+    from prosparse.predictors.collect import collect_pairs
+
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    apply_activation_args(model, args)
+    specs = args.data or [DEFAULT_DATA]
+    per_source = args.tokens // len(specs)
+    blocks = torch.cat([pack_blocks(tok, load_texts(parse_data_spec(s), args.split),
+                                    args.seq_len, per_source, seed=args.seed) for s in specs])
+    # interleave sources so the validation tail holds every source
+    blocks = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed))]
+    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+        info = collect_pairs(model, blocks, tmp, clip_top=args.clip_top,
+                             batch_size=args.batch_size, shard_tokens=args.shard_tokens,
+                             mass_tokens=args.mass_tokens,
+                             meta={"model": args.model, "data": specs, "split": args.split,
+                                   "act": args.act, "threshold": args.threshold})
+    print(f"collected {info['tokens']} tokens x {info['n_layers']} layers "
+          f"(d_model {info['d_model']}, d_ff {info['d_ff']}) in {info['seconds']:.1f} s: "
+          f"{info['bytes'] / 2**20:.1f} MiB in {len(info['shards'])} shard(s) per layer, "
+          f"{info['n_val']} validation tokens")
+    rates = info["positive_rate"]
+    print(f"label sparsity: average {pct(1 - sum(rates) / len(rates))}% "
+          f"(layers {pct(1 - max(rates))}..{pct(1 - min(rates))}%)")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _report(result: dict, args, title: str) -> None:
+    from prosparse.io import write_json
+    from prosparse.predictors.metrics import metrics_table
+
+    print(metrics_table(result))
+    print(f"average recall {pct(result['average_recall'])}%, predicted sparsity "
+          f"{pct(result['average_predicted_sparsity'])}% (true "
+          f"{pct(result['average_true_sparsity'])}%)")
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    if getattr(args, "plot", None):
+        from prosparse.plots import plot_predictor_layers
+
+        plot_predictor_layers(result["layers"], args.plot, title=title)
+        print(f"wrote {args.plot}")
+
+
+def _train(args) -> int:
+    from prosparse.predictors.collect import PairData
+    from prosparse.predictors.export import save_predictors
+    from prosparse.predictors.train import TrainConfig, train_predictors
+
+    data = PairData(args.data_dir)
+    cfg = TrainConfig(hidden=args.hidden, epochs=args.epochs, patience=args.patience,
+                      batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                      target_recall=args.target_recall, max_train_tokens=args.max_tokens,
+                      seed=args.seed)
+    pset, result = train_predictors(data, cfg, layers=args.layers)
+    save_predictors(pset, args.out, overwrite=args.overwrite,
+                    extra={"data": str(args.data_dir), "model": data.meta.get("model"),
+                           "config": result["config"]})
+    print(f"wrote {args.out}")
+    _report(result, args, f"Predictors: {data.meta.get('model', args.data_dir)}")
+    return 0
+
+
+def _eval(args) -> int:
+    from prosparse.predictors.collect import PairData
+    from prosparse.predictors.export import load_predictors
+    from prosparse.predictors.train import evaluate_predictors
+
+    pset = load_predictors(args.predictors)
+    if args.target_recall is not None:
+        raise ValueError("--target-recall belongs to `predictors train`; eval uses the saved "
+                         "thresholds")
+    result = evaluate_predictors(pset, PairData(args.data_dir))
+    _report(result, args, f"Predictors {args.predictors}")
+    return 0
+
+
+def _export(args) -> int:
+    from prosparse.predictors.export import export_powerinfer, load_predictors, save_predictors
+
+    pset = load_predictors(args.predictors)
+    if args.powerinfer is None and args.out is None:
+        raise ValueError("give --powerinfer DIR and/or --out DIR")
+    if args.powerinfer:
+        t = export_powerinfer(pset, args.powerinfer, overwrite=args.overwrite)
+        print(f"wrote {args.powerinfer} ({len(pset)} x model_{{layer}}.pt, "
+              f"sparse_threshold {t:g})")
+    if args.out:
+        save_predictors(pset, args.out, overwrite=args.overwrite)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def register(sub) -> None:
+    top = sub.add_parser("predictors", help="activation predictors: collect, train, eval, export",
+                         description="Per-layer activation predictors for approximate sparse "
+                                     "inference (paper Sec. 3.3, App. C and F).")
+    s = top.add_subparsers(dest="predictors", metavar="STEP")
+    s.required = True
+
+    p = s.add_parser("collect", help="collect (residual stream, x1 != 0) pairs per layer",
+                     description="Stream each layer's predictor input (the residual stream "
+                                 "before the post-attention norm) and label (x1 != 0) to disk: "
+                                 "fp16 inputs, bit-packed labels, memory bounded by one batch.")
+    add_model_args(p)
+    add_activation_args(p, default=None)
+    add_data_args(p, tokens=400_000, seq_len=512)
+    p.add_argument("--split", default="train", choices=("train", "heldout", "all"),
+                   help="document split of the data (default train)")
+    p.add_argument("--clip-top", type=float, default=None, metavar="FRAC",
+                   help="positives are only each token's largest FRAC of |x1| (e.g. 0.15)")
+    p.add_argument("--shard-tokens", type=int, default=65536, help="rows per shard file")
+    p.add_argument("--mass-tokens", type=int, default=2048,
+                   help="validation tokens whose full |x1| is kept for the mass-missed metric")
+    p.add_argument("--seed", type=int, default=0, help="block shuffling seed")
+    p.add_argument("--out", required=True, help="output folder (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_collect)
+
+    p = s.add_parser("train", help="train one predictor per layer",
+                     description="BCE with down-weighted negatives, AdamW, early stopping on "
+                                 "validation recall, best checkpoint kept (paper App. F).")
+    p.add_argument("data_dir", metavar="DIR", help="the --out of `predictors collect`")
+    p.add_argument("--out", required=True, help="predictor folder to write (must not exist)")
+    p.add_argument("--hidden", type=int, default=1024, help="predictor hidden width")
+    p.add_argument("--epochs", type=int, default=20, help="most epochs per layer")
+    p.add_argument("--patience", type=int, default=3,
+                   help="stop after this many epochs without improvement")
+    p.add_argument("--batch-size", type=int, default=1024, help="tokens per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--target-recall", type=float, default=None, metavar="R",
+                   help="tune each layer's threshold to validation recall R (e.g. 0.95); "
+                        "default: probability 0.5")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="train on at most this many tokens per layer")
+    p.add_argument("--layers", type=_layers, default=None, help="only these layers, e.g. 0-3")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
+    p.add_argument("--json", help="write per-layer metrics as JSON here")
+    p.add_argument("--plot", help="write the per-layer plot (PNG) here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_train)
+
+    p = s.add_parser("eval", help="recall, predicted sparsity, precision, |x1| mass missed",
+                     description="Per-layer and average metrics of saved predictors (ours or "
+                                 "PowerInfer's folder) on the validation split of a collection.")
+    p.add_argument("predictors", metavar="PRED", help="predictor folder (ours or PowerInfer's)")
+    p.add_argument("data_dir", metavar="DIR", help="the --out of `predictors collect`")
+    p.add_argument("--target-recall", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", help="write per-layer metrics as JSON here")
+    p.add_argument("--plot", help="write the per-layer plot (PNG) here")
+    p.set_defaults(func=_eval)
+
+    p = s.add_parser("export", help="write predictors in PowerInfer's layout (or ours)",
+                     description="PowerInfer: model_{layer}.pt with fc1.weight [D, d_model], "
+                                 "fc2.weight [d_ff, D], and config.json with sparse_threshold.")
+    p.add_argument("predictors", metavar="PRED", help="predictor folder (ours or PowerInfer's)")
+    p.add_argument("--powerinfer", metavar="DIR", help="write PowerInfer's folder here")
+    p.add_argument("--out", metavar="DIR", help="write our format here")
+    p.add_argument("--overwrite", action="store_true", help="replace existing folders")
+    p.set_defaults(func=_export)

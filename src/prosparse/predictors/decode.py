@@ -1,0 +1,255 @@
+"""Approximate sparse decoding: the predictor picks the neurons, and the gate, up and down
+products run only over them (paper Sec. 3.3, App. C; PowerInfer's scheme).
+
+:class:`PredictedSparseMLP` keeps the Hugging Face child names (``gate_proj``/``up_proj`` or
+``gate_up_proj``, ``down_proj``, the activation under its own name) plus ``predictor``. Its
+input is the FFN input (after the norm); the predictor's input, the residual stream *before*
+that norm, is handed over by a forward pre-hook on the norm that :func:`attach_predictors_`
+registers. One token (decode) takes the gather path: the predicted-active rows of W_gate and
+W_up are copied with ``index_select(out=...)`` into one reused scratch buffer and multiplied in a
+single ``torch.mv``, and the down product is ``F.embedding_bag`` over the same rows of W_down^T
+weighted by x1 (it never materialises them). More tokens (prefill, perplexity) take the
+reference twin: the dense formula with x1 masked by the prediction. Both compute
+``down(mask * act(gate(x)) * up(x))``, so a neuron predicted inactive contributes nothing and
+one predicted active but truly inactive costs time, not accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prosparse.models.relufy import find_gated_ffns
+from prosparse.predictors.collect import find_predictor_sites
+from prosparse.predictors.model import Predictor, PredictorSet
+
+_scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _buffer(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A (rows, cols) view of a buffer shared by all layers, grown but never shrunk."""
+    key = (dtype, torch.device(device))
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < rows * cols:
+        buf = torch.empty(rows * cols, dtype=dtype, device=device)
+        _scratch[key] = buf
+    return buf[: rows * cols].view(rows, cols)
+
+
+class PredictedSparseMLP(nn.Module):
+    """A gated FFN computing only the neurons its predictor calls active."""
+
+    def __init__(self, mlp: nn.Module, predictor: Predictor, threshold: float,
+                 act_attr: str = "act_fn", fused: bool = False, max_tokens: int = 1):
+        super().__init__()
+        self.act_attr, self.fused, self.max_tokens = act_attr, fused, max_tokens
+        if fused:
+            self.gate_up_proj = mlp.gate_up_proj
+        else:
+            self.gate_proj, self.up_proj = mlp.gate_proj, mlp.up_proj
+        setattr(self, act_attr, getattr(mlp, act_attr))
+        self.down_proj = mlp.down_proj
+        w = self.down_proj.weight
+        if not w.t().is_contiguous():
+            # W_down^T contiguous (d_ff, d_model) for embedding_bag; the parameter is its view.
+            self.down_proj.weight = nn.Parameter(w.detach().t().contiguous().t(),
+                                                 requires_grad=w.requires_grad)
+        self.d_ff = self.down_proj.weight.shape[1]
+        self.predictor = predictor
+        self.threshold = float(threshold)
+        self._residual: torch.Tensor | None = None
+        self.predicted_active = 0  # neurons predicted active, summed over tokens (statistics)
+        self.tokens = 0
+
+    def set_residual(self, r: torch.Tensor) -> None:
+        self._residual = r
+
+    def _weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                torch.Tensor | None]:
+        if self.fused:
+            w, b = self.gate_up_proj.weight, self.gate_up_proj.bias  # gate rows first (Phi-3)
+            return (w[: self.d_ff], w[self.d_ff:], None if b is None else b[: self.d_ff],
+                    None if b is None else b[self.d_ff:])
+        return (self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias,
+                self.up_proj.bias)
+
+    def predict(self, r: torch.Tensor) -> torch.Tensor:
+        """Boolean (tokens, d_ff) predicted-active mask from residual inputs (tokens, d_model)."""
+        return self.predictor(r.to(self.predictor.fc1.weight.dtype)) >= self.threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r, self._residual = self._residual, None
+        if r is None:
+            raise RuntimeError("PredictedSparseMLP got no residual input: attach it with "
+                               "prosparse.predictors.attach_predictors_(model, predictors)")
+        act_fn = getattr(self, self.act_attr)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (tokens, d_model)
+        mask = self.predict(r.reshape(-1, r.shape[-1]))  # (tokens, d_ff)
+        self.tokens += mask.shape[0]
+        self.predicted_active += int(mask.sum())
+        if x2.shape[0] > self.max_tokens:  # reference twin: dense, x1 masked by the prediction
+            if self.fused:
+                g, u = self.gate_up_proj(x2).chunk(2, dim=-1)
+            else:
+                g, u = self.gate_proj(x2), self.up_proj(x2)
+            y = self.down_proj(act_fn(g) * u * mask)
+            return y.reshape(*shape[:-1], y.shape[-1])
+        ys = [self._gather_one(x2[i], mask[i], act_fn) for i in range(x2.shape[0])]
+        y = torch.stack(ys) if ys else x2.new_zeros(0, self.down_proj.out_features)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    def _gather_one(self, x: torch.Tensor, mask: torch.Tensor, act_fn) -> torch.Tensor:
+        """One token (d_model,) -> (d_model,), touching only rows ``mask`` of every matrix."""
+        idx = mask.nonzero().flatten()  # (n,)
+        n = idx.numel()
+        w_down_t = self.down_proj.weight.t()  # (d_ff, d_model), contiguous
+        bias = self.down_proj.bias
+        if n == 0:
+            return torch.zeros(w_down_t.shape[1], dtype=x.dtype, device=x.device) + (
+                0 if bias is None else bias)
+        wg, wu, bg, bu = self._weights()
+        rows = _buffer(2 * n, x.shape[0], wg.dtype, wg.device)  # (2n, d_model)
+        torch.index_select(wg, 0, idx, out=rows[:n])
+        torch.index_select(wu, 0, idx, out=rows[n:])
+        gu = torch.mv(rows, x)  # (2n,): gate then up, in one pass over the gathered rows
+        g, u = gu[:n], gu[n:]
+        if bg is not None:
+            g = g + bg.index_select(0, idx)
+        if bu is not None:
+            u = u + bu.index_select(0, idx)
+        x1 = act_fn(g) * u  # (n,)
+        y = F.embedding_bag(idx.view(1, -1), w_down_t, per_sample_weights=x1.view(1, -1),
+                            mode="sum")[0]  # (d_model,)
+        return y if bias is None else y + bias
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold:g}, max_tokens={self.max_tokens}"
+
+
+def attach_predictors_(model: nn.Module, predictors: PredictorSet,
+                       max_tokens: int = 1) -> Callable[[], None]:
+    """Swap every gated FFN of ``model`` for a :class:`PredictedSparseMLP` driven by its layer's
+    predictor (cast to the model's dtype), in place. Returns ``restore()``, which puts the
+    original modules back and removes the hooks."""
+    sites = find_predictor_sites(model)
+    ffns = find_gated_ffns(model)
+    if len(sites) != len(predictors):
+        raise ValueError(f"the model has {len(sites)} gated FFNs but the predictors have "
+                         f"{len(predictors)} layers")
+    d_ff = ffns[0].down_proj.in_features
+    d_model = ffns[0].down_proj.out_features
+    if (predictors.d_model, predictors.d_ff) != (d_model, d_ff):
+        raise ValueError(f"predictors are for d_model {predictors.d_model}, d_ff "
+                         f"{predictors.d_ff}; the model has d_model {d_model}, d_ff {d_ff}")
+    param = next(model.parameters())
+    swapped, handles = [], []
+    for site, ffn in zip(sites, ffns):
+        thr = float(predictors.thresholds[site.layer])
+        if not math.isfinite(thr):
+            raise ValueError(f"layer {site.layer} has no trained predictor (threshold {thr})")
+        pred = Predictor(d_model, d_ff, predictors.hidden)
+        pred.load_state_dict(predictors.layers[site.layer].state_dict())
+        pred = pred.to(device=param.device, dtype=param.dtype).eval()
+        new = PredictedSparseMLP(ffn.module, pred, thr, ffn.act_attr, ffn.fused, max_tokens)
+        handles.append(site.norm.register_forward_pre_hook(
+            lambda _m, args, _new=new: _new.set_residual(args[0])))
+        parent_name, _, child = ffn.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+        swapped.append((parent, child, ffn.module))
+
+    def restore() -> None:
+        for h in handles:
+            h.remove()
+        for parent, child, original in swapped:
+            setattr(parent, child, original)
+            w = original.down_proj.weight
+            if not w.is_contiguous():
+                original.down_proj.weight = nn.Parameter(w.detach().contiguous(),
+                                                         requires_grad=w.requires_grad)
+
+    return restore
+
+
+@torch.no_grad()
+def _teacher_forced(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4):
+    """Summed next-token NLL, its count, and the argmax predictions (n, seq - 1)."""
+    nll, count, argmax = 0.0, 0, []
+    device = next(model.parameters()).device
+    for i in range(0, len(blocks), batch_size):
+        ids = blocks[i:i + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                               reduction="sum").item()
+        count += ids[:, 1:].numel()
+        argmax.append(logits.argmax(-1).cpu())
+    return nll, count, torch.cat(argmax)
+
+
+def decode_benchmark_with_predictors(
+    model: nn.Module,
+    predictors: PredictorSet,
+    input_ids: torch.Tensor,
+    new_tokens: int = 64,
+    eval_blocks: torch.Tensor | None = None,
+    exact: bool = False,
+    backend: str | None = None,
+) -> dict:
+    """Greedy decode dense, then with predictors attached (and, with ``exact``, with
+    :func:`prosparse.inference.sparsify_`'s exact sparse FFN last, which stays swapped in).
+
+    Returns tokens/s for each, the share of free-running greedy tokens that differ from dense,
+    and, on ``eval_blocks`` (n, seq_len) of held-out text, perplexity with and without the
+    predictors and the share of teacher-forced argmax tokens that differ. The model is left
+    dense unless ``exact``.
+    """
+    from prosparse.inference.decode import greedy_decode
+
+    model.eval()
+    report: dict = {"new_tokens": new_tokens}
+    if eval_blocks is not None:
+        nll, count, dense_argmax = _teacher_forced(model, eval_blocks)
+        report["eval_tokens"] = count
+        report["dense_perplexity"] = math.exp(nll / count)
+    greedy_decode(model, input_ids, 4)  # warm-up
+    dense = greedy_decode(model, input_ids, new_tokens, desc="dense decode")
+    restore = attach_predictors_(model, predictors)
+    try:
+        if eval_blocks is not None:
+            nll, count, pred_argmax = _teacher_forced(model, eval_blocks)
+            report["predicted_perplexity"] = math.exp(nll / count)
+            report["teacher_forced_differ"] = float((pred_argmax != dense_argmax).float().mean())
+        greedy_decode(model, input_ids, 4)
+        mods = [m for m in model.modules() if isinstance(m, PredictedSparseMLP)]
+        for m in mods:
+            m.predicted_active = m.tokens = 0
+        pred = greedy_decode(model, input_ids, new_tokens, desc="predicted decode")
+        report["decode_predicted_sparsity"] = sum(
+            1 - m.predicted_active / max(m.tokens * m.d_ff, 1) for m in mods) / len(mods)
+    finally:
+        restore()
+    differ = [a != b for a, b in zip(dense.tokens, pred.tokens)]
+    report.update(
+        dense_tokens_per_s=dense.tokens_per_s,
+        predicted_tokens_per_s=pred.tokens_per_s,
+        predicted_speedup=pred.tokens_per_s / dense.tokens_per_s,
+        greedy_differ=sum(differ) / len(differ),
+        first_difference=next((i for i, d in enumerate(differ) if d), None),
+        dense_tokens=dense.tokens,
+        predicted_tokens=pred.tokens,
+    )
+    if exact:
+        from prosparse.inference import sparsify_
+
+        sparsify_(model, backend=backend)
+        greedy_decode(model, input_ids, 4)
+        ex = greedy_decode(model, input_ids, new_tokens, desc="exact sparse decode")
+        report.update(exact_tokens_per_s=ex.tokens_per_s,
+                      exact_speedup=ex.tokens_per_s / dense.tokens_per_s,
+                      predicted_over_exact=pred.tokens_per_s / ex.tokens_per_s)
+    return report

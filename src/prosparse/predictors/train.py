@@ -1,0 +1,203 @@
+"""Train one predictor per layer on collected pairs (paper App. F; facts.md).
+
+Per layer: BCE on logits with negatives down-weighted to ``positive rate + 0.005`` (active
+neurons are the minority and a missed one costs accuracy, a false alarm only time), AdamW
+(lr 1e-3, weight decay 0.01), batches of 1024 tokens, up to 20 epochs on the 95% split, early
+stopping on the 5% validation split, and the best checkpoint kept.
+
+"Best" is the paper's: the highest validation recall at the fixed threshold (logit 0,
+probability 0.5). With ``target_recall`` the threshold is instead tuned each epoch to the
+largest logit that keeps validation recall >= target, and the best checkpoint is the one with
+the highest predicted sparsity at that recall: recall is then fixed, so sparsity is what is left
+to choose on (recall alone would favour a predictor that calls everything active).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from prosparse.predictors.collect import PairData
+from prosparse.predictors.metrics import LayerCounts, summarize
+from prosparse.predictors.model import Predictor, PredictorSet
+
+
+@dataclass
+class TrainConfig:
+    """Predictor training settings; the defaults are the paper's (facts.md)."""
+
+    hidden: int = 1024
+    """Width of the predictor's hidden layer."""
+    epochs: int = 20
+    """Most passes over the training split."""
+    patience: int = 3
+    """Stop after this many epochs without a better validation score."""
+    batch_size: int = 1024
+    """Tokens per optimiser step."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    negative_offset: float = 0.005
+    """Weight of a negative label = layer positive rate + this."""
+    target_recall: float | None = None
+    """Tune each layer's threshold to this validation recall (None: logit 0, the paper's)."""
+    max_train_tokens: int | None = None
+    """Use at most this many training tokens per layer (None: all)."""
+    seed: int = 0
+    """Seed of initialisation and shuffling."""
+
+    def __post_init__(self):
+        if self.target_recall is not None and not 0 < self.target_recall <= 1:
+            raise ValueError(f"target_recall ({self.target_recall}) must be in (0, 1], "
+                             "e.g. 0.95")
+        for name in ("hidden", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be at least 1")
+
+
+def _labels(packed: np.ndarray, d_ff: int) -> torch.Tensor:
+    return torch.from_numpy(np.unpackbits(packed, axis=-1, count=d_ff).view(np.bool_))
+
+
+@torch.no_grad()
+def _logits(pred: Predictor, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    return torch.cat([pred(x[i:i + chunk].float()) for i in range(0, len(x), chunk)])
+
+
+def threshold_for_recall(logits: torch.Tensor, labels: torch.Tensor, target: float) -> float:
+    """The largest logit threshold whose recall (``logit >= t`` among positives) >= target."""
+    pos = logits[labels]
+    if pos.numel() == 0:
+        return float("inf")
+    k = math.floor((1 - target) * pos.numel() + 1e-9)  # positives allowed below t
+    return float(pos.sort().values[min(k, pos.numel() - 1)])
+
+
+@torch.no_grad()
+def evaluate_layer(pred: Predictor, threshold: float, x: torch.Tensor, labels: torch.Tensor,
+                   mass: torch.Tensor | None = None, chunk: int = 4096) -> LayerCounts:
+    """Counts of ``pred`` at ``threshold`` on (x, labels); ``mass`` is |x1| of the first rows."""
+    counts = LayerCounts()
+    for i in range(0, len(x), chunk):
+        predicted = pred(x[i:i + chunk].float()) >= threshold
+        y = labels[i:i + chunk]
+        m = None
+        if mass is not None and i < len(mass):
+            n = min(len(mass) - i, len(y))
+            counts.add(predicted[:n], y[:n], mass[i:i + n])
+            predicted, y = predicted[n:], y[n:]
+        if len(y):
+            counts.add(predicted, y, m)
+    return counts
+
+
+def train_layer(
+    x_train: torch.Tensor,
+    y_train: np.ndarray,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    d_ff: int,
+    cfg: TrainConfig,
+    mass: torch.Tensor | None = None,
+    desc: str | None = None,
+) -> tuple[Predictor, float, dict]:
+    """Train one layer's predictor. ``x_*`` fp16 (tokens, d_model); ``y_train`` packed labels
+    (numpy, unpacked per batch); ``y_val`` bool (tokens, d_ff). Returns the best predictor, its
+    threshold and its validation metrics with the per-epoch history."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    pred = Predictor(x_train.shape[1], d_ff, cfg.hidden)
+    opt = torch.optim.AdamW(pred.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pos_rate = float(np.unpackbits(y_train, axis=-1, count=d_ff).mean())
+    neg_weight = pos_rate + cfg.negative_offset
+    best, best_score, stale, history = None, -math.inf, 0, []
+    bar = tqdm(range(cfg.epochs), desc=desc, leave=False, disable=desc is None)
+    for epoch in bar:
+        pred.train()
+        order = torch.randperm(len(x_train), generator=gen)
+        loss_sum = 0.0
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            xb = x_train[idx].float()  # (batch, d_model)
+            yb = _labels(y_train[idx.numpy()], d_ff).float()  # (batch, d_ff)
+            weight = torch.where(yb > 0, 1.0, neg_weight)
+            loss = F.binary_cross_entropy_with_logits(pred(xb), yb, weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.item() * len(idx)
+        pred.eval()
+        threshold = 0.0
+        if cfg.target_recall is not None:
+            threshold = threshold_for_recall(_logits(pred, x_val), y_val, cfg.target_recall)
+        m = evaluate_layer(pred, threshold, x_val, y_val).metrics()
+        score = m["recall"] if cfg.target_recall is None else m["predicted_sparsity"]
+        history.append({"epoch": epoch + 1, "loss": loss_sum / len(order), "threshold": threshold,
+                        "recall": m["recall"], "predicted_sparsity": m["predicted_sparsity"]})
+        bar.set_postfix(recall=f"{m['recall']:.4f}", sparsity=f"{m['predicted_sparsity']:.4f}")
+        if score > best_score:
+            best, best_score, stale = (copy.deepcopy(pred.state_dict()), threshold, epoch + 1), \
+                score, 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    pred.load_state_dict(best[0])
+    threshold = best[1]
+    metrics = evaluate_layer(pred, threshold, x_val, y_val, mass).metrics()
+    metrics.update(threshold=threshold, best_epoch=best[2], epochs_run=len(history),
+                   positive_rate=pos_rate, negative_weight=neg_weight, history=history)
+    return pred, threshold, metrics
+
+
+def train_predictors(
+    data: PairData, cfg: TrainConfig, layers: list[int] | None = None, progress: bool = True
+) -> tuple[PredictorSet, dict]:
+    """Train every layer's predictor (or only ``layers``; the others stay untrained with
+    threshold +inf, i.e. predict nothing). Returns the set and the JSON of ``train --json``."""
+    layers = list(range(data.n_layers)) if layers is None else layers
+    pset = PredictorSet(data.d_model, data.d_ff, data.n_layers, cfg.hidden)
+    pset.thresholds.fill_(math.inf)
+    n_train = data.n_train if cfg.max_train_tokens is None else min(cfg.max_train_tokens,
+                                                                     data.n_train)
+    results = []
+    for layer in tqdm(layers, desc="layers", disable=not progress):
+        x = data.inputs(layer)
+        y = data.labels_packed(layer)
+        x_train = torch.from_numpy(np.array(x[:n_train]))
+        y_train = np.array(y[:n_train])
+        x_val = torch.from_numpy(np.array(x[data.n_train:data.tokens]))
+        y_val = _labels(np.array(y[data.n_train:data.tokens]), data.d_ff)
+        mass = torch.from_numpy(data.mass(layer))
+        pred, threshold, m = train_layer(x_train, y_train, x_val, y_val, data.d_ff, cfg, mass,
+                                         desc=f"layer {layer}" if progress else None)
+        pset.layers[layer].load_state_dict(pred.state_dict())
+        pset.thresholds[layer] = threshold
+        results.append({"layer": layer, **m})
+    return pset, summarize(results, config=asdict(cfg), train_tokens=n_train,
+                           val_tokens=data.n_val, data=str(data.folder))
+
+
+def evaluate_predictors(pset: PredictorSet, data: PairData, progress: bool = True) -> dict:
+    """Metrics of ``pset`` (its own thresholds) on the validation split of ``data``."""
+    if (len(pset), pset.d_model, pset.d_ff) != (data.n_layers, data.d_model, data.d_ff):
+        raise ValueError(
+            f"predictors ({len(pset)} layers, d_model {pset.d_model}, d_ff {pset.d_ff}) do not "
+            f"match the data ({data.n_layers} layers, d_model {data.d_model}, d_ff {data.d_ff})"
+        )
+    results = []
+    for layer in tqdm(range(data.n_layers), desc="eval", disable=not progress):
+        x_val = torch.from_numpy(np.array(data.inputs(layer)[data.n_train:data.tokens]))
+        y_val = _labels(np.array(data.labels_packed(layer)[data.n_train:data.tokens]), data.d_ff)
+        threshold = float(pset.thresholds[layer])
+        counts = evaluate_layer(pset.layers[layer], threshold, x_val, y_val,
+                                torch.from_numpy(data.mass(layer)))
+        results.append({"layer": layer, **counts.metrics(), "threshold": threshold})
+    return summarize(results, val_tokens=data.n_val, data=str(data.folder))

@@ -1,0 +1,141 @@
+"""Export round trips (ours and PowerInfer's names/shapes); predictor-driven FFN vs its twin."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from prosparse import find_gated_ffns, relufy_
+from prosparse.predictors import (
+    PredictedSparseMLP,
+    PredictorSet,
+    attach_predictors_,
+    export_powerinfer,
+    load_predictors,
+    save_predictors,
+)
+
+
+def random_set(n_layers=2, d_model=64, d_ff=176, hidden=32, thresholds=None, seed=0):
+    torch.manual_seed(seed)
+    pset = PredictorSet(d_model, d_ff, n_layers, hidden)
+    if thresholds is not None:
+        pset.thresholds.copy_(torch.tensor(thresholds))
+    return pset
+
+
+def decisions(pset, x):
+    return torch.stack([pset.predict(i, x) for i in range(len(pset))])
+
+
+def test_our_format_round_trips(tmp_path):
+    pset = random_set(thresholds=[0.25, -0.5])
+    save_predictors(pset, tmp_path / "p", extra={"model": "tiny"})
+    meta = json.loads((tmp_path / "p" / "predictors.json").read_text())
+    assert meta["format"] == "prosparse-predictors" and meta["hidden"] == 32
+    assert meta["thresholds"] == [0.25, -0.5] and meta["model"] == "tiny"
+    back = load_predictors(tmp_path / "p")
+    for k, v in pset.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_predictors(pset, tmp_path / "p")
+
+
+@pytest.mark.parametrize("thresholds", [[0.0, 0.0], [0.5, 2.0], [-1.0, -0.25]])
+def test_powerinfer_layout_names_shapes_and_decisions(tmp_path, thresholds):
+    pset = random_set(thresholds=thresholds)
+    t = export_powerinfer(pset, tmp_path / "pi")
+    files = sorted(p.name for p in (tmp_path / "pi").iterdir())
+    assert files == ["config.json", "model_0.pt", "model_1.pt"]
+    assert json.loads((tmp_path / "pi" / "config.json").read_text()) == {"sparse_threshold": t}
+    for i in range(2):
+        sd = torch.load(tmp_path / "pi" / f"model_{i}.pt", weights_only=True)
+        assert set(sd) == {"fc1.weight", "fc2.weight"}
+        assert sd["fc1.weight"].shape == (32, 64)  # [D, d_model]
+        assert sd["fc2.weight"].shape == (176, 32)  # [d_ff, D]
+    back = load_predictors(tmp_path / "pi")
+    x = torch.randn(50, 64)
+    # a neuron is skipped when its logit is below sparse_threshold: the same decisions as ours
+    assert torch.equal(decisions(back, x), decisions(pset, x))
+
+
+def test_powerinfer_refuses_thresholds_it_cannot_fold(tmp_path):
+    with pytest.raises(ValueError, match="mix signs"):
+        export_powerinfer(random_set(thresholds=[-0.5, 0.5]), tmp_path / "pi")
+    with pytest.raises(FileNotFoundError, match="neither predictors.json"):
+        load_predictors(tmp_path)
+
+
+def test_predicted_ffn_gather_path_ties_the_masked_twin(llama):
+    relufy_(llama)
+    pset = random_set(thresholds=[0.0, 0.1])
+    ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = llama(input_ids=ids).logits
+    restore = attach_predictors_(llama, pset)
+    mods = [m for m in llama.modules() if isinstance(m, PredictedSparseMLP)]
+    assert len(mods) == 2 and [m.threshold for m in mods] == [0.0, pytest.approx(0.1)]
+    with torch.no_grad():
+        masked = llama(input_ids=ids).logits  # 9 tokens: the masked twin
+        # token by token through the KV cache: the gather path (1 token per call)
+        out, past = [], None
+        for i in range(ids.shape[1]):
+            o = llama(input_ids=ids[:, i:i + 1], past_key_values=past, use_cache=True)
+            out.append(o.logits)
+            past = o.past_key_values
+    gathered = torch.cat(out, dim=1)
+    diff = (gathered - masked).abs()
+    assert torch.allclose(gathered, masked, atol=1e-5), f"max {diff.max():.2e} mean {diff.mean():.2e}"
+    assert not torch.allclose(masked, dense, atol=1e-3)  # random predictors do change the output
+    restore()
+    assert not any(isinstance(m, PredictedSparseMLP) for m in llama.modules())
+    with torch.no_grad():
+        assert torch.allclose(llama(input_ids=ids).logits, dense, atol=1e-6)
+    assert all(f.down_proj.weight.is_contiguous() for f in find_gated_ffns(llama))
+
+
+def test_all_active_prediction_is_the_dense_ffn(llama):
+    relufy_(llama)
+    pset = random_set(thresholds=[-1e9, -1e9])
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        dense = llama(input_ids=ids).logits
+        restore = attach_predictors_(llama, pset, max_tokens=8)  # 5 tokens: gather per token
+        got = llama(input_ids=ids).logits
+    restore()
+    assert torch.allclose(got, dense, atol=1e-5), f"max {(got - dense).abs().max():.2e}"
+    # none active: every FFN outputs zero
+    ffn = find_gated_ffns(llama)[0].module
+    none = PredictedSparseMLP(ffn, random_set().layers[0], float("inf"))
+    none.set_residual(torch.randn(1, 64))
+    assert torch.equal(none(torch.randn(1, 64)), torch.zeros(1, 64))
+
+
+def test_attach_checks_shapes(llama):
+    relufy_(llama)
+    with pytest.raises(ValueError, match="3 layers"):
+        attach_predictors_(llama, random_set(n_layers=3))
+    with pytest.raises(ValueError, match="d_ff 100"):
+        attach_predictors_(llama, random_set(d_ff=100))
+
+
+def test_decode_benchmark_reports_quality_and_speed(llama):
+    from prosparse.predictors import decode_benchmark_with_predictors
+
+    relufy_(llama)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, 128, (1, 6), generator=gen)
+    blocks = torch.randint(0, 128, (2, 16), generator=gen)
+    everything = random_set(thresholds=[-1e9, -1e9])  # predicts every neuron: exact
+    r = decode_benchmark_with_predictors(llama, everything, ids, new_tokens=8, eval_blocks=blocks)
+    assert r["greedy_differ"] == 0 and r["teacher_forced_differ"] == 0
+    assert r["predicted_perplexity"] == pytest.approx(r["dense_perplexity"], rel=1e-5)
+    assert r["decode_predicted_sparsity"] == 0
+    assert r["dense_tokens_per_s"] > 0 and r["predicted_tokens_per_s"] > 0
+    nothing = random_set(thresholds=[1e9, 1e9])  # predicts nothing: FFNs vanish
+    r = decode_benchmark_with_predictors(llama, nothing, ids, new_tokens=8, eval_blocks=blocks)
+    assert r["decode_predicted_sparsity"] == 1
+    assert r["predicted_perplexity"] != pytest.approx(r["dense_perplexity"], rel=1e-3)
+    assert not any(isinstance(m, PredictedSparseMLP) for m in llama.modules())  # left dense
