@@ -77,7 +77,7 @@ def metrics_table(result: dict) -> str:
     rows = []
     for i, m in enumerate(result["layers"]):
         mass = "-" if m.get("mass_missed") is None else pct(m["mass_missed"])
-        rows.append([i, pct(m["recall"]), pct(m["predicted_sparsity"]), pct(m["true_sparsity"]),
+        rows.append([m.get("layer", i), pct(m["recall"]), pct(m["predicted_sparsity"]), pct(m["true_sparsity"]),
                      pct(m["precision"]), mass, f"{m.get('threshold', 0.0):.3f}"])
     avg_mass = result.get("average_mass_missed")
     rows.append(["avg", pct(result["average_recall"]), pct(result["average_predicted_sparsity"]),

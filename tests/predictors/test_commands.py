@@ -1,0 +1,59 @@
+"""The four commands end to end on a tiny saved model: collect, train, eval (+plot), export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from prosparse import save_model
+from prosparse.cli import main
+
+
+@pytest.fixture
+def model_dir(llama, tokenizer, tmp_path):
+    return save_model(llama, tokenizer, tmp_path / "tiny")
+
+
+def test_collect_train_eval_export(model_dir, text_file, tmp_path, capsys):
+    pairs, pred = tmp_path / "pairs", tmp_path / "pred"
+    assert main(["predictors", "collect", str(model_dir), "--act", "relu", "--data",
+                 f"mine={text_file}", "--tokens", "1024", "--seq-len", "64",
+                 "--clip-top", "0.15", "--out", str(pairs)]) == 0
+    meta = json.loads((pairs / "meta.json").read_text())
+    assert meta["tokens"] == 1024 and meta["clip_top"] == 0.15
+    assert all(r <= 27 / 176 for r in meta["positive_rate"])  # at most ceil(0.15 * 176) a token
+    assert main(["predictors", "train", str(pairs), "--out", str(pred), "--hidden", "16",
+                 "--epochs", "2", "--target-recall", "0.9", "--json", str(tmp_path / "t.json"),
+                 "--plot", str(tmp_path / "t.png")]) == 0
+    train = json.loads((tmp_path / "t.json").read_text())
+    assert train["average_recall"] >= 0.9 and len(train["layers"]) == 2
+    assert (tmp_path / "t.png").stat().st_size > 0
+    assert main(["predictors", "eval", str(pred), str(pairs), "--json",
+                 str(tmp_path / "e.json")]) == 0
+    ev = json.loads((tmp_path / "e.json").read_text())
+    assert set(ev) >= {"average_recall", "average_predicted_sparsity", "layers"}
+    assert {"recall", "predicted_sparsity", "precision", "mass_missed"} <= set(ev["layers"][0])
+    assert ev["average_recall"] == pytest.approx(train["average_recall"])
+    out = capsys.readouterr().out
+    assert "| layer | recall %" in out and "average recall" in out
+    pi = tmp_path / "pi"
+    thresholds = torch.tensor(json.loads((pred / "predictors.json").read_text())["thresholds"])
+    code = main(["predictors", "export", str(pred), "--powerinfer", str(pi)])
+    if (thresholds > 0).all() or (thresholds < 0).all():
+        assert code == 0 and (pi / "model_1.pt").is_file()
+        assert main(["predictors", "eval", str(pi), str(pairs), "--json",
+                     str(tmp_path / "pi.json")]) == 0
+        back = json.loads((tmp_path / "pi.json").read_text())
+        # folding per-layer thresholds into fc2 rescales logits: only float rounding moves
+        assert back["average_recall"] == pytest.approx(ev["average_recall"], abs=2e-3)
+    else:
+        assert code == 2 and "mix signs" in capsys.readouterr().err
+
+
+def test_collect_refuses_a_model_without_relu(model_dir, text_file, tmp_path, capsys):
+    assert main(["predictors", "collect", str(model_dir), "--data", str(text_file),
+                 "--tokens", "256", "--seq-len", "64", "--out", str(tmp_path / "p")]) == 2
+    assert "not a ReLU-family activation" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
