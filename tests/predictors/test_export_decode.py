@@ -139,3 +139,15 @@ def test_decode_benchmark_reports_quality_and_speed(llama):
     assert r["decode_predicted_sparsity"] == 1
     assert r["predicted_perplexity"] != pytest.approx(r["dense_perplexity"], rel=1e-3)
     assert not any(isinstance(m, PredictedSparseMLP) for m in llama.modules())  # left dense
+
+
+def test_report_for_bench_decode(llama, tokenizer, tmp_path):
+    from prosparse.predictors import format_predictor_report, predictor_decode_report
+
+    relufy_(llama)
+    save_predictors(random_set(thresholds=[-1e9, -1e9]), tmp_path / "p")
+    ids = torch.randint(2, 100, (1, 4), generator=torch.Generator().manual_seed(4))
+    r = predictor_decode_report(llama, None, str(tmp_path / "p"), ids, new_tokens=4)
+    assert r["greedy_differ"] == 0 and "predicted_perplexity" not in r
+    assert r["predictors"] == str(tmp_path / "p")
+    assert "greedy tokens that differ from dense: 0.0%" in format_predictor_report(r)

@@ -6,6 +6,8 @@ from prosparse.predictors.decode import (
     PredictedSparseMLP,
     attach_predictors_,
     decode_benchmark_with_predictors,
+    format_predictor_report,
+    predictor_decode_report,
 )
 from prosparse.predictors.export import export_powerinfer, load_predictors, save_predictors
 from prosparse.predictors.model import Predictor, PredictorSet
@@ -23,7 +25,9 @@ __all__ = [
     "evaluate_predictors",
     "export_powerinfer",
     "find_predictor_sites",
+    "format_predictor_report",
     "load_predictors",
+    "predictor_decode_report",
     "save_predictors",
     "train_predictors",
 ]

@@ -253,3 +253,43 @@ def decode_benchmark_with_predictors(
                       exact_speedup=ex.tokens_per_s / dense.tokens_per_s,
                       predicted_over_exact=pred.tokens_per_s / ex.tokens_per_s)
     return report
+
+
+def predictor_decode_report(
+    model: nn.Module,
+    tokenizer,
+    predictors: str | PredictorSet,
+    input_ids: torch.Tensor,
+    new_tokens: int = 64,
+    eval_data: str = "wiki",
+    eval_tokens: int = 2048,
+    seq_len: int = 256,
+) -> dict:
+    """What ``prosparse bench decode MODEL --predictors PRED`` adds: the predictor-driven decode
+    of :func:`decode_benchmark_with_predictors` (model left dense), with perplexity on
+    ``eval_tokens`` held-out tokens of ``eval_data`` when a tokenizer is given."""
+    from prosparse.predictors.export import load_predictors
+
+    pset = load_predictors(predictors) if not isinstance(predictors, PredictorSet) else predictors
+    blocks = None
+    if tokenizer is not None:
+        from prosparse.data import load_texts, pack_blocks
+
+        blocks = pack_blocks(tokenizer, load_texts(eval_data, "heldout"), seq_len, eval_tokens)
+    r = decode_benchmark_with_predictors(model, pset, input_ids, new_tokens, eval_blocks=blocks)
+    r.pop("dense_tokens")
+    r["predictors"] = str(predictors) if not isinstance(predictors, PredictorSet) else None
+    return r
+
+
+def format_predictor_report(r: dict) -> str:
+    """Two lines for people: speed, then quality."""
+    lines = [f"predicted {r['predicted_tokens_per_s']:.2f} tokens/s ({r['predicted_speedup']:.2f}x "
+             f"dense {r['dense_tokens_per_s']:.2f}), predicted sparsity in decode "
+             f"{100 * r['decode_predicted_sparsity']:.2f}%"]
+    q = f"greedy tokens that differ from dense: {100 * r['greedy_differ']:.1f}%"
+    if "predicted_perplexity" in r:
+        q += (f"; held-out perplexity {r['dense_perplexity']:.3f} -> "
+              f"{r['predicted_perplexity']:.3f}, teacher-forced argmax differs on "
+              f"{100 * r['teacher_forced_differ']:.2f}%")
+    return "\n".join(lines + [q])
