@@ -1,0 +1,69 @@
+"""CPU backend: steps (2) and (3) reading only the active rows, without a fresh copy per call.
+
+Measured on the 2-core dev VM (LLaMA2-7B shapes, bf16, 1 thread; ``benchmarks/bench_ops.py``):
+``W[idx]`` allocates and page-faults a fresh 10-20 MB tensor every call, which is what made
+the naive gather swing. Here
+
+- step (3) is one fused gather-weighted-sum, ``F.embedding_bag(..., per_sample_weights=x1,
+  mode="sum")``: it streams each active row of W2^T once and never materialises the gathered
+  rows (batch 1);
+- step (2) gathers the active rows of W1 with ``index_select(out=...)`` into a scratch buffer
+  that is allocated once and reused (it stays in the last-level cache), then multiplies there.
+
+Small batches use the union of the tokens' active neurons; tokens for which a union neuron is
+inactive get an exact zero from the activation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from prosparse.kernels.reference import activate
+
+_scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def scratch(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable (rows, cols) buffer; grown, never shrunk, so steady-state calls allocate nothing."""
+    key = (dtype, torch.device(device))
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < rows * cols:
+        buf = torch.empty(rows * cols, dtype=dtype, device=device)
+        _scratch[key] = buf
+    return buf[: rows * cols].view(rows, cols)
+
+
+def up_step(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    w1: torch.Tensor,
+    idx: torch.Tensor,
+    act: str = "relu",
+    param: float = 0.0,
+) -> torch.Tensor:
+    """Step (2) over the active neurons ``idx`` only; x (tokens, d_model), g (tokens, d_ff)."""
+    tokens, d_ff = g.shape
+    x1 = torch.zeros(tokens, d_ff, dtype=x.dtype, device=x.device)  # (tokens, d_ff)
+    if idx.numel() == 0:
+        return x1
+    a = activate(g.index_select(1, idx), act, param)  # (tokens, n_active)
+    rows = torch.index_select(w1, 0, idx, out=scratch(idx.numel(), w1.shape[1], w1.dtype, w1.device))
+    # torch.mv is the fast bf16 matrix-vector path on CPU; (1, n) @ (n, k) products are not.
+    u = torch.mv(rows, x[0]).unsqueeze(0) if tokens == 1 else x @ rows.t()  # (tokens, n_active)
+    x1.index_copy_(1, idx, torch.where(a != 0, a * u, torch.zeros((), dtype=a.dtype)))
+    return x1
+
+
+def down_step(x1: torch.Tensor, w2t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Step (3) reading only rows ``idx`` of w2t (d_ff, d_model); x1 (tokens, d_ff)."""
+    tokens = x1.shape[0]
+    if idx.numel() == 0:
+        return torch.zeros(tokens, w2t.shape[1], dtype=x1.dtype, device=x1.device)
+    v = x1.index_select(1, idx)  # (tokens, n_active)
+    if tokens == 1:
+        return F.embedding_bag(idx.view(1, -1), w2t, per_sample_weights=v, mode="sum")
+    rows = torch.index_select(
+        w2t, 0, idx, out=scratch(idx.numel(), w2t.shape[1], w2t.dtype, w2t.device)
+    )
+    return v @ rows  # (tokens, d_model)

@@ -1,0 +1,127 @@
+"""Steps (2) and (3) of every backend against the plain-torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prosparse.kernels import dispatch, reference
+from prosparse.models.activations import FATReLU
+
+# bf16 runs under the Triton interpreter too: the kernels upcast to fp32 right after each load,
+# so they never do the bf16 arithmetic that the interpreter gets wrong (a bf16 add -> NaN).
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# |kernel - reference| <= atol + rtol * |reference|, per dtype.
+TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 2e-2), torch.bfloat16: (2e-2, 5e-2)}
+FORCE_SPARSE = dict(dense_below=0.0, max_tokens=1 << 30)
+
+
+def backends() -> list:
+    out = ["cpu"]
+    if dispatch.HAS_TRITON and (dispatch.HAS_CUDA or dispatch.triton_interpreting()):
+        out.append("triton")
+    else:
+        out.append(pytest.param("triton", marks=pytest.mark.skip(reason="triton not installed")))
+    return out
+
+
+def device_for(backend: str) -> str:
+    return "cuda" if backend == "triton" and dispatch.HAS_CUDA else "cpu"
+
+
+def make_inputs(tokens, d_model, d_ff, sparsity, dtype, device, t=0.25, seed=0):
+    """x, g, w1, w2t with exactly round((1 - sparsity) * d_ff) active neurons per token for
+    FATReLU(t); a few active entries sit exactly on the threshold and a few just below it."""
+    gen = torch.Generator().manual_seed(seed)
+    active = round((1 - sparsity) * d_ff)
+    g = -torch.rand(tokens, d_ff, generator=gen)  # inactive: below t
+    for i in range(tokens):
+        pick = torch.randperm(d_ff, generator=gen)
+        on, off = pick[:active], pick[active:]
+        g[i, on] = t + torch.rand(active, generator=gen)
+        g[i, on[:3]] = t  # g == t is kept (paper Eq. (3))
+        g[i, off[:3]] = t  # replaced below by the next value under t in the dtype
+    g = g.to(dtype)
+    below = torch.nextafter(torch.tensor(t, dtype=torch.float32), torch.tensor(0.0)).to(dtype)
+    if below.item() == t:  # nextafter in fp32 rounds back to t in fp16/bf16
+        below = torch.tensor(t, dtype=dtype) - torch.finfo(dtype).eps * t
+    for i in range(tokens):
+        row = g[i]
+        boundary = (row == t).nonzero().flatten()
+        if active < d_ff:
+            row[boundary[-min(3, d_ff - active):]] = below
+    x = torch.randn(tokens, d_model, generator=gen).to(dtype)
+    w1 = (torch.randn(d_ff, d_model, generator=gen) / d_model**0.5).to(dtype)
+    w2t = (torch.randn(d_ff, d_model, generator=gen) / d_ff**0.5).to(dtype)
+    return [v.to(device) for v in (x, g, w1, w2t)]
+
+
+def assert_close(out, ref, dtype, what):
+    atol, rtol = TOL[dtype]
+    diff = (out.float() - ref.float()).abs()
+    bad = diff > atol + rtol * ref.float().abs()
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} of {diff.numel()} entries off; max diff {diff.max():.3g}, "
+        f"mean diff {diff.mean():.3g}, max |ref| {ref.float().abs().max():.3g}"
+    )
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_steps_match_reference(backend, dtype, sparsity, tokens):
+    x, g, w1, w2t = make_inputs(tokens, 67, 173, sparsity, dtype, device_for(backend))
+    ref1 = reference.up_step(x, g, w1, "fatrelu", 0.25)
+    out1 = dispatch.up_step(x, g, w1, "fatrelu", 0.25, backend=backend, **FORCE_SPARSE)
+    a = reference.activate(g, "fatrelu", 0.25)
+    assert out1.dtype == dtype and out1.shape == ref1.shape
+    off = a == 0
+    assert (out1[off] == 0).all(), "step 2 wrote non-zeros for inactive neurons"
+    assert_close(out1, ref1, dtype, f"step 2 [{backend} {dtype} s={sparsity} tokens={tokens}]")
+    ref3 = reference.down_step(ref1.float(), w2t.float())  # fp32 truth for the accumulation
+    out3 = dispatch.down_step(ref1, w2t, backend=backend, **FORCE_SPARSE)
+    assert out3.dtype == dtype
+    assert_close(out3, ref3, dtype, f"step 3 [{backend} {dtype} s={sparsity} tokens={tokens}]")
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fatrelu_boundary_kept_exactly(backend, dtype):
+    x, g, w1, _ = make_inputs(1, 67, 173, 0.5, dtype, device_for(backend))
+    out = dispatch.up_step(x, g, w1, "fatrelu", 0.25, backend=backend, **FORCE_SPARSE)
+    on_t = g == 0.25
+    below = (g < 0.25) & (g > 0.2)
+    assert on_t.sum() >= 1 and below.sum() >= 1, "inputs lack boundary cases"
+    assert (out[on_t] != 0).all(), "g == t must be kept (FATReLU keeps g >= t)"
+    assert (out[below] == 0).all(), "g just below t must be dropped"
+    # Same mask as the model's own FATReLU module, threshold rounded to the dtype.
+    mask = FATReLU(0.25).to(x.device)(g) != 0
+    assert torch.equal(out != 0, mask)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("act,param", [("relu", 0.0), ("fatrelu", 0.01), ("shifted_relu", 0.3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_every_activation(backend, act, param, dtype):
+    gen = torch.Generator().manual_seed(1)
+    dev = device_for(backend)
+    x = torch.randn(2, 300, generator=gen).to(dtype).to(dev)  # > one 128-wide block of d_model
+    g = torch.randn(2, 517, generator=gen).to(dtype).to(dev)
+    w1 = (torch.randn(517, 300, generator=gen) / 17).to(dtype).to(dev)
+    w2t = (torch.randn(517, 300, generator=gen) / 23).to(dtype).to(dev)
+    a = reference.activate(g, act, param)
+    ref = reference.down_step(reference.up_step(x, g, w1, act, param).float(), w2t.float())
+    x1 = dispatch.up_step(x, g, w1, act, param, backend=backend, **FORCE_SPARSE)
+    assert torch.equal(x1 != 0, a != 0), f"{act}: active set differs from the reference"
+    y = dispatch.sparse_ffn(x, g, w1, w2t, act, param, backend=backend, **FORCE_SPARSE)
+    assert_close(y, ref, dtype, f"sparse_ffn {act} {backend} {dtype}")
+
+
+def test_reference_matches_model_formula():
+    """The reference is the Hugging Face FFN formula: act_fn(gate) * up, then down."""
+    torch.manual_seed(0)
+    x, g, w1, w2t = make_inputs(2, 64, 96, 0.5, torch.float32, "cpu")
+    expected = (FATReLU(0.25)(g) * (x @ w1.T)) @ w2t
+    got = reference.down_step(reference.up_step(x, g, w1, "fatrelu", 0.25), w2t)
+    torch.testing.assert_close(got, expected)
