@@ -189,6 +189,9 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, stop_after: int
     if resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {run}/checkpoints; "
                                 "run without --resume to start")
+    if not resume and latest_checkpoint(run) is not None:
+        raise FileExistsError(f"{run} holds checkpoints of an earlier run; pass --resume to "
+                              "continue it, or choose another --out")
     if main:
         run.mkdir(parents=True, exist_ok=True)
         (run / "recipe.yaml").write_text(dump_recipe(recipe))
