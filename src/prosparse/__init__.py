@@ -4,4 +4,22 @@ from prosparse.models import FATReLU, find_gated_ffns, load_model, relufy_, save
 
 __version__ = "0.1.0"
 
-__all__ = ["FATReLU", "find_gated_ffns", "load_model", "relufy_", "save_model", "__version__"]
+__all__ = [
+    "FATReLU",
+    "SparseMLP",
+    "find_gated_ffns",
+    "load_model",
+    "relufy_",
+    "save_model",
+    "sparsify_",
+    "__version__",
+]
+
+
+def __getattr__(name: str):
+    # Sparse inference is imported on first use so `import prosparse` stays light.
+    if name in ("SparseMLP", "sparsify_"):
+        from prosparse import inference
+
+        return getattr(inference, name)
+    raise AttributeError(f"module 'prosparse' has no attribute {name!r}")

@@ -16,6 +16,7 @@ import sys
 COMMAND_MODULES = (
     "prosparse.models.commands",
     "prosparse.sparsity.commands",
+    "prosparse.inference.commands",
     "prosparse.predictors.commands",
     "prosparse.training.commands",
     "prosparse.evaluation.commands",

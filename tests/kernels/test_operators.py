@@ -125,3 +125,19 @@ def test_reference_matches_model_formula():
     expected = (FATReLU(0.25)(g) * (x @ w1.T)) @ w2t
     got = reference.down_step(reference.up_step(x, g, w1, "fatrelu", 0.25), w2t)
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_unrepresentable_threshold_rounds_like_the_module(backend, dtype):
+    """t = 0.01 is not exact in any dtype: kernels must round it as FATReLU(0.01) does."""
+    t = torch.tensor(0.01, dtype=dtype)
+    ulp = torch.finfo(dtype).eps * 0.01
+    g = torch.stack([t - ulp, t, t + ulp, t - 2 * ulp, t + 2 * ulp]).to(dtype).repeat(7)[None]
+    g = g.to(device_for(backend))
+    x = torch.ones(1, 5, dtype=dtype, device=g.device)
+    w1 = torch.ones(g.shape[1], 5, dtype=dtype, device=g.device)
+    out = dispatch.up_step(x, g, w1, "fatrelu", 0.01, backend=backend, **FORCE_SPARSE)
+    mask = FATReLU(0.01)(g) != 0
+    assert 0 < mask.sum() < mask.numel()
+    assert torch.equal(out != 0, mask), f"{dtype}: kept {out != 0} vs module {mask}"

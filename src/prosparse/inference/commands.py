@@ -1,0 +1,135 @@
+"""``prosparse bench ops`` and ``prosparse bench decode``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def register(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="benchmark the exact sparse FFN (ops, decode)")
+    sub = bench.add_subparsers(dest="bench", metavar="WHAT")
+    sub.required = True
+
+    ops = sub.add_parser("ops", help="steps (2) and (3): dense vs sparse time, GB/s, bound")
+    ops.add_argument("--d-model", type=int, default=4096, help="4096 = LLaMA2-7B, 5120 = 13B")
+    ops.add_argument("--d-ff", type=int, default=11008, help="11008 = LLaMA2-7B, 13824 = 13B")
+    ops.add_argument("--sparsity", type=_floats, default=(0.5, 0.7, 0.8932),
+                     help="comma-separated activation sparsities (default 0.5,0.7,0.8932)")
+    ops.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32")
+    ops.add_argument("--device", default="cpu", help="cpu or cuda")
+    ops.add_argument("--batch", type=_ints, default=(1,),
+                     help="tokens per call; comma-separated for a sweep (default 1)")
+    ops.add_argument("--backend", default=None, help="auto (default), cpu, triton or reference")
+    ops.add_argument("--reps", type=int, default=30, help="timed calls per case (default 30)")
+    ops.add_argument("--warmup", type=int, default=5, help="untimed calls first (default 5)")
+    ops.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ops.add_argument("--json", type=Path, default=None, metavar="OUT", help="write results here")
+    ops.set_defaults(func=run_ops)
+
+    dec = sub.add_parser("decode", help="greedy decode dense vs sparse: tokens/s, identical?")
+    dec.add_argument("model", nargs="?", default=None,
+                     help="a ReLUfied model: directory, .gguf or embedded name; omit with "
+                     "--llama2-7b-shape")
+    dec.add_argument("--llama2-7b-shape", action="store_true",
+                     help="random LLaMA2-7B-shaped bf16 model, FATReLU calibrated to --sparsity")
+    dec.add_argument("--layers", type=int, default=2, help="layers of the 7B-shaped model")
+    dec.add_argument("--sparsity", type=float, default=0.8932,
+                     help="target FFN sparsity of the 7B-shaped model (default 0.8932)")
+    dec.add_argument("--threshold", type=float, default=None,
+                     help="ReLUfy MODEL with FATReLU at this threshold first (unconverted models)")
+    dec.add_argument("--device", default="cpu", help="cpu or cuda")
+    dec.add_argument("--dtype", default=None, help="fp32 (default for MODEL) or bf16 / fp16")
+    dec.add_argument("--new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    dec.add_argument("--prompt", default="The capital of France is", help="prompt text")
+    dec.add_argument("--backend", default=None, help="auto (default), cpu, triton or reference")
+    dec.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    dec.add_argument("--json", type=Path, default=None, metavar="OUT", help="write results here")
+    dec.set_defaults(func=run_decode)
+
+
+def _threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _write(report: dict, out: Path | None) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
+def run_ops(args) -> int:
+    from prosparse.inference.benchmark import bench_ops, ops_table
+    from prosparse.models.loading import resolve_dtype
+
+    _threads(args.threads)
+    report = bench_ops(
+        d_model=args.d_model, d_ff=args.d_ff, sparsities=args.sparsity,
+        dtype=resolve_dtype(args.dtype), device=args.device, batches=args.batch,
+        reps=args.reps, warmup=args.warmup, backend=args.backend,
+    )
+    print(ops_table(report))
+    _write(report, args.json)
+    return 0
+
+
+def run_decode(args) -> int:
+    import torch
+
+    from prosparse.inference.benchmark import bench_decode
+    from prosparse.models.loading import resolve_dtype
+
+    _threads(args.threads)
+    if args.llama2_7b_shape == (args.model is not None):
+        raise ValueError("give either MODEL or --llama2-7b-shape (not both)")
+    extra = {}
+    if args.llama2_7b_shape:
+        from prosparse.inference.decode import calibrate_fatrelu_, llama2_7b_shaped
+
+        dtype = resolve_dtype(args.dtype or "bf16")
+        model = llama2_7b_shaped(args.layers, dtype).to(args.device)
+        gen = torch.Generator().manual_seed(0)
+        calib = torch.randint(0, model.config.vocab_size, (1, 64), generator=gen)
+        thresholds = calibrate_fatrelu_(model, calib.to(args.device), args.sparsity)
+        input_ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=gen)
+        extra = {"model": f"random LLaMA2-7B shape, {args.layers} of 32 layers, vocab "
+                          f"{model.config.vocab_size} (scaled by layers/32)",
+                 "layers": args.layers, "thresholds": thresholds}
+    else:
+        from prosparse.models import load_model, relufy_
+
+        model, tok = load_model(args.model, dtype=args.dtype or "float32", device=args.device)
+        if args.threshold is not None:
+            relufy_(model, act="fatrelu", threshold=args.threshold)
+        input_ids = tok(args.prompt, return_tensors="pt").input_ids
+        extra = {"model": args.model, "threshold": args.threshold}
+    model.eval()
+    report = bench_decode(model, input_ids.to(args.device), args.new_tokens, backend=args.backend)
+    report = {**report, **extra, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+              "device": args.device, "threads": torch.get_num_threads()}
+    print(f"{'':>8} {'tokens/s':>9}\n{'dense':>8} {report['dense_tokens_per_s']:>9.2f}\n"
+          f"{'sparse':>8} {report['sparse_tokens_per_s']:>9.2f}\n"
+          f"speedup {report['speedup']:.2f}x  identical tokens: {report['identical']}  "
+          f"FFN sparsity {report['ffn_sparsity']:.4f}  ({report['new_tokens']} new tokens, "
+          f"{report['ffns_swapped']} FFNs swapped)")
+    _write(report, args.json)
+    return 0
