@@ -59,6 +59,8 @@ def register(subparsers) -> None:
     dec.add_argument("--prompt", default="The capital of France is", help="prompt text")
     dec.add_argument("--backend", default=None, help="auto (default), cpu, triton or reference")
     dec.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    dec.add_argument("--predictors", default=None, metavar="PRED",
+                     help="also decode with these activation predictors (prosparse predictors)")
     dec.add_argument("--json", type=Path, default=None, metavar="OUT", help="write results here")
     dec.set_defaults(func=run_decode)
 
@@ -122,6 +124,14 @@ def run_decode(args) -> int:
             relufy_(model, act="fatrelu", threshold=args.threshold)
         input_ids = tok(args.prompt, return_tensors="pt").input_ids
         extra = {"model": args.model, "threshold": args.threshold}
+        if args.predictors is not None:  # approximate acceleration, issue 6
+            from prosparse.predictors.decode import format_predictor_report, predictor_decode_report
+
+            report = predictor_decode_report(model.eval(), tok, args.predictors,
+                                             input_ids.to(args.device), args.new_tokens)
+            print(format_predictor_report(report))
+            _write({**report, **extra}, args.json)
+            return 0
     model.eval()
     report = bench_decode(model, input_ids.to(args.device), args.new_tokens, backend=args.backend)
     report = {**report, **extra, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
