@@ -141,3 +141,14 @@ def test_unrepresentable_threshold_rounds_like_the_module(backend, dtype):
     mask = FATReLU(0.01)(g) != 0
     assert 0 < mask.sum() < mask.numel()
     assert torch.equal(out != 0, mask), f"{dtype}: kept {out != 0} vs module {mask}"
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_cpu_step2_in_several_chunks(tokens, monkeypatch):
+    """The CPU gather runs in L2-sized chunks; shrink them so 173 active rows take 11."""
+    from prosparse.kernels import cpu
+
+    monkeypatch.setattr(cpu, "CHUNK_BYTES", 1)
+    x, g, w1, _ = make_inputs(tokens, 67, 173, 0.0, torch.float32, "cpu")
+    out = dispatch.up_step(x, g, w1, "fatrelu", 0.25, backend="cpu", **FORCE_SPARSE)
+    assert_close(out, reference.up_step(x, g, w1, "fatrelu", 0.25), torch.float32, "chunked")

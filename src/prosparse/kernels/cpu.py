@@ -7,8 +7,8 @@ the naive gather swing. Here
 - step (3) is one fused gather-weighted-sum, ``F.embedding_bag(..., per_sample_weights=x1,
   mode="sum")``: it streams each active row of W2^T once and never materialises the gathered
   rows (batch 1);
-- step (2) gathers the active rows of W1 with ``index_select(out=...)`` into a scratch buffer
-  that is allocated once and reused (it stays in the last-level cache), then multiplies there.
+- step (2) gathers the active rows of W1 with ``index_select(out=...)``, ~1 MiB at a time,
+  into a scratch buffer allocated once that stays in L2, and multiplies each chunk there.
 
 Small batches use the union of the tokens' active neurons; tokens for which a union neuron is
 inactive get an exact zero from the activation.
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from prosparse.kernels.reference import activate
 
+CHUNK_BYTES = 1 << 20
 _scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -48,9 +49,19 @@ def up_step(
     if idx.numel() == 0:
         return x1
     a = activate(g.index_select(1, idx), act, param)  # (tokens, n_active)
-    rows = torch.index_select(w1, 0, idx, out=scratch(idx.numel(), w1.shape[1], w1.dtype, w1.device))
-    # torch.mv is the fast bf16 matrix-vector path on CPU; (1, n) @ (n, k) products are not.
-    u = torch.mv(rows, x[0]).unsqueeze(0) if tokens == 1 else x @ rows.t()  # (tokens, n_active)
+    u = torch.empty(tokens, idx.numel(), dtype=x.dtype, device=x.device)  # (tokens, n_active)
+    # Gather the active rows a chunk at a time into a ~1 MiB buffer that stays in L2: a
+    # buffer of all active rows (10-20 MB at 7B shapes) is evicted by the other layers'
+    # weights between tokens and then costs a DRAM read-for-ownership and a write-back.
+    step = max(16, CHUNK_BYTES // (w1.shape[1] * w1.element_size()))
+    buf = scratch(min(step, idx.numel()), w1.shape[1], w1.dtype, w1.device)
+    for j in range(0, idx.numel(), step):
+        part = idx[j : j + step]
+        rows = torch.index_select(w1, 0, part, out=buf[: part.numel()])
+        if tokens == 1:  # torch.mv: the fast bf16 matrix-vector path on CPU
+            torch.mv(rows, x[0], out=u[0, j : j + part.numel()])
+        else:
+            u[:, j : j + part.numel()] = x @ rows.t()
     x1.index_copy_(1, idx, torch.where(a != 0, a * u, torch.zeros((), dtype=a.dtype)))
     return x1
 
