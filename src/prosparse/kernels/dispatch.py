@@ -9,7 +9,8 @@ backend asked for by name that cannot run is an error, never a silent fallback.
 The dense fallback is a property of the data, not of the backend: when the union of active
 neurons over the tokens is denser than ``1 - dense_below`` or there are more than
 ``max_tokens`` tokens, steps (2) and (3) run dense. Both defaults were measured with
-``prosparse bench ops --sweep`` on the 2-core dev VM (``benchmarks/results/``, README).
+``prosparse bench ops --sparsity 0,0.1,0.2,0.3,0.4 --batch 1,2,4,8`` on the 2-core dev
+VM (``benchmarks/results/crossover_cpu_*.json``).
 """
 
 from __future__ import annotations
