@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import string
 
 import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. at the first import of
+# prosparse.kernels.triton, which any test folder may trigger: set it before all of them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def tiny_llama(intermediate_size: int = 176, vocab_size: int = 128, seed: int = 0):

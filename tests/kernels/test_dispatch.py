@@ -73,3 +73,18 @@ def test_use_dense_thresholds():
     assert dispatch.use_dense(n_active=80, d_ff=100, tokens=1, dense_below=0.3, max_tokens=4)
     assert not dispatch.use_dense(n_active=60, d_ff=100, tokens=1, dense_below=0.3, max_tokens=4)
     assert dispatch.use_dense(n_active=1, d_ff=100, tokens=5, dense_below=0.3, max_tokens=4)
+
+
+def test_scratch_buffer_works_inside_and_outside_inference_mode():
+    from prosparse.kernels import cpu
+
+    cpu._scratch.clear()
+    gen = torch.Generator().manual_seed(0)
+    x, w1 = torch.randn(1, 24, generator=gen), torch.randn(40, 24, generator=gen)
+    g = torch.randn(1, 40, generator=gen)
+    idx = (g[0] > 0).nonzero().flatten()
+    with torch.inference_mode():
+        inside = cpu.up_step(x, g, w1, idx)
+    outside = cpu.up_step(x, g, w1, idx)
+    torch.testing.assert_close(inside, outside, rtol=0, atol=0)
+    torch.testing.assert_close(outside, reference.up_step(x, g, w1))

@@ -30,7 +30,10 @@ def scratch(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> t
     key = (dtype, torch.device(device))
     buf = _scratch.get(key)
     if buf is None or buf.numel() < rows * cols:
-        buf = torch.empty(rows * cols, dtype=dtype, device=device)
+        # A normal tensor, even when first asked for under torch.inference_mode(): an inference
+        # tensor could not be written by a later call made outside that mode.
+        with torch.inference_mode(False):
+            buf = torch.empty(rows * cols, dtype=dtype, device=device)
         _scratch[key] = buf
     return buf[: rows * cols].view(rows, cols)
 
