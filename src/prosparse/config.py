@@ -118,6 +118,16 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """A small lm-eval benchmark run in the report (original model and final model)."""
+
+    tasks: list[str] = field(default_factory=list)
+    """Task names for ``prosparse eval`` (e.g. piqa, hellaswag, boolq); empty = no benchmark."""
+    limit: int = 50
+    """First N documents of each task (keeps the report within a time budget)."""
+
+
+@dataclass
 class CheckpointConfig:
     """Checkpoints: HF model + optimizer + scheduler + step + data position + RNG, atomic."""
 
@@ -157,6 +167,8 @@ class Recipe:
     """Logging."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Small lm-eval benchmark of the original and final models in the report."""
     dtype: str = "auto"
     """Autocast: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16``, ``fp32``."""
     seed: int = 0
@@ -166,6 +178,9 @@ class Recipe:
         validate_stages(self.stages)
         _choice("penalty.normalization", self.penalty.normalization, NORMALIZATIONS)
         _choice("optim.train_params", self.optim.train_params, TRAIN_PARAMS)
+        if self.eval.tasks and self.eval.limit <= 0:
+            raise ValueError(f"eval.limit ({self.eval.limit}) must be a positive number of "
+                             "documents per task")
         _choice("activation", self.activation, ACTIVATIONS)
         _choice("dtype", self.dtype, ("auto", "bf16", "fp32"))
         for key, value in (("batch_size", self.batch_size), ("grad_accum", self.grad_accum),

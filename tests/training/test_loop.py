@@ -94,3 +94,18 @@ def test_freeze_keeps_named_parameters(tiny_dir, text_file, tmp_path):
     assert not torch.equal(mlp0.up_proj.weight, mlp1.up_proj.weight)
     assert torch.equal(before.model.layers[0].self_attn.q_proj.weight,
                        after.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_report_includes_a_small_benchmark(tiny_dir, text_file, tmp_path):
+    """eval.tasks runs lm-eval on the original and the final model (issue 7: in the report)."""
+    _reset_accelerate()
+    train(tiny_recipe(tiny_dir, text_file, "eval.tasks=[piqa]", "eval.limit=2"), tmp_path / "run",
+          progress=False)
+    report = json.loads((tmp_path / "run/report.json").read_text())
+    for key in ("original", "final"):
+        piqa = report["benchmarks"][key]["tasks"]["piqa"]
+        assert piqa["n"] == 2 and 0 <= piqa["value"] <= 1
+    assert "piqa" in report["benchmark_table"]
+    assert report["benchmark_table"] in (tmp_path / "run/table.md").read_text()
+    with pytest.raises(ValueError, match=r"eval.limit \(0\) must be a positive number"):
+        tiny_recipe(tiny_dir, text_file, "eval.tasks=[piqa]", "eval.limit=0").validate()

@@ -97,6 +97,16 @@ def evaluate(accelerator, model, blocks: dict[str, torch.Tensor], batch_size: in
             "average_sparsity": sum(layer) / n_layers, "layer_sparsity": layer, "datasets": out}
 
 
+def benchmark(model, tokenizer, recipe: Recipe) -> dict:
+    """The recipe's small lm-eval run (``eval.tasks``, first ``eval.limit`` documents each)."""
+    from prosparse.evaluation import evaluate as lm_evaluate
+
+    was_training = model.training
+    result = lm_evaluate(model, tokenizer, recipe.eval.tasks, limit=recipe.eval.limit)
+    model.train(was_training)
+    return result
+
+
 class MetricsLog:
     """JSONL (always) and TensorBoard (optional) metrics, on the main process only."""
 
@@ -208,6 +218,8 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, stop_after: int
     measure_before = recipe.log.measure_before and ckpt is None
     if measure_before:
         report["original"] = evaluate(accelerator, model, heldout)
+    if recipe.eval.tasks and ckpt is None and accelerator.is_main_process:
+        report["benchmarks"] = {"original": benchmark(model, tok, recipe)}
     teacher = None
     if recipe.distill.weight > 0:
         teacher = copy.deepcopy(model).eval()

@@ -29,6 +29,16 @@ def before_after_table(report: dict) -> str:
     return format_table(["model", "sparsity %", "held-out ppl"], rows)
 
 
+def benchmark_table(report: dict) -> str:
+    """Markdown in paper Table 3's layout: the recipe's lm-eval tasks (%) per measured model,
+    held-out average sparsity last."""
+    from prosparse.evaluation.report import compare, compare_table
+
+    bench = report["benchmarks"]
+    sparsity = {k: report[k]["average_sparsity"] for k in bench if k in report}
+    return compare_table(compare(bench, sparsity), tasks=True)
+
+
 def _plots(run: Path, report: dict) -> list[str]:
     from prosparse.training.loop import read_metrics
 
@@ -92,10 +102,17 @@ def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, 
             tokenizer.save_pretrained(tmp)
     accelerator.wait_for_everyone()
     report["final_checkpoint"] = str(final)
+    if recipe.eval.tasks and accelerator.is_main_process:
+        from prosparse.training.loop import benchmark
+
+        report.setdefault("benchmarks", {})["final"] = benchmark(unwrapped, tokenizer, recipe)
     report["wall_seconds"] = time.time() - wall_start
     if accelerator.is_main_process:
         report["table"] = before_after_table(report)
-        (run / "table.md").write_text(report["table"] + "\n")
+        if report.get("benchmarks"):
+            report["benchmark_table"] = benchmark_table(report)
+        (run / "table.md").write_text(
+            "\n\n".join(report[k] for k in ("table", "benchmark_table") if k in report) + "\n")
         report["plots"] = _plots(run, report)
         write_json(run / "report.json", report)
     return report
