@@ -54,6 +54,9 @@ class DataConfig:
     """Block length of held-out evaluation (perplexity depends on it); None = ``seq_len``."""
     cache: bool = True
     """Keep tokenised, packed blocks on disk (under the run folder's ``data/``)."""
+    format: str = "text"
+    """``text``, or ``chat`` for SFT: JSONL ``messages`` rendered with the model's chat
+    template, LM loss on assistant tokens only (the L1 penalty and KD stay on every token)."""
 
 
 @dataclass
@@ -178,6 +181,7 @@ class Recipe:
         validate_stages(self.stages)
         _choice("penalty.normalization", self.penalty.normalization, NORMALIZATIONS)
         _choice("optim.train_params", self.optim.train_params, TRAIN_PARAMS)
+        _choice("data.format", self.data.format, ("text", "chat"))
         if self.eval.tasks and self.eval.limit <= 0:
             raise ValueError(f"eval.limit ({self.eval.limit}) must be a positive number of "
                              "documents per task")

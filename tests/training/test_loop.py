@@ -109,3 +109,23 @@ def test_report_includes_a_small_benchmark(tiny_dir, text_file, tmp_path):
     assert report["benchmark_table"] in (tmp_path / "run/table.md").read_text()
     with pytest.raises(ValueError, match=r"eval.limit \(0\) must be a positive number"):
         tiny_recipe(tiny_dir, text_file, "eval.tasks=[piqa]", "eval.limit=0").validate()
+
+
+def test_sft_on_chat_data(tiny_dir, text_file, tmp_path):
+    """data.format=chat: the run trains on templated conversations, loss on answers only."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok.save_pretrained(tiny_dir)
+    conv = [{"role": "user", "content": "say alpha"}, {"role": "assistant", "content": "alpha"}]
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("\n".join(json.dumps({"messages": conv}) for _ in range(80)))
+    _reset_accelerate()
+    train(tiny_recipe(tiny_dir, text_file, f"data.sources=[{sft}]", "data.format=chat",
+                      "log.measure_before=false"), tmp_path / "run", progress=False)
+    metrics = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 6 and all(m["lm_loss"] > 0 for m in metrics)
+    with pytest.raises(KeyError, match="unknown data.format 'sft'; choose one of text, chat"):
+        tiny_recipe(tiny_dir, text_file, "data.format=sft").validate()

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from prosparse.data import load_texts, pack_blocks, parse_data_spec
+from prosparse.data.chat import load_conversations, pack_chat_blocks
 
 
 def mixture_counts(n_blocks: int, weights: list[float]) -> list[int]:
@@ -31,36 +32,48 @@ def mixture_counts(n_blocks: int, weights: list[float]) -> list[int]:
 
 
 def build_blocks(tokenizer, sources: list[str], weights: list[float] | None, seq_len: int,
-                 n_blocks: int, seed: int = 0, cache_dir: str | Path | None = None
-                 ) -> torch.Tensor:
-    """``(n, seq_len)`` training blocks (n <= ``n_blocks`` when the data is smaller), mixed by
-    ``weights`` and interleaved in a seeded order; cached under ``cache_dir`` when given."""
+                 n_blocks: int, seed: int = 0, cache_dir: str | Path | None = None,
+                 chat: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(ids, mask)``: ``(n, seq_len)`` training blocks (n <= ``n_blocks`` when the data is
+    smaller), mixed by ``weights`` and interleaved in a seeded order; cached under ``cache_dir``
+    when given. ``mask`` is None for text; for ``chat`` data (SFT) it marks the assistant tokens
+    that carry the LM loss."""
     key = json.dumps({"tok": getattr(tokenizer, "name_or_path", ""), "vocab": len(tokenizer),
                       "sources": sources, "weights": weights, "seq_len": seq_len,
-                      "n": n_blocks, "seed": seed}, sort_keys=True)
+                      "n": n_blocks, "seed": seed, **({"chat": True} if chat else {})},
+                     sort_keys=True)
     path = None
     if cache_dir is not None:
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
         path = Path(cache_dir) / f"blocks-{digest}.pt"
         if path.is_file():
-            return torch.load(path)
+            cached = torch.load(path)
+            return (cached["ids"], cached["mask"]) if chat else (cached, None)
     specs = [parse_data_spec(s) for s in sources]
     if weights is None:
         weights = [1.0] * len(specs)
     counts = mixture_counts(n_blocks, weights)
     parts = []
     for spec, count in zip(specs, counts):
-        if count:
-            parts.append(pack_blocks(tokenizer, load_texts(spec, "train"), seq_len,
-                                     count * seq_len, seed=seed))
-    order = [(i, j) for i, p in enumerate(parts) for j in range(len(p))]
+        if not count:
+            continue
+        if chat:
+            parts.append(pack_chat_blocks(tokenizer, load_conversations(spec, "train"), seq_len,
+                                          count * seq_len, seed=seed))
+        else:
+            ids = pack_blocks(tokenizer, load_texts(spec, "train"), seq_len, count * seq_len,
+                              seed=seed)
+            parts.append((ids, None))
+    order = [(i, j) for i, p in enumerate(parts) for j in range(len(p[0]))]
     random.Random(seed).shuffle(order)
-    blocks = torch.stack([parts[i][j] for i, j in order])
+    blocks = torch.stack([parts[i][0][j] for i, j in order])
+    mask = torch.stack([parts[i][1][j] for i, j in order]) if chat else None
     if path is not None:
         from prosparse.io import atomic_write
 
-        atomic_write(path, lambda tmp: torch.save(blocks, tmp))
-    return blocks
+        obj = {"ids": blocks, "mask": mask} if chat else blocks
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    return blocks, mask
 
 
 def heldout_blocks(tokenizer, sources: list[str], seq_len: int, tokens: int

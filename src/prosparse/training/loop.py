@@ -49,10 +49,17 @@ def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: flo
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
 
 
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Token-mean next-token cross-entropy."""
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                           ids[:, 1:].reshape(-1))
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """Token-mean next-token cross-entropy; with ``mask`` (batch, seq) only over the target
+    tokens it marks (SFT: answers only), zero when it marks none."""
+    v = logits.shape[-1]
+    if mask is None:
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, v), ids[:, 1:].reshape(-1))
+    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, v), ids[:, 1:].reshape(-1),
+                          reduction="none")  # (batch * (seq - 1),)
+    keep = mask[:, 1:].reshape(-1).to(nll.dtype)
+    return (nll * keep).sum() / keep.sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -246,9 +253,10 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, stop_after: int
     world, rank = accelerator.num_processes, accelerator.process_index
     per_step = recipe.grad_accum * recipe.batch_size * world
     with accelerator.main_process_first():
-        blocks = build_blocks(tok, recipe.data.sources, recipe.data.weights, recipe.data.seq_len,
-                              recipe.total_steps * per_step, recipe.seed,
-                              run / "data" if recipe.data.cache else None)
+        blocks, masks = build_blocks(tok, recipe.data.sources, recipe.data.weights,
+                                     recipe.data.seq_len, recipe.total_steps * per_step,
+                                     recipe.seed, run / "data" if recipe.data.cache else None,
+                                     chat=recipe.data.format == "chat")
 
     start_step = 0
     if ckpt is not None:
@@ -272,11 +280,13 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, stop_after: int
                                      recipe.penalty.scale, recipe.grad_accum, enabled=lam > 0)
         with capture_x1(model, collector):
             for m in range(recipe.grad_accum):
-                ids = micro_batch(blocks, (step - 1) * recipe.grad_accum + m,
-                                  recipe.batch_size, rank, world).to(accelerator.device)
+                k = (step - 1) * recipe.grad_accum + m
+                ids = micro_batch(blocks, k, recipe.batch_size, rank, world).to(accelerator.device)
+                mask = None if masks is None else micro_batch(
+                    masks, k, recipe.batch_size, rank, world).to(accelerator.device)
                 with accelerator.accumulate(model):
                     logits = model(input_ids=ids).logits  # (batch, seq, vocab)
-                    lm = lm_loss(logits, ids)
+                    lm = lm_loss(logits, ids, mask)  # chat data: answer tokens only
                     penalty = collector.take()
                     kd = torch.zeros((), device=logits.device)
                     if teacher is not None:
