@@ -62,3 +62,33 @@ def test_embedded_corpora_are_there():
     assert 400 < len(wiki) < 600 and all(isinstance(t, str) and t for t in wiki[:10])
     qa = load_texts("qa", "heldout")
     assert qa[0].startswith("Question: ") and "\nAnswer: " in qa[0]
+
+
+def test_hf_dataset_from_disk_and_offline_error(tmp_path, monkeypatch):
+    import datasets
+
+    from prosparse.data.sources import parse_hf_source
+
+    assert parse_hf_source("hf:wikitext:wikitext-2-raw-v1@test#text") == (
+        "wikitext", "wikitext-2-raw-v1", "test", "text")
+    assert parse_hf_source("hf:/d") == ("/d", None, "train", "text")
+    with pytest.raises(ValueError, match="names no dataset"):
+        parse_hf_source("hf:@train")
+
+    docs = [f"document {i} about sparse activations" for i in range(300)]
+    datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(tmp_path / "ds"))
+    spec = f"hf:{tmp_path / 'ds'}#body"
+    assert parse_data_spec(spec).name == "ds"
+    assert sorted(load_texts(spec, "all")) == sorted(docs)
+    held = load_texts(spec, "heldout")
+    assert 0 < len(held) < 40 and not set(held) & set(load_texts(spec, "train"))
+    with pytest.raises(ValueError, match="has no field 'text'; its fields are body"):
+        load_texts(f"hf:{tmp_path / 'ds'}")
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    with pytest.raises(FileNotFoundError, match="could not load Hugging Face dataset "
+                                                "'hf:no-such/dataset-xyz'.*save_to_disk"):
+        load_texts("hf:no-such/dataset-xyz", "all")

