@@ -121,20 +121,16 @@ def _qa_records(root: Path) -> Iterable[tuple[str, str]]:
 
     for r in rows("sciq/none/validation"):
         yield r["question"], f"Question: {r['question']}\nAnswer: {r['correct_answer']}"
-    for rel in ("ai2_arc/ARC-Easy/validation", "ai2_arc/ARC-Challenge/validation",
-                "tau/commonsense_qa/none/validation"):
-        for r in rows(rel):
+    for rel, q_key in (("ai2_arc/ARC-Easy/validation", "question"),
+                       ("ai2_arc/ARC-Challenge/validation", "question"),
+                       ("tau/commonsense_qa/none/validation", "question"),
+                       ("openbookqa/main/validation", "question_stem")):
+        for r in rows(rel):  # choices {label: [...], text: [...]}, answerKey one of the labels
             ch = _as_obj(r["choices"])
             labels = list(ch["label"])
             if r["answerKey"] in labels:
                 ans = ch["text"][labels.index(r["answerKey"])]
-                yield r["question"], f"Question: {r['question']}\nAnswer: {ans}"
-    for r in rows("openbookqa/main/validation"):
-        ch = _as_obj(r["choices"])
-        labels = list(ch["label"])
-        if r["answerKey"] in labels:
-            ans = ch["text"][labels.index(r["answerKey"])]
-            yield r["question_stem"], f"Question: {r['question_stem']}\nAnswer: {ans}"
+                yield r[q_key], f"Question: {r[q_key]}\nAnswer: {ans}"
     for r in rows("social_i_qa/none/validation"):
         ans = r["answer" + "ABC"[int(r["label"]) - 1]]
         q = f"{r['context']} {r['question']}"
