@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from prosparse.models.loading import package_dir
+from prosparse.models.loading import shipped_file
 
 SPLITS = ("train", "heldout", "all")
 BUILTIN = {
@@ -77,14 +77,7 @@ def _select(items: Iterable[tuple[str, str]], split: str) -> list[str]:
 
 
 def _package_file(module: str, rel: str, name: str) -> Path:
-    folder = package_dir(module)
-    path = folder / rel if folder is not None else None
-    if path is None or not path.exists():
-        raise FileNotFoundError(
-            f"data {name!r} is not installed (looked for {rel} in package {module!r}); "
-            f"install it with `{BUILTIN[name]}` or run `make setup`"
-        )
-    return path
+    return shipped_file(module, rel, f"data {name!r}", BUILTIN[name])
 
 
 def wiki_items() -> list[tuple[str, str]]:

@@ -53,17 +53,23 @@ def package_dir(module: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def shipped_file(module: str, rel: str, what: str, install: str) -> Path:
+    """A file or folder ``rel`` inside installed package ``module``; a missing one is an error
+    naming ``what`` and the pip command (``install``) that ships it."""
+    folder = package_dir(module)
+    path = folder / rel if folder is not None else None
+    if path is None or not path.exists():
+        raise FileNotFoundError(
+            f"{what} is not installed (looked for {rel} in package {module!r}); "
+            f"install it with `{install}` or run `make setup`"
+        )
+    return path
+
+
 def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
     """Path of an embedded model's file; an error says how to install it when missing."""
     module, filename, install = EMBEDDED[name]
-    folder = package_dir(module)
-    path = folder / filename if folder is not None else None
-    if path is None or not path.is_file():
-        raise FileNotFoundError(
-            f"embedded model {name!r} is not installed (looked for {filename} in package "
-            f"{module!r}); install it with `{install}` or run `make setup`"
-        )
-    return path
+    return shipped_file(module, filename, f"embedded model {name!r}", install)
 
 
 def cache_dir() -> Path:
@@ -76,7 +82,7 @@ def _embedded_cached(name: str) -> Path:
     """A safetensors copy of an embedded GGUF model, made on first use.
 
     Dequantising the GGUF takes ~20 s on 2 cores; the fp32 copy (bit-identical weights) loads
-    in about a second. A failed or concurrent write falls back to the GGUF file.
+    in about 2 s. A failed or concurrent write falls back to the GGUF file.
     """
     gguf = embedded_model_path(name)
     target = cache_dir() / "models" / f"{name}-{gguf.stat().st_size}"

@@ -40,7 +40,7 @@ class ZeroCounter:
     ``mask`` (set per batch with :meth:`set_mask`, shape (batch, seq)) excludes padding.
     """
 
-    def __init__(self, n_layers: int, width: int | None = None):
+    def __init__(self, n_layers: int):
         self.zeros = torch.zeros(n_layers, dtype=torch.float64)
         self.total = torch.zeros(n_layers, dtype=torch.float64)
         self.tokens = torch.zeros(n_layers, dtype=torch.long)
