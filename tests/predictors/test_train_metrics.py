@@ -10,9 +10,11 @@ import torch
 from prosparse import relufy_
 from prosparse.predictors.collect import PairData, collect_pairs
 from prosparse.predictors.metrics import LayerCounts, metrics_table, summarize
+from prosparse.predictors.model import Predictor
 from prosparse.predictors.train import (
     TrainConfig,
     evaluate_predictors,
+    init_from_gate,
     threshold_for_recall,
     train_predictors,
 )
@@ -64,7 +66,8 @@ def collected(llama, tmp_path):
 
 
 def test_paper_mode_keeps_the_best_recall_checkpoint(collected):
-    cfg = TrainConfig(hidden=64, epochs=3, batch_size=32, lr=1e-2, patience=5, seed=0)
+    cfg = TrainConfig(hidden=64, epochs=3, batch_size=32, lr=1e-2, patience=5, seed=0,
+                      init="random")
     pset, result = train_predictors(collected, cfg, progress=False)
     assert len(result["layers"]) == 2 and result["val_tokens"] == collected.n_val
     for layer in result["layers"]:
@@ -83,7 +86,8 @@ def test_paper_mode_keeps_the_best_recall_checkpoint(collected):
 
 
 def test_target_recall_learns_sparsity_at_that_recall(collected):
-    cfg = TrainConfig(hidden=64, epochs=6, batch_size=32, lr=1e-2, target_recall=0.95, seed=0)
+    cfg = TrainConfig(hidden=64, epochs=6, batch_size=32, lr=1e-2, target_recall=0.95, seed=0,
+                      init="random")
     pset, result = train_predictors(collected, cfg, progress=False)
     for layer in result["layers"]:
         assert layer["recall"] >= 0.95
@@ -108,3 +112,91 @@ def test_config_errors_name_the_setting():
         TrainConfig(target_recall=1.5)
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(epochs=0)
+
+
+def test_gate_init_is_the_gates_low_rank_map():
+    gate = torch.randn(24, 8, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    y = x @ gate.T > 0
+    full = Predictor(8, 24, hidden=16)  # k = 8 = full rank: the gate itself, times c > 0
+    info = init_from_gate(full, gate, x, y, neg_weight=0.5)
+    assert info["rank"] == 8 and info["scale"] > 0
+    torch.testing.assert_close(full(x), info["scale"] * x @ gate.T, rtol=1e-4, atol=1e-4)
+    low = Predictor(8, 24, hidden=7)  # k = 3, one spare hidden unit that adds nothing yet
+    info = init_from_gate(low, gate, x, y, neg_weight=0.5)
+    u, s, vh = torch.linalg.svd(gate)
+    want = info["scale"] * x @ (u[:, :3] * s[:3] @ vh[:3]).T
+    assert info["rank"] == 3 and not low.fc2.weight[:, 6].any()
+    torch.testing.assert_close(low(x), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def collected_gate(tmp_path):
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(intermediate_size=96)
+    with torch.no_grad():  # norms with non-trivial weights, so diag(g) matters
+        for layer in model.model.layers:
+            layer.post_attention_layernorm.weight.uniform_(0.5, 2.0)
+    relufy_(model)
+    blocks = torch.randint(0, 128, (24, 32), generator=torch.Generator().manual_seed(0))
+    collect_pairs(model, blocks, tmp_path / "g", batch_size=8, val_fraction=0.1, progress=False)
+    return model, PairData(tmp_path / "g")
+
+
+def test_collection_keeps_the_effective_gate(collected_gate):
+    model, data = collected_gate
+    assert data.meta["gate_init"] == [True, True]
+    for i, layer in enumerate(model.model.layers):
+        want = layer.mlp.gate_proj.weight * layer.post_attention_layernorm.weight
+        torch.testing.assert_close(data.gate(i), want.detach(), rtol=2e-3, atol=2e-3)  # fp16
+
+
+def test_gate_init_starts_at_the_exact_labels(collected_gate):
+    # hidden 2 * d_model: the start reproduces sign(gate) exactly, so recall 1 at sparsity = true
+    _, data = collected_gate
+    cfg = TrainConfig(hidden=128, epochs=1, batch_size=64, lr=1e-5, patience=1, seed=0)
+    _, result = train_predictors(data, cfg, progress=False)
+    for layer in result["layers"]:
+        start = layer["history"][0]
+        assert layer["init"] == "gate" and layer["rank"] == 64 and start["epoch"] == 0
+        assert start["recall"] >= 0.995
+        assert abs(start["predicted_sparsity"] - layer["true_sparsity"]) < 0.01
+    # the paper's random start is far from that after one epoch
+    rnd = train_predictors(data, TrainConfig(hidden=128, epochs=1, batch_size=64, seed=0,
+                                             init="random"), progress=False)[1]
+    assert rnd["average_recall"] < result["average_recall"] - 0.05 or \
+        rnd["average_predicted_sparsity"] < result["average_predicted_sparsity"] - 0.05
+
+
+def test_non_rms_norm_has_no_gate_and_gate_init_says_so(tmp_path):
+    from torch import nn
+
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(intermediate_size=96)
+    model.model.layers[1].post_attention_layernorm = nn.LayerNorm(64)
+    relufy_(model)
+    blocks = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    collect_pairs(model, blocks, tmp_path / "n", batch_size=8, val_fraction=0.25,
+                  progress=False)
+    data = PairData(tmp_path / "n")
+    assert data.meta["gate_init"] == [True, False]
+    assert "not an RMS-type norm" in data.meta["gate_init_notes"][1]
+    assert data.gate(1) is None
+    with pytest.raises(ValueError, match=r"layer\(s\) \[1\].*RMS-type.*re-collect"):
+        train_predictors(data, TrainConfig(hidden=8, epochs=1, init="gate"), progress=False)
+    _, result = train_predictors(data, TrainConfig(hidden=8, epochs=1), progress=False)  # auto
+    assert [m["init"] for m in result["layers"]] == ["gate", "random"]
+
+
+@pytest.mark.parametrize("act,kw", [("fatrelu", {"threshold": 0.05}), ("relu", {})])
+def test_gate_check_follows_the_cutoff_and_clipped_labels(tmp_path, act, kw):
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama(intermediate_size=96)
+    relufy_(model, act, **kw)
+    blocks = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
+    collect_pairs(model, blocks, tmp_path / "f", batch_size=8, val_fraction=0.25,
+                  clip_top=0.15 if act == "relu" else None, progress=False)
+    assert PairData(tmp_path / "f").meta["gate_init"] == [True, True]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from prosparse.models.activations import activation_params, make_activation
@@ -44,6 +45,16 @@ class GatedFFN:
     @property
     def down_proj(self) -> nn.Linear:
         return self.module.down_proj
+
+    @property
+    def gate(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The gate projection's weight (d_ff, d_model) and bias (or None); for a fused
+        ``gate_up_proj`` its first d_ff rows, the half Phi-3 feeds the activation."""
+        lin = getattr(self.module, _FUSED) if self.fused else self.module.gate_proj
+        if not self.fused:
+            return lin.weight, lin.bias
+        d_ff = self.down_proj.in_features
+        return lin.weight[:d_ff], None if lin.bias is None else lin.bias[:d_ff]
 
 
 def _is_linear(m: nn.Module | None) -> bool:

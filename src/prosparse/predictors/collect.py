@@ -10,6 +10,8 @@ Layout of ``DIR`` (everything a program needs is in ``meta.json``)::
     layer_00/x_0000.bin            fp16 inputs, (shard_tokens, d_model), row-major
     layer_00/y_0000.bin            uint8 labels, numpy.packbits along d_ff: (shard_tokens, d_ff/8)
     layer_00/mass.bin              fp16 |x1| of the first ``mass_tokens`` validation tokens
+    layer_00/gate.safetensors      "weight": the gate as a linear map of the predictor input
+                                   (see :func:`effective_gate`), when the layer allows one
 
 Memory is bounded by one forward batch: every batch is appended to the open shard files and
 dropped, and a shard is closed after ``shard_tokens`` rows, so nothing grows with ``tokens``.
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -75,6 +78,35 @@ def find_predictor_sites(model: nn.Module) -> list[PredictorSite]:
         qual = f"{parent_name}.{norm_attr}" if parent_name else norm_attr
         sites.append(PredictorSite(i, ffn.name, qual, getattr(parent, norm_attr), ffn.module))
     return sites
+
+
+GATE_FILE = "gate.safetensors"
+
+
+@torch.no_grad()
+def effective_gate(site: PredictorSite, gate_weight: torch.Tensor,
+                   gate_bias: torch.Tensor | None) -> tuple[torch.Tensor | None, str]:
+    """The gate pre-activation as a linear map of the predictor input ``h``.
+
+    For an RMS-type norm ``n(h) = g * h / rms(h)`` (Llama, Mistral, Qwen, Gemma's ``1 + w``
+    included), ``W_gate n(h) = (W_gate diag(g)) h / rms(h)``: up to a positive per-token factor
+    the gate is the linear map ``W_eff = W_gate diag(g)`` of the predictor input, so its rank-k
+    truncation is a natural starting point for a predictor (see ``train.init_from_gate``).
+    Returns ``(W_eff, "")`` in fp32, or ``(None, why)`` when the layer does not fit that form.
+    """
+    if gate_bias is not None:
+        return None, "the gate projection has a bias"
+    if gate_weight.device.type == "meta" or not gate_weight.dtype.is_floating_point:
+        return None, f"the gate weight is {gate_weight.dtype} on {gate_weight.device}"
+    ref = next(site.norm.parameters(), gate_weight)
+    d = gate_weight.shape[1]
+    g = site.norm(torch.ones(1, d, dtype=ref.dtype, device=ref.device)).float()[0]
+    probe = torch.randn(4, d, generator=torch.Generator().manual_seed(0))
+    want = site.norm(probe.to(device=ref.device, dtype=ref.dtype)).float().cpu()
+    got = (g.cpu() * probe / probe.pow(2).mean(-1, keepdim=True).sqrt())
+    if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max())):
+        return None, f"{site.norm_name} ({type(site.norm).__name__}) is not an RMS-type norm"
+    return gate_weight.float() * g, ""
 
 
 def labels_from_x1(x1: torch.Tensor, clip_top: float | None = None) -> torch.Tensor:
@@ -133,8 +165,12 @@ class _LayerSink:
     down_proj) for the current batch and streams them to disk."""
 
     def __init__(self, folder: Path, d_ff: int, shard_tokens: int, clip_top: float | None,
-                 val_start: int, mass_tokens: int):
+                 val_start: int, mass_tokens: int, gate: torch.Tensor | None = None,
+                 cutoff: float = 0.0):
         folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.gate, self.cutoff = gate, cutoff  # effective gate, checked on the first batch
+        self.gate_note = "" if gate is not None else "no effective gate"
         self.x = _ShardWriter(folder, "x", shard_tokens)
         self.y = _ShardWriter(folder, "y", shard_tokens)
         self.mass = open(folder / "mass.bin", "wb")
@@ -156,6 +192,8 @@ class _LayerSink:
         n = x1.shape[0]
         self.max_rows_held = max(self.max_rows_held, n)
         labels = labels_from_x1(x1, self.clip_top)
+        if self.written == 0 and self.gate is not None:
+            self._check_gate(labels)
         self.positives += int(labels.sum())
         self.x.write(self.pending_x.to(torch.float16).cpu().numpy())
         self.y.write(pack_labels(labels))
@@ -166,10 +204,28 @@ class _LayerSink:
         self.written += n
         self.pending_x = None
 
+    def _check_gate(self, labels: torch.Tensor) -> None:
+        """Keep the effective gate only if it reproduces this batch's labels: it must, unless
+        the norm found is not the one feeding the FFN (post-norm layouts such as OLMo 2)."""
+        h = self.pending_x.float()
+        w = self.gate.to(h.device)
+        active = (h @ w.T) / h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() > self.cutoff
+        if self.clip_top is None:
+            agree = float((active == labels).float().mean())
+        else:  # clipped labels are a subset of the gate's actives
+            agree = float((active & labels).sum()) / max(int(labels.sum()), 1)
+        if agree < 0.99:
+            self.gate, self.gate_note = None, f"matches only {agree:.1%} of the labels"
+
     def close(self) -> None:
         self.x.close()
         self.y.close()
         self.mass.close()
+        if self.gate is not None:
+            w = self.gate.cpu()
+            fits = bool(w.abs().max() < 6e4)
+            save_file({"weight": (w.half() if fits else w).contiguous()},
+                      str(self.folder / GATE_FILE))
 
 
 @torch.no_grad()
@@ -208,8 +264,14 @@ def collect_pairs(
         raise ValueError(f"{total} tokens leave nothing to train on after a "
                          f"{val_fraction:g} validation split; collect more --tokens")
     mass_tokens = min(mass_tokens, n_val)
-    sinks = [_LayerSink(out / f"layer_{s.layer:02d}", d_ff, shard_tokens, clip_top,
-                        total - n_val, mass_tokens) for s in sites]
+    sinks = []
+    for site in sites:
+        ffn = ffns[site.layer]
+        gate, note = effective_gate(site, *ffn.gate)
+        sinks.append(_LayerSink(out / f"layer_{site.layer:02d}", d_ff, shard_tokens, clip_top,
+                                total - n_val, mass_tokens, gate, activation_params(ffn.act)[1]))
+        if gate is None:
+            sinks[-1].gate_note = note
     handles = []
     for site, sink in zip(sites, sinks):
         handles.append(site.norm.register_forward_pre_hook(
@@ -243,6 +305,8 @@ def collect_pairs(
         "shards": sinks[0].x.rows,
         "positive_rate": [s.positives / (total * d_ff) for s in sinks],
         "inputs": [s.norm_name for s in sites],
+        "gate_init": [s.gate is not None for s in sinks],
+        "gate_init_notes": [s.gate_note for s in sinks],
         "max_rows_held": max(s.max_rows_held for s in sinks),
         "seconds": time.perf_counter() - t0,
         "bytes": sum(p.stat().st_size for p in out.rglob("*.bin")),
@@ -279,6 +343,12 @@ class PairData:
     def labels_packed(self, layer: int):
         """(tokens, ceil(d_ff / 8)) uint8, row-indexable by slices (memory-mapped)."""
         return self._concat(layer, "y", np.uint8, (self.d_ff + 7) // 8)
+
+    def gate(self, layer: int) -> torch.Tensor | None:
+        """The layer's effective gate (d_ff, d_model) fp32 (:func:`effective_gate`), or None
+        when collection could not derive one (older folders, non-RMS norms, gate biases)."""
+        path = self.folder / f"layer_{layer:02d}" / GATE_FILE
+        return load_file(str(path))["weight"].float() if path.is_file() else None
 
     def mass(self, layer: int) -> np.ndarray:
         """|x1| (mass_tokens, d_ff) fp16 of the first validation tokens."""

@@ -82,7 +82,7 @@ def _train(args) -> int:
     cfg = TrainConfig(hidden=args.hidden, epochs=args.epochs, patience=args.patience,
                       batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       target_recall=args.target_recall, max_train_tokens=args.max_tokens,
-                      seed=args.seed)
+                      init=args.init, seed=args.seed)
     pset, result = train_predictors(data, cfg, layers=args.layers)
     save_predictors(pset, args.out, overwrite=args.overwrite,
                     extra={"data": str(args.data_dir), "model": data.meta.get("model"),
@@ -165,6 +165,10 @@ def register(sub) -> None:
                         "default: probability 0.5")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="train on at most this many tokens per layer")
+    p.add_argument("--init", choices=("auto", "gate", "random"), default="auto",
+                   help="start from the rank-hidden/2 truncation of each layer's gate (gate), "
+                        "from random weights as the paper (random), or gate where the "
+                        "collection holds it (auto, default)")
     p.add_argument("--layers", type=_layers, default=None, help="only these layers, e.g. 0-3")
     p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
     p.add_argument("--json", help="write per-layer metrics as JSON here")

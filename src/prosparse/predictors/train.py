@@ -10,6 +10,16 @@ probability 0.5). With ``target_recall`` the threshold is instead tuned each epo
 largest logit that keeps validation recall >= target, and the best checkpoint is the one with
 the highest predicted sparsity at that recall: recall is then fixed, so sparsity is what is left
 to choose on (recall alone would favour a predictor that calls everything active).
+
+Initialisation. The paper starts from random weights. We start, by default, from the layer's
+own gate: with ReLU-family activations a neuron is active exactly when its gate pre-activation
+passes the cutoff, and behind an RMS-type norm that pre-activation is a linear map ``W_eff`` of
+the predictor input up to a positive per-token factor (``collect.effective_gate``). The rank-k
+truncation ``U_k S_k V_k^T`` of ``W_eff`` fits the predictor's shape exactly with
+``k = hidden / 2``: ``fc1 = [A; -A]`` and ``fc2 = [B, -B]`` with ``A = sqrt(S_k) V_k^T`` and
+``B = U_k sqrt(S_k)`` give ``fc2 relu(fc1 h) = B A h`` since ``relu(z) - relu(-z) = z``. Training
+then only refines a predictor that already ranks neurons the way the gate does (recorded as
+epoch 0 of the history, and kept if no epoch beats it).
 """
 
 from __future__ import annotations
@@ -48,6 +58,9 @@ class TrainConfig:
     """Weight of a negative label = layer positive rate + this."""
     target_recall: float | None = None
     """Tune each layer's threshold to this validation recall (None: logit 0, the paper's)."""
+    init: str = "auto"
+    """``gate`` (rank-k truncation of the layer's gate, see above), ``random`` (the paper's) or
+    ``auto`` (gate where the collection holds one, else random)."""
     max_train_tokens: int | None = None
     """Use at most this many training tokens per layer (None: all)."""
     seed: int = 0
@@ -57,6 +70,8 @@ class TrainConfig:
         if self.target_recall is not None and not 0 < self.target_recall <= 1:
             raise ValueError(f"target_recall ({self.target_recall}) must be in (0, 1], "
                              "e.g. 0.95")
+        if self.init not in ("auto", "gate", "random"):
+            raise ValueError(f"init ({self.init!r}) must be 'auto', 'gate' or 'random'")
         for name in ("hidden", "epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be at least 1")
@@ -98,6 +113,35 @@ def evaluate_layer(pred: Predictor, threshold: float, x: torch.Tensor, labels: t
     return counts
 
 
+@torch.no_grad()
+def init_from_gate(pred: Predictor, gate: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                   neg_weight: float) -> dict:
+    """Set ``pred`` to ``c * U_k S_k V_k^T`` of the effective gate (d_ff, d_model), k = hidden
+    // 2 (at most the gate's rank); hidden units beyond 2k keep their random fc1 rows with zero
+    fc2 columns. ``c`` > 0, the logit scale, minimises the weighted BCE on the sample (x fp32,
+    y bool labels). Returns ``{"rank", "scale"}``."""
+    hidden = pred.fc1.out_features
+    k = min(hidden // 2, *gate.shape)
+    if k < 1:
+        raise ValueError(f"hidden ({hidden}) must be at least 2 to start from the gate")
+    u, s, vh = torch.linalg.svd(gate.float(), full_matrices=False)
+    a = s[:k].sqrt()[:, None] * vh[:k]  # (k, d_model)
+    b = u[:, :k] * s[:k].sqrt()  # (d_ff, k)
+    z = (x @ a.T) @ b.T  # (tokens, d_ff) logits at scale 1
+    yf = y.float()
+    w = torch.where(y, 1.0, neg_weight)
+    base = 1.0 / float(z.std().clamp_min(1e-12))
+    scales = [base * 10 ** (e / 4) for e in range(-8, 9)]
+    losses = [float(F.binary_cross_entropy_with_logits(c * z, yf, weight=w)) for c in scales]
+    c = scales[int(np.argmin(losses))]
+    pred.fc1.weight[:k] = a * c**0.5
+    pred.fc1.weight[k:2 * k] = -a * c**0.5
+    pred.fc2.weight.zero_()
+    pred.fc2.weight[:, :k] = b * c**0.5
+    pred.fc2.weight[:, k:2 * k] = -b * c**0.5
+    return {"rank": k, "scale": c}
+
+
 def train_layer(
     x_train: torch.Tensor,
     y_train: np.ndarray,
@@ -107,18 +151,48 @@ def train_layer(
     cfg: TrainConfig,
     mass: torch.Tensor | None = None,
     desc: str | None = None,
+    gate: torch.Tensor | None = None,
 ) -> tuple[Predictor, float, dict]:
     """Train one layer's predictor. ``x_*`` fp16 (tokens, d_model); ``y_train`` packed labels
-    (numpy, unpacked per batch); ``y_val`` bool (tokens, d_ff). Returns the best predictor, its
-    threshold and its validation metrics with the per-epoch history."""
+    (numpy, unpacked per batch); ``y_val`` bool (tokens, d_ff); ``gate`` the layer's effective
+    gate to start from (None: random start). Returns the best predictor, its threshold and its
+    validation metrics with the per-epoch history (epoch 0: the starting point)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     pred = Predictor(x_train.shape[1], d_ff, cfg.hidden)
-    opt = torch.optim.AdamW(pred.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     pos_rate = float(np.unpackbits(y_train, axis=-1, count=d_ff).mean())
     neg_weight = pos_rate + cfg.negative_offset
+    init = {"init": "random"}
+    if gate is not None:
+        sample = torch.randperm(len(x_train), generator=gen)[:2048]
+        init = {"init": "gate", **init_from_gate(
+            pred, gate, x_train[sample].float(), _labels(y_train[sample.numpy()], d_ff),
+            neg_weight)}
+    opt = torch.optim.AdamW(pred.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best, best_score, stale, history = None, -math.inf, 0, []
+
+    def checkpoint(epoch: int, loss: float | None) -> bool:
+        """Score the current weights on validation; keep them if best. True: stop early."""
+        nonlocal best, best_score, stale
+        pred.eval()
+        threshold = 0.0
+        if cfg.target_recall is not None:
+            threshold = threshold_for_recall(_logits(pred, x_val), y_val, cfg.target_recall)
+        m = evaluate_layer(pred, threshold, x_val, y_val).metrics()
+        score = m["recall"] if cfg.target_recall is None else m["predicted_sparsity"]
+        history.append({"epoch": epoch, "loss": loss, "threshold": threshold,
+                        "recall": m["recall"], "predicted_sparsity": m["predicted_sparsity"]})
+        bar.set_postfix(recall=f"{m['recall']:.4f}", sparsity=f"{m['predicted_sparsity']:.4f}")
+        if score > best_score:
+            best, best_score, stale = (copy.deepcopy(pred.state_dict()), threshold, epoch), \
+                score, 0
+            return False
+        stale += 1
+        return stale >= cfg.patience
+
     bar = tqdm(range(cfg.epochs), desc=desc, leave=False, disable=desc is None)
+    if gate is not None:
+        checkpoint(0, None)  # the gate's truncation is a candidate too
     for epoch in bar:
         pred.train()
         order = torch.randperm(len(x_train), generator=gen)
@@ -133,27 +207,14 @@ def train_layer(
             loss.backward()
             opt.step()
             loss_sum += loss.item() * len(idx)
-        pred.eval()
-        threshold = 0.0
-        if cfg.target_recall is not None:
-            threshold = threshold_for_recall(_logits(pred, x_val), y_val, cfg.target_recall)
-        m = evaluate_layer(pred, threshold, x_val, y_val).metrics()
-        score = m["recall"] if cfg.target_recall is None else m["predicted_sparsity"]
-        history.append({"epoch": epoch + 1, "loss": loss_sum / len(order), "threshold": threshold,
-                        "recall": m["recall"], "predicted_sparsity": m["predicted_sparsity"]})
-        bar.set_postfix(recall=f"{m['recall']:.4f}", sparsity=f"{m['predicted_sparsity']:.4f}")
-        if score > best_score:
-            best, best_score, stale = (copy.deepcopy(pred.state_dict()), threshold, epoch + 1), \
-                score, 0
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
+        if checkpoint(epoch + 1, loss_sum / len(order)):
+            break
     pred.load_state_dict(best[0])
     threshold = best[1]
     metrics = evaluate_layer(pred, threshold, x_val, y_val, mass).metrics()
-    metrics.update(threshold=threshold, best_epoch=best[2], epochs_run=len(history),
-                   positive_rate=pos_rate, negative_weight=neg_weight, history=history)
+    metrics.update(threshold=threshold, best_epoch=best[2],
+                   epochs_run=sum(h["epoch"] > 0 for h in history), positive_rate=pos_rate,
+                   negative_weight=neg_weight, **init, history=history)
     return pred, threshold, metrics
 
 
@@ -167,8 +228,17 @@ def train_predictors(
     pset.thresholds.fill_(math.inf)
     n_train = data.n_train if cfg.max_train_tokens is None else min(cfg.max_train_tokens,
                                                                      data.n_train)
+    if cfg.init == "gate":
+        missing = [i for i in layers if data.gate(i) is None]
+        if missing:
+            notes = data.meta.get("gate_init_notes") or []
+            why = notes[missing[0]] if missing[0] < len(notes) and notes[missing[0]] else \
+                "the folder predates gate initialisation"
+            raise ValueError(f"init='gate' but {data.folder} holds no effective gate for "
+                             f"layer(s) {missing} ({why}); re-collect, or use init 'random'")
     results = []
     for layer in tqdm(layers, desc="layers", disable=not progress):
+        gate = None if cfg.init == "random" else data.gate(layer)
         x = data.inputs(layer)
         y = data.labels_packed(layer)
         x_train = torch.from_numpy(np.array(x[:n_train]))
@@ -177,7 +247,7 @@ def train_predictors(
         y_val = _labels(np.array(y[data.n_train:data.tokens]), data.d_ff)
         mass = torch.from_numpy(data.mass(layer))
         pred, threshold, m = train_layer(x_train, y_train, x_val, y_val, data.d_ff, cfg, mass,
-                                         desc=f"layer {layer}" if progress else None)
+                                         desc=f"layer {layer}" if progress else None, gate=gate)
         pset.layers[layer].load_state_dict(pred.state_dict())
         pset.thresholds[layer] = threshold
         results.append({"layer": layer, **m})
