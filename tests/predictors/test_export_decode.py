@@ -150,4 +150,36 @@ def test_report_for_bench_decode(llama, tokenizer, tmp_path):
     r = predictor_decode_report(llama, None, str(tmp_path / "p"), ids, new_tokens=4)
     assert r["greedy_differ"] == 0 and "predicted_perplexity" not in r
     assert r["predictors"] == str(tmp_path / "p")
-    assert "greedy tokens that differ from dense: 0.0%" in format_predictor_report(r)
+    assert r["exact_tokens_per_s"] > 0 and r["predicted_over_exact"] > 0  # all three timed
+    text = format_predictor_report(r)
+    assert "greedy tokens that differ from dense: 0.0%" in text and "exact sparse" in text
+
+
+def test_calibrated_thresholds_give_the_predicted_sparsity(llama):
+    from prosparse.predictors import calibrate_thresholds_
+
+    relufy_(llama)
+    ids = torch.randint(2, 128, (1, 40), generator=torch.Generator().manual_seed(5))
+    pset = random_set()
+    thresholds = calibrate_thresholds_(llama, pset, ids, 0.75)
+    assert thresholds == pytest.approx(pset.thresholds.tolist())
+    restore = attach_predictors_(llama, pset)
+    try:
+        llama(input_ids=ids, use_cache=False)
+        mods = [m for m in llama.modules() if isinstance(m, PredictedSparseMLP)]
+        skipped = [1 - m.predicted_active / (m.tokens * m.d_ff) for m in mods]
+        # the same tokens: exactly the calibrated share in layer 0; later layers now see a
+        # residual stream changed by the predicted FFNs before them, so only about it
+        assert skipped[0] == pytest.approx(0.75, abs=1e-3)
+        assert skipped[1] == pytest.approx(0.75, abs=0.05)
+    finally:
+        restore()
+    with pytest.raises(ValueError, match="sparsity"):
+        calibrate_thresholds_(llama, pset, ids, 1.0)
+
+
+def test_bench_decode_7b_shape_takes_only_random_predictors(tmp_path, capsys):
+    from prosparse.cli import main
+
+    assert main(["bench", "decode", "--llama2-7b-shape", "--predictors", str(tmp_path)]) == 2
+    assert "--predictors takes 'random'" in capsys.readouterr().err

@@ -111,7 +111,7 @@ def test_config_errors_name_the_setting():
     with pytest.raises(ValueError, match="target_recall"):
         TrainConfig(target_recall=1.5)
     with pytest.raises(ValueError, match="epochs"):
-        TrainConfig(epochs=0)
+        TrainConfig(epochs=-1)
 
 
 def test_gate_init_is_the_gates_low_rank_map():
@@ -200,3 +200,14 @@ def test_gate_check_follows_the_cutoff_and_clipped_labels(tmp_path, act, kw):
     collect_pairs(model, blocks, tmp_path / "f", batch_size=8, val_fraction=0.25,
                   clip_top=0.15 if act == "relu" else None, progress=False)
     assert PairData(tmp_path / "f").meta["gate_init"] == [True, True]
+
+
+def test_zero_epochs_is_the_untrained_gate_truncation(collected_gate):
+    _, data = collected_gate
+    cfg = TrainConfig(hidden=32, epochs=0, target_recall=0.9, seed=0)
+    pset, result = train_predictors(data, cfg, progress=False)
+    for layer in result["layers"]:
+        assert layer["epochs_run"] == 0 and [h["epoch"] for h in layer["history"]] == [0]
+        assert layer["recall"] >= 0.9 and layer["rank"] == 16
+    with pytest.raises(ValueError, match="epochs"):
+        TrainConfig(epochs=0, init="random")

@@ -60,7 +60,13 @@ def register(subparsers) -> None:
     dec.add_argument("--backend", default=None, help="auto (default), cpu, triton or reference")
     dec.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     dec.add_argument("--predictors", default=None, metavar="PRED",
-                     help="also decode with these activation predictors (prosparse predictors)")
+                     help="also decode with these activation predictors (prosparse predictors); "
+                          "with --llama2-7b-shape: 'random', timed at --predicted-sparsity")
+    dec.add_argument("--predicted-sparsity", type=float, default=0.7875,
+                     help="share of neurons the 7B-shaped run's random predictors skip "
+                          "(default 0.7875, ProSparse-7B's predicted sparsity in paper Table 2)")
+    dec.add_argument("--predictor-hidden", type=int, default=1024,
+                     help="hidden width of the 7B-shaped run's predictors (default 1024)")
     dec.add_argument("--json", type=Path, default=None, metavar="OUT", help="write results here")
     dec.set_defaults(func=run_decode)
 
@@ -103,6 +109,9 @@ def run_decode(args) -> int:
     _threads(args.threads)
     if args.llama2_7b_shape == (args.model is not None):
         raise ValueError("give either MODEL or --llama2-7b-shape (not both)")
+    if args.llama2_7b_shape and args.predictors not in (None, "random"):
+        raise ValueError("with --llama2-7b-shape, --predictors takes 'random': random "
+                         "predictors whose thresholds give --predicted-sparsity")
     extra = {}
     if args.llama2_7b_shape:
         from prosparse.inference.decode import calibrate_fatrelu_, llama2_7b_shaped
@@ -116,6 +125,28 @@ def run_decode(args) -> int:
         extra = {"model": f"random LLaMA2-7B shape, {args.layers} of 32 layers, vocab "
                           f"{model.config.vocab_size} (scaled by layers/32)",
                  "layers": args.layers, "thresholds": thresholds}
+        if args.predictors is not None:  # predictor-driven decode at 7B shapes: speed only
+            from prosparse.predictors import PredictorSet
+            from prosparse.predictors.decode import (
+                calibrate_thresholds_,
+                decode_benchmark_with_predictors,
+                format_predictor_report,
+            )
+
+            torch.manual_seed(1)
+            pset = PredictorSet(4096, 11008, args.layers, args.predictor_hidden).eval()
+            calibrate_thresholds_(model, pset, calib.to(args.device), args.predicted_sparsity)
+            report = decode_benchmark_with_predictors(model.eval(), pset,
+                                                      input_ids.to(args.device),
+                                                      args.new_tokens, exact=True,
+                                                      backend=args.backend)
+            report.pop("dense_tokens")
+            print(format_predictor_report(report))
+            _write({**report, **extra, "predictors": "random, thresholds calibrated",
+                    "predicted_sparsity_target": args.predicted_sparsity,
+                    "predictor_hidden": args.predictor_hidden, "sparsity_target": args.sparsity,
+                    "threads": torch.get_num_threads()}, args.json)
+            return 0
     else:
         from prosparse.models import load_model, relufy_
 
@@ -128,9 +159,10 @@ def run_decode(args) -> int:
             from prosparse.predictors.decode import format_predictor_report, predictor_decode_report
 
             report = predictor_decode_report(model.eval(), tok, args.predictors,
-                                             input_ids.to(args.device), args.new_tokens)
+                                             input_ids.to(args.device), args.new_tokens,
+                                             backend=args.backend)
             print(format_predictor_report(report))
-            _write({**report, **extra}, args.json)
+            _write({**report, **extra, "threads": torch.get_num_threads()}, args.json)
             return 0
     model.eval()
     report = bench_decode(model, input_ids.to(args.device), args.new_tokens, backend=args.backend)

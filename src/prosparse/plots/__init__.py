@@ -41,7 +41,7 @@ def plot_layer_sparsity(
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     for name, values in series.items():
         ax.plot(range(1, len(values) + 1), [100 * v for v in values], marker="o", ms=3, label=name)
-    ax.set_xlabel("layer")
+    ax.set_xlabel("layer (1 = first)")
     ax.set_ylabel("sparsity (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -81,7 +81,7 @@ def plot_predictor_layers(
                               ("predicted_sparsity", "predicted sparsity", "s-"),
                               ("true_sparsity", "true sparsity", "^--")):
         ax.plot(x, [100 * m[key] for m in layers], style, ms=3, label=label)
-    ax.set_xlabel("layer")
+    ax.set_xlabel("layer (1 = first; tables and JSON count from 0)")
     ax.set_ylabel("%")
     ax.set_title(title)
     ax.grid(alpha=0.3)

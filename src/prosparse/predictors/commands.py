@@ -154,7 +154,9 @@ def register(sub) -> None:
     p.add_argument("data_dir", metavar="DIR", help="the --out of `predictors collect`")
     p.add_argument("--out", required=True, help="predictor folder to write (must not exist)")
     p.add_argument("--hidden", type=int, default=1024, help="predictor hidden width")
-    p.add_argument("--epochs", type=int, default=20, help="most epochs per layer")
+    p.add_argument("--epochs", type=int, default=20,
+                   help="most epochs per layer; 0 keeps the gate's truncation untrained (only "
+                        "the threshold is tuned): predictors in seconds")
     p.add_argument("--patience", type=int, default=3,
                    help="stop after this many epochs without improvement")
     p.add_argument("--batch-size", type=int, default=1024, help="tokens per step")

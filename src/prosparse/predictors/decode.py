@@ -177,6 +177,39 @@ def attach_predictors_(model: nn.Module, predictors: PredictorSet,
 
 
 @torch.no_grad()
+def calibrate_thresholds_(model: nn.Module, predictors: PredictorSet, input_ids: torch.Tensor,
+                          sparsity: float) -> list[float]:
+    """Set each layer's threshold to the ``sparsity`` quantile of its predictor's logits on the
+    residual inputs ``model`` sees for ``input_ids`` (1, n), so the predictors call about
+    ``1 - sparsity`` of the neurons active. For timing only: it fixes how much work the
+    predictor-driven FFN does, not whether the neurons it picks are the right ones."""
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity ({sparsity}) must be in [0, 1), e.g. 0.7875")
+    sites = find_predictor_sites(model)
+    if len(sites) != len(predictors):
+        raise ValueError(f"the model has {len(sites)} gated FFNs but the predictors have "
+                         f"{len(predictors)} layers")
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [s.norm.register_forward_pre_hook(
+        lambda _m, args, i=s.layer: inputs.__setitem__(i, args[0].reshape(-1, args[0].shape[-1])))
+        for s in sites]
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for i, p in enumerate(predictors.layers):
+        x = inputs[i]  # in the model's dtype and device, as decode will see it
+        w1, w2 = (w.to(device=x.device, dtype=x.dtype) for w in (p.fc1.weight, p.fc2.weight))
+        logits = F.linear(F.relu(F.linear(x, w1)), w2).float().flatten()
+        k = min(max(1, round(sparsity * logits.numel())), logits.numel())
+        out.append(float(logits.kthvalue(k).values) + 1e-6)  # the k lowest fall below it
+        predictors.thresholds[i] = out[-1]
+    return out
+
+
+@torch.no_grad()
 def _teacher_forced(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4):
     """Summed next-token NLL, its count, and the argmax predictions (n, seq - 1)."""
     nll, count, argmax = 0.0, 0, []
@@ -264,10 +297,13 @@ def predictor_decode_report(
     eval_data: str = "wiki",
     eval_tokens: int = 2048,
     seq_len: int = 256,
+    exact: bool = True,
+    backend: str | None = None,
 ) -> dict:
-    """What ``prosparse bench decode MODEL --predictors PRED`` adds: the predictor-driven decode
-    of :func:`decode_benchmark_with_predictors` (model left dense), with perplexity on
-    ``eval_tokens`` held-out tokens of ``eval_data`` when a tokenizer is given."""
+    """What ``prosparse bench decode MODEL --predictors PRED`` reports: dense, predictor-driven
+    and (``exact``) exact sparse decoding of :func:`decode_benchmark_with_predictors`, with
+    perplexity on ``eval_tokens`` held-out tokens of ``eval_data`` when a tokenizer is given.
+    With ``exact`` the model is left with the exact sparse FFN swapped in."""
     from prosparse.predictors.export import load_predictors
 
     pset = load_predictors(predictors) if not isinstance(predictors, PredictorSet) else predictors
@@ -276,7 +312,8 @@ def predictor_decode_report(
         from prosparse.data import load_texts, pack_blocks
 
         blocks = pack_blocks(tokenizer, load_texts(eval_data, "heldout"), seq_len, eval_tokens)
-    r = decode_benchmark_with_predictors(model, pset, input_ids, new_tokens, eval_blocks=blocks)
+    r = decode_benchmark_with_predictors(model, pset, input_ids, new_tokens, eval_blocks=blocks,
+                                         exact=exact, backend=backend)
     r.pop("dense_tokens")
     r["predictors"] = str(predictors) if not isinstance(predictors, PredictorSet) else None
     return r
@@ -287,6 +324,10 @@ def format_predictor_report(r: dict) -> str:
     lines = [f"predicted {r['predicted_tokens_per_s']:.2f} tokens/s ({r['predicted_speedup']:.2f}x "
              f"dense {r['dense_tokens_per_s']:.2f}), predicted sparsity in decode "
              f"{100 * r['decode_predicted_sparsity']:.2f}%"]
+    if "exact_tokens_per_s" in r:
+        lines.append(f"exact sparse {r['exact_tokens_per_s']:.2f} tokens/s "
+                     f"({r['exact_speedup']:.2f}x dense); predicted / exact "
+                     f"{r['predicted_over_exact']:.2f}x")
     q = f"greedy tokens that differ from dense: {100 * r['greedy_differ']:.1f}%"
     if "predicted_perplexity" in r:
         q += (f"; held-out perplexity {r['dense_perplexity']:.3f} -> "

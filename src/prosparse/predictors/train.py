@@ -72,9 +72,12 @@ class TrainConfig:
                              "e.g. 0.95")
         if self.init not in ("auto", "gate", "random"):
             raise ValueError(f"init ({self.init!r}) must be 'auto', 'gate' or 'random'")
-        for name in ("hidden", "epochs", "batch_size"):
+        for name in ("hidden", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be at least 1")
+        if self.epochs < 0 or (self.epochs == 0 and self.init == "random"):
+            raise ValueError(f"epochs ({self.epochs}) must be at least 1, or 0 to keep the "
+                             "gate's truncation untrained (init 'gate' or 'auto')")
 
 
 def _labels(packed: np.ndarray, d_ff: int) -> torch.Tensor:
@@ -160,6 +163,9 @@ def train_layer(
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     pred = Predictor(x_train.shape[1], d_ff, cfg.hidden)
+    if gate is None and cfg.epochs == 0:
+        raise ValueError("epochs 0 keeps the gate's truncation untrained, but this layer has no "
+                         "effective gate (see the collection's gate_init_notes)")
     pos_rate = float(np.unpackbits(y_train, axis=-1, count=d_ff).mean())
     neg_weight = pos_rate + cfg.negative_offset
     init = {"init": "random"}
