@@ -118,3 +118,30 @@ def test_errors_name_the_problem(llama, tmp_path):
         find_predictor_sites(llama)
     with pytest.raises(FileNotFoundError, match="meta.json"):
         PairData(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "mistral", "olmo2", "phi3", "qwen3"])
+def test_every_family_collects_its_gate_and_decodes_with_predictors(family, tmp_path):
+    # the predictor input and the gate map are right for pre-norm layouts (Gemma's 1 + w,
+    # Gemma 2/3's pre_feedforward_layernorm, Phi-3's fused gate_up_proj) and for OLMo 2's
+    # post-norm one, whose FFN reads the residual stream itself
+    from prosparse.predictors import PredictorSet, attach_predictors_
+    from tests.models.test_relufy import build
+
+    model = build(family)
+    relufy_(model)
+    blocks = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    meta = collect_pairs(model, blocks, tmp_path / "c", batch_size=4, val_fraction=0.25,
+                         progress=False)
+    assert meta["gate_init"] == [True, True], meta["gate_init_notes"]
+    assert all(name.endswith("(input)") == (family == "olmo2") for name in meta["inputs"])
+    with torch.no_grad():
+        dense = model(input_ids=blocks[:1]).logits
+        pset = PredictorSet(64, 176, 2, 8)
+        pset.thresholds.fill_(-1e9)  # every neuron predicted active: exactly the dense model
+        restore = attach_predictors_(model, pset)
+        try:
+            torch.testing.assert_close(model(input_ids=blocks[:1]).logits, dense,
+                                       rtol=1e-4, atol=1e-4)
+        finally:
+            restore()

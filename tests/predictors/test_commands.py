@@ -38,6 +38,15 @@ def test_collect_train_eval_export(model_dir, text_file, tmp_path, capsys):
     assert ev["average_recall"] == pytest.approx(train["average_recall"])
     out = capsys.readouterr().out
     assert "| layer | recall %" in out and "average recall" in out
+    # one trained set, another recall: thresholds move, weights stay
+    assert main(["predictors", "calibrate", str(pred), str(pairs), "--target-recall", "0.99",
+                 "--out", str(tmp_path / "p99"), "--json", str(tmp_path / "c.json")]) == 0
+    cal = json.loads((tmp_path / "c.json").read_text())
+    assert all(m["recall"] >= 0.99 for m in cal["layers"])
+    assert cal["average_predicted_sparsity"] <= ev["average_predicted_sparsity"]
+    p99 = json.loads((tmp_path / "p99" / "predictors.json").read_text())
+    assert p99["target_recall"] == 0.99 and p99["calibrated_from"] == str(pred)
+    capsys.readouterr()
     pi = tmp_path / "pi"
     thresholds = torch.tensor(json.loads((pred / "predictors.json").read_text())["thresholds"])
     code = main(["predictors", "export", str(pred), "--powerinfer", str(pi)])

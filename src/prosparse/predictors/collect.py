@@ -52,14 +52,26 @@ class PredictorSite:
     """Index among the model's gated FFNs (layer order)."""
     mlp_name: str
     """Qualified name of the gated FFN module."""
-    norm_name: str
-    """Qualified name of the norm whose *input* is the predictor input."""
-    norm: nn.Module
+    norm_name: str | None
+    """Qualified name of the norm whose *input* is the predictor input; None in post-norm
+    layers (OLMo 2), whose FFN reads the residual stream itself."""
+    norm: nn.Module | None
     mlp: nn.Module
+
+    @property
+    def input_module(self) -> nn.Module:
+        """The module whose forward input is the predictor input (hook it with a pre-hook)."""
+        return self.mlp if self.norm is None else self.norm
+
+    @property
+    def input_name(self) -> str:
+        return f"{self.mlp_name} (input)" if self.norm_name is None else self.norm_name
 
 
 def find_predictor_sites(model: nn.Module) -> list[PredictorSite]:
-    """For every gated FFN, the sibling norm that feeds it (its input is the predictor's).
+    """For every gated FFN, the sibling norm that feeds it (its input is the predictor's), or
+    none in post-norm layers (a ``post_feedforward_layernorm`` without a
+    ``pre_feedforward_layernorm``, as in OLMo 2), where the FFN's own input is the residual.
 
     Raises ``ValueError`` naming the FFN and the names looked for when a decoder layer has none.
     """
@@ -67,6 +79,10 @@ def find_predictor_sites(model: nn.Module) -> list[PredictorSite]:
     for i, ffn in enumerate(find_gated_ffns(model)):
         parent_name, _, _ = ffn.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        if (isinstance(getattr(parent, "post_feedforward_layernorm", None), nn.Module)
+                and getattr(parent, "pre_feedforward_layernorm", None) is None):
+            sites.append(PredictorSite(i, ffn.name, None, None, ffn.module))
+            continue
         norm_attr = next((n for n in FFN_NORM_NAMES if isinstance(getattr(parent, n, None),
                                                                    nn.Module)), None)
         if norm_attr is None:
@@ -88,7 +104,8 @@ def effective_gate(site: PredictorSite, gate_weight: torch.Tensor,
                    gate_bias: torch.Tensor | None) -> tuple[torch.Tensor | None, str]:
     """The gate pre-activation as a linear map of the predictor input ``h``.
 
-    For an RMS-type norm ``n(h) = g * h / rms(h)`` (Llama, Mistral, Qwen, Gemma's ``1 + w``
+    Without a norm between them (post-norm layers) that is ``W_gate`` itself. For an RMS-type
+    norm ``n(h) = g * h / rms(h)`` (Llama, Mistral, Qwen, Gemma's ``1 + w``
     included), ``W_gate n(h) = (W_gate diag(g)) h / rms(h)``: up to a positive per-token factor
     the gate is the linear map ``W_eff = W_gate diag(g)`` of the predictor input, so its rank-k
     truncation is a natural starting point for a predictor (see ``train.init_from_gate``).
@@ -98,6 +115,8 @@ def effective_gate(site: PredictorSite, gate_weight: torch.Tensor,
         return None, "the gate projection has a bias"
     if gate_weight.device.type == "meta" or not gate_weight.dtype.is_floating_point:
         return None, f"the gate weight is {gate_weight.dtype} on {gate_weight.device}"
+    if site.norm is None:  # post-norm layer: the gate reads the predictor input itself
+        return gate_weight.float(), ""
     ref = next(site.norm.parameters(), gate_weight)
     d = gate_weight.shape[1]
     g = site.norm(torch.ones(1, d, dtype=ref.dtype, device=ref.device)).float()[0]
@@ -166,10 +185,11 @@ class _LayerSink:
 
     def __init__(self, folder: Path, d_ff: int, shard_tokens: int, clip_top: float | None,
                  val_start: int, mass_tokens: int, gate: torch.Tensor | None = None,
-                 cutoff: float = 0.0):
+                 cutoff: float = 0.0, normed: bool = True):
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.gate, self.cutoff = gate, cutoff  # effective gate, checked on the first batch
+        self.normed = normed  # an RMS-type norm sits between the input and the gate
         self.gate_note = "" if gate is not None else "no effective gate"
         self.x = _ShardWriter(folder, "x", shard_tokens)
         self.y = _ShardWriter(folder, "y", shard_tokens)
@@ -209,7 +229,10 @@ class _LayerSink:
         the norm found is not the one feeding the FFN (post-norm layouts such as OLMo 2)."""
         h = self.pending_x.float()
         w = self.gate.to(h.device)
-        active = (h @ w.T) / h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() > self.cutoff
+        z = h @ w.T
+        if self.normed:
+            z = z / h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        active = z > self.cutoff
         if self.clip_top is None:
             agree = float((active == labels).float().mean())
         else:  # clipped labels are a subset of the gate's actives
@@ -269,12 +292,13 @@ def collect_pairs(
         ffn = ffns[site.layer]
         gate, note = effective_gate(site, *ffn.gate)
         sinks.append(_LayerSink(out / f"layer_{site.layer:02d}", d_ff, shard_tokens, clip_top,
-                                total - n_val, mass_tokens, gate, activation_params(ffn.act)[1]))
+                                total - n_val, mass_tokens, gate, activation_params(ffn.act)[1],
+                                normed=site.norm is not None))
         if gate is None:
             sinks[-1].gate_note = note
     handles = []
     for site, sink in zip(sites, sinks):
-        handles.append(site.norm.register_forward_pre_hook(
+        handles.append(site.input_module.register_forward_pre_hook(
             lambda _m, args, _s=sink: _s.take_input(args[0])))
         handles.append(ffns[site.layer].down_proj.register_forward_pre_hook(
             lambda _m, args, _s=sink: _s.take_x1(args[0])))
@@ -304,7 +328,7 @@ def collect_pairs(
         "shard_tokens": shard_tokens,
         "shards": sinks[0].x.rows,
         "positive_rate": [s.positives / (total * d_ff) for s in sinks],
-        "inputs": [s.norm_name for s in sites],
+        "inputs": [s.input_name for s in sites],
         "gate_init": [s.gate is not None for s in sinks],
         "gate_init_notes": [s.gate_note for s in sinks],
         "max_rows_held": max(s.max_rows_held for s in sinks),

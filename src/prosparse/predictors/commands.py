@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from prosparse.data import DEFAULT_DATA
 from prosparse.models.commands import add_activation_args, add_model_args, apply_activation_args
@@ -106,6 +107,29 @@ def _eval(args) -> int:
     return 0
 
 
+def _calibrate(args) -> int:
+    import json
+
+    from prosparse.predictors.collect import PairData
+    from prosparse.predictors.export import load_predictors, save_predictors
+    from prosparse.predictors.train import calibrate_predictors, evaluate_predictors
+
+    pset = load_predictors(args.predictors)
+    data = PairData(args.data_dir)
+    calibrate_predictors(pset, data, args.target_recall)
+    meta_file = Path(args.predictors) / "predictors.json"
+    extra = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    extra = {k: v for k, v in extra.items()
+             if k not in ("format", "d_model", "d_ff", "hidden", "n_layers", "thresholds")}
+    save_predictors(pset, args.out, overwrite=args.overwrite,
+                    extra={**extra, "calibrated_from": str(args.predictors),
+                           "target_recall": args.target_recall})
+    print(f"wrote {args.out}")
+    result = evaluate_predictors(pset, data)
+    _report(result, args, f"Predictors {args.out} (recall target {args.target_recall:g})")
+    return 0
+
+
 def _export(args) -> int:
     from prosparse.predictors.export import export_powerinfer, load_predictors, save_predictors
 
@@ -123,7 +147,7 @@ def _export(args) -> int:
 
 
 def register(sub) -> None:
-    top = sub.add_parser("predictors", help="activation predictors: collect, train, eval, export",
+    top = sub.add_parser("predictors", help="activation predictors: collect, train, eval, calibrate, export",
                          description="Per-layer activation predictors for approximate sparse "
                                      "inference (paper Sec. 3.3, App. C and F).")
     s = top.add_subparsers(dest="predictors", metavar="STEP")
@@ -187,6 +211,20 @@ def register(sub) -> None:
     p.add_argument("--json", help="write per-layer metrics as JSON here")
     p.add_argument("--plot", help="write the per-layer plot (PNG) here")
     p.set_defaults(func=_eval)
+
+    p = s.add_parser("calibrate", help="re-tune thresholds to a target recall, no retraining",
+                     description="Set every layer's threshold to the largest logit that keeps "
+                                 "validation recall >= R, and write the predictors anew: one "
+                                 "trained set gives the whole recall / sparsity trade-off.")
+    p.add_argument("predictors", metavar="PRED", help="predictor folder (ours or PowerInfer's)")
+    p.add_argument("data_dir", metavar="DIR", help="the --out of `predictors collect`")
+    p.add_argument("--target-recall", type=float, required=True, metavar="R",
+                   help="validation recall each layer keeps, e.g. 0.99")
+    p.add_argument("--out", required=True, help="predictor folder to write (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--json", help="write per-layer metrics as JSON here")
+    p.add_argument("--plot", help="write the per-layer plot (PNG) here")
+    p.set_defaults(func=_calibrate)
 
     p = s.add_parser("export", help="write predictors in PowerInfer's layout (or ours)",
                      description="PowerInfer: model_{layer}.pt with fc1.weight [D, d_model], "

@@ -5,7 +5,8 @@ products run only over them (paper Sec. 3.3, App. C; PowerInfer's scheme).
 ``gate_up_proj``, ``down_proj``, the activation under its own name) plus ``predictor``. Its
 input is the FFN input (after the norm); the predictor's input, the residual stream *before*
 that norm, is handed over by a forward pre-hook on the norm that :func:`attach_predictors_`
-registers. One token (decode) takes the gather path: the predicted-active rows of W_gate and
+registers (post-norm layers such as OLMo 2's have no such norm: their FFN input is the
+residual stream, and the predictor reads it directly). One token (decode) takes the gather path: the predicted-active rows of W_gate and
 W_up are copied with ``index_select(out=...)`` into one reused scratch buffer and multiplied in a
 single ``torch.mv``, and the down product is ``F.embedding_bag`` over the same rows of W_down^T
 weighted by x1 (it never materialises them). More tokens (prefill, perplexity) take the
@@ -62,6 +63,7 @@ class PredictedSparseMLP(nn.Module):
         self.predictor = predictor
         self.threshold = float(threshold)
         self._residual: torch.Tensor | None = None
+        self.reads_input = False  # True: the predictor reads this FFN's own input (post-norm)
         self.predicted_active = 0  # neurons predicted active, summed over tokens (statistics)
         self.tokens = 0
 
@@ -82,7 +84,7 @@ class PredictedSparseMLP(nn.Module):
         return self.predictor(r.to(self.predictor.fc1.weight.dtype)) >= self.threshold
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r, self._residual = self._residual, None
+        r, self._residual = (x if self.reads_input else self._residual), None
         if r is None:
             raise RuntimeError("PredictedSparseMLP got no residual input: attach it with "
                                "prosparse.predictors.attach_predictors_(model, predictors)")
@@ -156,8 +158,11 @@ def attach_predictors_(model: nn.Module, predictors: PredictorSet,
         pred.load_state_dict(predictors.layers[site.layer].state_dict())
         pred = pred.to(device=param.device, dtype=param.dtype).eval()
         new = PredictedSparseMLP(ffn.module, pred, thr, ffn.act_attr, ffn.fused, max_tokens)
-        handles.append(site.norm.register_forward_pre_hook(
-            lambda _m, args, _new=new: _new.set_residual(args[0])))
+        if site.norm is None:  # post-norm layer: the FFN input is the residual stream
+            new.reads_input = True
+        else:
+            handles.append(site.norm.register_forward_pre_hook(
+                lambda _m, args, _new=new: _new.set_residual(args[0])))
         parent_name, _, child = ffn.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
@@ -190,7 +195,7 @@ def calibrate_thresholds_(model: nn.Module, predictors: PredictorSet, input_ids:
         raise ValueError(f"the model has {len(sites)} gated FFNs but the predictors have "
                          f"{len(predictors)} layers")
     inputs: dict[int, torch.Tensor] = {}
-    hooks = [s.norm.register_forward_pre_hook(
+    hooks = [s.input_module.register_forward_pre_hook(
         lambda _m, args, i=s.layer: inputs.__setitem__(i, args[0].reshape(-1, args[0].shape[-1])))
         for s in sites]
     try:

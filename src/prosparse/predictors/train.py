@@ -261,13 +261,34 @@ def train_predictors(
                            val_tokens=data.n_val, data=str(data.folder))
 
 
-def evaluate_predictors(pset: PredictorSet, data: PairData, progress: bool = True) -> dict:
-    """Metrics of ``pset`` (its own thresholds) on the validation split of ``data``."""
+def calibrate_predictors(pset: PredictorSet, data: PairData, target_recall: float,
+                         progress: bool = True) -> list[float]:
+    """Re-tune every layer's threshold of ``pset`` (in place) to ``target_recall`` on the
+    validation split of ``data``, without retraining: one trained set gives the whole
+    recall / predicted-sparsity trade-off. Returns the new thresholds."""
+    TrainConfig(target_recall=target_recall)  # validates the value
+    _check_match(pset, data)
+    out = []
+    for layer in tqdm(range(data.n_layers), desc="calibrate", disable=not progress):
+        x_val = torch.from_numpy(np.array(data.inputs(layer)[data.n_train:data.tokens]))
+        y_val = _labels(np.array(data.labels_packed(layer)[data.n_train:data.tokens]), data.d_ff)
+        out.append(threshold_for_recall(_logits(pset.layers[layer], x_val), y_val,
+                                        target_recall))
+        pset.thresholds[layer] = out[-1]
+    return out
+
+
+def _check_match(pset: PredictorSet, data: PairData) -> None:
     if (len(pset), pset.d_model, pset.d_ff) != (data.n_layers, data.d_model, data.d_ff):
         raise ValueError(
             f"predictors ({len(pset)} layers, d_model {pset.d_model}, d_ff {pset.d_ff}) do not "
             f"match the data ({data.n_layers} layers, d_model {data.d_model}, d_ff {data.d_ff})"
         )
+
+
+def evaluate_predictors(pset: PredictorSet, data: PairData, progress: bool = True) -> dict:
+    """Metrics of ``pset`` (its own thresholds) on the validation split of ``data``."""
+    _check_match(pset, data)
     results = []
     for layer in tqdm(range(data.n_layers), desc="eval", disable=not progress):
         x_val = torch.from_numpy(np.array(data.inputs(layer)[data.n_train:data.tokens]))
