@@ -62,6 +62,9 @@ def register(subparsers) -> None:
     dec.add_argument("--predictors", default=None, metavar="PRED",
                      help="also decode with these activation predictors (prosparse predictors); "
                           "with --llama2-7b-shape: 'random', timed at --predicted-sparsity")
+    dec.add_argument("--repeats", type=int, default=3,
+                     help="with --predictors: rounds of dense/predicted decode, medians "
+                          "reported (default 3)")
     dec.add_argument("--predicted-sparsity", type=float, default=0.7875,
                      help="share of neurons the 7B-shaped run's random predictors skip "
                           "(default 0.7875, ProSparse-7B's predicted sparsity in paper Table 2)")
@@ -139,7 +142,8 @@ def run_decode(args) -> int:
             report = decode_benchmark_with_predictors(model.eval(), pset,
                                                       input_ids.to(args.device),
                                                       args.new_tokens, exact=True,
-                                                      backend=args.backend)
+                                                      backend=args.backend,
+                                                      repeats=args.repeats)
             report.pop("dense_tokens")
             print(format_predictor_report(report))
             _write({**report, **extra, "predictors": "random, thresholds calibrated",
@@ -160,7 +164,7 @@ def run_decode(args) -> int:
 
             report = predictor_decode_report(model.eval(), tok, args.predictors,
                                              input_ids.to(args.device), args.new_tokens,
-                                             backend=args.backend)
+                                             backend=args.backend, repeats=args.repeats)
             print(format_predictor_report(report))
             _write({**report, **extra, "threads": torch.get_num_threads()}, args.json)
             return 0

@@ -6,6 +6,7 @@ prefill (dense in both runs) is left out and the rate is ``(n - 1) / (t_last - t
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -21,7 +22,8 @@ class DecodeRun:
     tokens: list[int]
     """The generated token ids (prompt excluded)."""
     tokens_per_s: float
-    """Decode steps per second, prefill excluded."""
+    """Decode steps per second from the median step time (prefill excluded): one slow step,
+    a page fault or a scheduler hiccup, does not move it."""
 
 
 class _Clock:
@@ -60,9 +62,8 @@ def greedy_decode(
             logits_processor=LogitsProcessorList([clock]),
             pad_token_id=0,
         )
-    steps = len(clock.stamps) - 1
-    rate = steps / (clock.stamps[-1] - clock.stamps[0])
-    return DecodeRun(out[0, input_ids.shape[1]:].tolist(), rate)
+    steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
+    return DecodeRun(out[0, input_ids.shape[1]:].tolist(), 1.0 / statistics.median(steps))
 
 
 def llama2_7b_shaped(

@@ -8,7 +8,8 @@ the naive gather swing. Here
   mode="sum")``: it streams each active row of W2^T once and never materialises the gathered
   rows (batch 1);
 - step (2) gathers the active rows of W1 with ``index_select(out=...)``, ~1 MiB at a time,
-  into a scratch buffer allocated once that stays in L2, and multiplies each chunk there.
+  into a scratch buffer allocated once that stays in L2, and multiplies each chunk there
+  (:func:`rows_mv`, which the predictor-driven FFN also uses for its gate and up rows).
 
 Small batches use the union of the tokens' active neurons; tokens for which a union neuron is
 inactive get an exact zero from the activation.
@@ -38,6 +39,25 @@ def scratch(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> t
     return buf[: rows * cols].view(rows, cols)
 
 
+def rows_mv(w: torch.Tensor, idx: torch.Tensor, x: torch.Tensor,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """``w[idx] @ x`` for a vector ``x`` (d_model,): (n,), reading only rows ``idx`` of ``w``.
+
+    The rows are gathered ~1 MiB at a time into a scratch buffer that stays in L2: a buffer of
+    all of them (10-30 MB at 7B shapes) is evicted by the other layers' weights between tokens
+    and then costs a DRAM read-for-ownership and a write-back.
+    """
+    n = idx.numel()
+    out = torch.empty(n, dtype=x.dtype, device=x.device) if out is None else out
+    step = max(16, CHUNK_BYTES // (w.shape[1] * w.element_size()))
+    buf = scratch(min(step, n), w.shape[1], w.dtype, w.device)
+    for j in range(0, n, step):
+        part = idx[j : j + step]
+        rows = torch.index_select(w, 0, part, out=buf[: part.numel()])
+        torch.mv(rows, x, out=out[j : j + part.numel()])  # the fast bf16 matrix-vector path
+    return out
+
+
 def up_step(
     x: torch.Tensor,
     g: torch.Tensor,
@@ -53,17 +73,14 @@ def up_step(
         return x1
     a = activate(g.index_select(1, idx), act, param)  # (tokens, n_active)
     u = torch.empty(tokens, idx.numel(), dtype=x.dtype, device=x.device)  # (tokens, n_active)
-    # Gather the active rows a chunk at a time into a ~1 MiB buffer that stays in L2: a
-    # buffer of all active rows (10-20 MB at 7B shapes) is evicted by the other layers'
-    # weights between tokens and then costs a DRAM read-for-ownership and a write-back.
-    step = max(16, CHUNK_BYTES // (w1.shape[1] * w1.element_size()))
-    buf = scratch(min(step, idx.numel()), w1.shape[1], w1.dtype, w1.device)
-    for j in range(0, idx.numel(), step):
-        part = idx[j : j + step]
-        rows = torch.index_select(w1, 0, part, out=buf[: part.numel()])
-        if tokens == 1:  # torch.mv: the fast bf16 matrix-vector path on CPU
-            torch.mv(rows, x[0], out=u[0, j : j + part.numel()])
-        else:
+    if tokens == 1:
+        rows_mv(w1, idx, x[0], out=u[0])
+    else:  # the same L2-sized chunks as rows_mv, each multiplied by every token
+        step = max(16, CHUNK_BYTES // (w1.shape[1] * w1.element_size()))
+        buf = scratch(min(step, idx.numel()), w1.shape[1], w1.dtype, w1.device)
+        for j in range(0, idx.numel(), step):
+            part = idx[j : j + step]
+            rows = torch.index_select(w1, 0, part, out=buf[: part.numel()])
             u[:, j : j + part.numel()] = x @ rows.t()
     x1.index_copy_(1, idx, torch.where(a != 0, a * u, torch.zeros((), dtype=a.dtype)))
     return x1

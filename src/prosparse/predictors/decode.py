@@ -6,9 +6,10 @@ products run only over them (paper Sec. 3.3, App. C; PowerInfer's scheme).
 input is the FFN input (after the norm); the predictor's input, the residual stream *before*
 that norm, is handed over by a forward pre-hook on the norm that :func:`attach_predictors_`
 registers (post-norm layers such as OLMo 2's have no such norm: their FFN input is the
-residual stream, and the predictor reads it directly). One token (decode) takes the gather path: the predicted-active rows of W_gate and
-W_up are copied with ``index_select(out=...)`` into one reused scratch buffer and multiplied in a
-single ``torch.mv``, and the down product is ``F.embedding_bag`` over the same rows of W_down^T
+residual stream, and the predictor reads it directly). One token (decode) takes the gather
+path: the predicted-active rows of W_gate and W_up are multiplied by
+:func:`prosparse.kernels.cpu.rows_mv`, which gathers them in L2-sized chunks, and the down
+product is ``F.embedding_bag`` over the same rows of W_down^T
 weighted by x1 (it never materialises them). More tokens (prefill, perplexity) take the
 reference twin: the dense formula with x1 masked by the prediction. Both compute
 ``down(mask * act(gate(x)) * up(x))``, so a neuron predicted inactive contributes nothing and
@@ -24,21 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prosparse.kernels.cpu import rows_mv
 from prosparse.models.relufy import find_gated_ffns
 from prosparse.predictors.collect import find_predictor_sites
 from prosparse.predictors.model import Predictor, PredictorSet
-
-_scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def _buffer(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A (rows, cols) view of a buffer shared by all layers, grown but never shrunk."""
-    key = (dtype, torch.device(device))
-    buf = _scratch.get(key)
-    if buf is None or buf.numel() < rows * cols:
-        buf = torch.empty(rows * cols, dtype=dtype, device=device)
-        _scratch[key] = buf
-    return buf[: rows * cols].view(rows, cols)
 
 
 class PredictedSparseMLP(nn.Module):
@@ -115,11 +105,8 @@ class PredictedSparseMLP(nn.Module):
             return torch.zeros(w_down_t.shape[1], dtype=x.dtype, device=x.device) + (
                 0 if bias is None else bias)
         wg, wu, bg, bu = self._weights()
-        rows = _buffer(2 * n, x.shape[0], wg.dtype, wg.device)  # (2n, d_model)
-        torch.index_select(wg, 0, idx, out=rows[:n])
-        torch.index_select(wu, 0, idx, out=rows[n:])
-        gu = torch.mv(rows, x)  # (2n,): gate then up, in one pass over the gathered rows
-        g, u = gu[:n], gu[n:]
+        g = rows_mv(wg, idx, x)  # (n,): only the predicted rows of W_gate ...
+        u = rows_mv(wu, idx, x)  # ... and of W_up, in L2-sized chunks
         if bg is not None:
             g = g + bg.index_select(0, idx)
         if bu is not None:
@@ -237,59 +224,79 @@ def decode_benchmark_with_predictors(
     eval_blocks: torch.Tensor | None = None,
     exact: bool = False,
     backend: str | None = None,
+    repeats: int = 3,
 ) -> dict:
-    """Greedy decode dense, then with predictors attached (and, with ``exact``, with
-    :func:`prosparse.inference.sparsify_`'s exact sparse FFN last, which stays swapped in).
+    """Greedy decode dense and with predictors attached, alternating for ``repeats`` rounds so
+    drift in machine load hits both alike, then (with ``exact``) with
+    :func:`prosparse.inference.sparsify_`'s exact sparse FFN, which stays swapped in.
 
-    Returns tokens/s for each, the share of free-running greedy tokens that differ from dense,
-    and, on ``eval_blocks`` (n, seq_len) of held-out text, perplexity with and without the
-    predictors and the share of teacher-forced argmax tokens that differ. The model is left
-    dense unless ``exact``.
+    Returns the median tokens/s of each (every round's in ``*_runs``), the share of
+    free-running greedy tokens that differ from dense, and, on ``eval_blocks`` (n, seq_len) of
+    held-out text, perplexity with and without the predictors and the share of teacher-forced
+    argmax tokens that differ. The model is left dense unless ``exact``.
     """
+    import statistics
+
     from prosparse.inference.decode import greedy_decode
 
+    if repeats < 1:
+        raise ValueError(f"repeats ({repeats}) must be at least 1")
     model.eval()
-    report: dict = {"new_tokens": new_tokens}
+    report: dict = {"new_tokens": new_tokens, "repeats": repeats}
     if eval_blocks is not None:
         nll, count, dense_argmax = _teacher_forced(model, eval_blocks)
         report["eval_tokens"] = count
         report["dense_perplexity"] = math.exp(nll / count)
-    greedy_decode(model, input_ids, 4)  # warm-up
-    dense = greedy_decode(model, input_ids, new_tokens, desc="dense decode")
-    restore = attach_predictors_(model, predictors)
-    try:
-        if eval_blocks is not None:
+        restore = attach_predictors_(model, predictors)
+        try:
             nll, count, pred_argmax = _teacher_forced(model, eval_blocks)
-            report["predicted_perplexity"] = math.exp(nll / count)
-            report["teacher_forced_differ"] = float((pred_argmax != dense_argmax).float().mean())
-        greedy_decode(model, input_ids, 4)
-        mods = [m for m in model.modules() if isinstance(m, PredictedSparseMLP)]
-        for m in mods:
-            m.predicted_active = m.tokens = 0
-        pred = greedy_decode(model, input_ids, new_tokens, desc="predicted decode")
-        report["decode_predicted_sparsity"] = sum(
-            1 - m.predicted_active / max(m.tokens * m.d_ff, 1) for m in mods) / len(mods)
-    finally:
-        restore()
-    differ = [a != b for a, b in zip(dense.tokens, pred.tokens)]
-    report.update(
-        dense_tokens_per_s=dense.tokens_per_s,
-        predicted_tokens_per_s=pred.tokens_per_s,
-        predicted_speedup=pred.tokens_per_s / dense.tokens_per_s,
-        greedy_differ=sum(differ) / len(differ),
-        first_difference=next((i for i, d in enumerate(differ) if d), None),
-        dense_tokens=dense.tokens,
-        predicted_tokens=pred.tokens,
-    )
+        finally:
+            restore()
+        report["predicted_perplexity"] = math.exp(nll / count)
+        report["teacher_forced_differ"] = float((pred_argmax != dense_argmax).float().mean())
+    runs: dict[str, list] = {"dense": [], "predicted": [], "exact": []}
+    for r in range(repeats):
+        greedy_decode(model, input_ids, 4)  # warm-up
+        runs["dense"].append(greedy_decode(model, input_ids, new_tokens,
+                                           desc=f"dense decode {r + 1}/{repeats}"))
+        restore = attach_predictors_(model, predictors)
+        try:
+            greedy_decode(model, input_ids, 4)
+            mods = [m for m in model.modules() if isinstance(m, PredictedSparseMLP)]
+            for m in mods:
+                m.predicted_active = m.tokens = 0
+            runs["predicted"].append(greedy_decode(model, input_ids, new_tokens,
+                                                   desc=f"predicted decode {r + 1}/{repeats}"))
+            report["decode_predicted_sparsity"] = sum(
+                1 - m.predicted_active / max(m.tokens * m.d_ff, 1) for m in mods) / len(mods)
+        finally:
+            restore()
     if exact:
         from prosparse.inference import sparsify_
 
         sparsify_(model, backend=backend)
-        greedy_decode(model, input_ids, 4)
-        ex = greedy_decode(model, input_ids, new_tokens, desc="exact sparse decode")
-        report.update(exact_tokens_per_s=ex.tokens_per_s,
-                      exact_speedup=ex.tokens_per_s / dense.tokens_per_s,
-                      predicted_over_exact=pred.tokens_per_s / ex.tokens_per_s)
+        for r in range(repeats):
+            greedy_decode(model, input_ids, 4)
+            runs["exact"].append(greedy_decode(model, input_ids, new_tokens,
+                                               desc=f"exact sparse decode {r + 1}/{repeats}"))
+    rate = {k: statistics.median(run.tokens_per_s for run in v) for k, v in runs.items() if v}
+    dense, pred = runs["dense"][0], runs["predicted"][0]
+    differ = [a != b for a, b in zip(dense.tokens, pred.tokens)]
+    report.update(
+        dense_tokens_per_s=rate["dense"],
+        predicted_tokens_per_s=rate["predicted"],
+        predicted_speedup=rate["predicted"] / rate["dense"],
+        greedy_differ=sum(differ) / len(differ),
+        first_difference=next((i for i, d in enumerate(differ) if d), None),
+        dense_tokens=dense.tokens,
+        predicted_tokens=pred.tokens,
+        **{f"{k}_tokens_per_s_runs": [run.tokens_per_s for run in v]
+           for k, v in runs.items() if v},
+    )
+    if exact:
+        report.update(exact_tokens_per_s=rate["exact"],
+                      exact_speedup=rate["exact"] / rate["dense"],
+                      predicted_over_exact=rate["predicted"] / rate["exact"])
     return report
 
 
@@ -304,6 +311,7 @@ def predictor_decode_report(
     seq_len: int = 256,
     exact: bool = True,
     backend: str | None = None,
+    repeats: int = 3,
 ) -> dict:
     """What ``prosparse bench decode MODEL --predictors PRED`` reports: dense, predictor-driven
     and (``exact``) exact sparse decoding of :func:`decode_benchmark_with_predictors`, with
@@ -318,7 +326,7 @@ def predictor_decode_report(
 
         blocks = pack_blocks(tokenizer, load_texts(eval_data, "heldout"), seq_len, eval_tokens)
     r = decode_benchmark_with_predictors(model, pset, input_ids, new_tokens, eval_blocks=blocks,
-                                         exact=exact, backend=backend)
+                                         exact=exact, backend=backend, repeats=repeats)
     r.pop("dense_tokens")
     r["predictors"] = str(predictors) if not isinstance(predictors, PredictorSet) else None
     return r
