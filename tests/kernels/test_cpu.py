@@ -24,3 +24,21 @@ def test_rows_mv_is_the_gathered_product(monkeypatch, dtype, chunk_bytes):
     out = torch.full((137,), float("nan"), dtype=dtype)
     assert cpu.rows_mv(w, idx, x, out=out) is out and not out.isnan().any()
     assert cpu.rows_mv(w, idx[:0], x).shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matvec_either_way_is_the_product(dtype):
+    from prosparse.kernels.reference import _LINEAR_FASTER, matvec
+
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 24, generator=gen).to(dtype)
+    x = torch.randn(24, generator=gen).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for layout in (w, w.t().contiguous().t()):  # contiguous and transposed storage
+        key = (dtype, layout.is_contiguous())
+        for choice in (True, False):  # F.linear and torch.mv give the same product
+            _LINEAR_FASTER[key] = choice
+            torch.testing.assert_close(matvec(layout, x).float(), w.float() @ x.float(),
+                                       rtol=tol, atol=tol)
+        del _LINEAR_FASTER[key]
+    assert matvec(w, x).shape == (40,) and (dtype, True) in _LINEAR_FASTER  # timed once, kept

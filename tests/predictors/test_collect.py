@@ -125,7 +125,12 @@ def test_every_family_collects_its_gate_and_decodes_with_predictors(family, tmp_
     # the predictor input and the gate map are right for pre-norm layouts (Gemma's 1 + w,
     # Gemma 2/3's pre_feedforward_layernorm, Phi-3's fused gate_up_proj) and for OLMo 2's
     # post-norm one, whose FFN reads the residual stream itself
-    from prosparse.predictors import PredictorSet, attach_predictors_
+    from prosparse.predictors import (
+        PredictedSparseMLP,
+        PredictorSet,
+        attach_predictors_,
+        calibrate_thresholds_,
+    )
     from tests.models.test_relufy import build
 
     model = build(family)
@@ -143,5 +148,14 @@ def test_every_family_collects_its_gate_and_decodes_with_predictors(family, tmp_
         try:
             torch.testing.assert_close(model(input_ids=blocks[:1]).logits, dense,
                                        rtol=1e-4, atol=1e-4)
+        finally:
+            restore()
+        calibrate_thresholds_(model, pset, blocks[:1], 0.5)  # hooks the right input, in order
+        restore = attach_predictors_(model, pset)
+        try:
+            model(input_ids=blocks[:1])
+            mods = [m for m in model.modules() if isinstance(m, PredictedSparseMLP)]
+            assert [1 - m.predicted_active / (m.tokens * m.d_ff) for m in mods] == \
+                pytest.approx([0.5, 0.5], abs=1e-2)
         finally:
             restore()

@@ -87,6 +87,9 @@ def bench_ops(
            for _ in range(copies)]
     w2ts = [torch.randn(d_ff, d_model, generator=gen).to(dtype=dtype, device=dev) * 0.02
             for _ in range(copies)]
+    # The dense baseline reads W2 as a dense model stores it, (d_model, d_ff) contiguous; the
+    # sparse step reads W2^T contiguous (d_ff, d_model), the layout SparseMLP keeps for it.
+    w2ts_dense = [w.t().contiguous().t() for w in w2ts]
     timer = _timer(dev)
     force = dict(backend=name, dense_below=0.0, max_tokens=1 << 30)  # never fall back here
     results = []
@@ -106,7 +109,7 @@ def bench_ops(
             n_union.append(int(reference.active_neurons(x1).numel()))
             pairs = [("d2", partial(reference.up_step, x, g, w1s[j])),
                      ("s2", partial(dispatch.up_step, x, g, w1, **force)),
-                     ("d3", partial(reference.down_step, x1, w2ts[j])),
+                     ("d3", partial(reference.down_step, x1, w2ts_dense[j])),
                      ("s3", partial(dispatch.down_step, x1, w2t, **force))]
             if i % 2:
                 pairs.reverse()

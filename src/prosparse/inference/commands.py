@@ -129,6 +129,7 @@ def run_decode(args) -> int:
                           f"{model.config.vocab_size} (scaled by layers/32)",
                  "layers": args.layers, "thresholds": thresholds}
         if args.predictors is not None:  # predictor-driven decode at 7B shapes: speed only
+            from prosparse.inference.decode import greedy_decode, measure_sparsity
             from prosparse.predictors import PredictorSet
             from prosparse.predictors.decode import (
                 calibrate_thresholds_,
@@ -138,7 +139,11 @@ def run_decode(args) -> int:
 
             torch.manual_seed(1)
             pset = PredictorSet(4096, 11008, args.layers, args.predictor_hidden).eval()
-            calibrate_thresholds_(model, pset, calib.to(args.device), args.predicted_sparsity)
+            # calibrate on the text decode will see: the prompt and its dense continuation
+            cont = greedy_decode(model.eval(), input_ids.to(args.device), args.new_tokens)
+            seq = torch.cat([input_ids, torch.tensor([cont.tokens])], dim=1).to(args.device)
+            extra["ffn_sparsity"] = measure_sparsity(model, seq)
+            calibrate_thresholds_(model, pset, seq, args.predicted_sparsity)
             report = decode_benchmark_with_predictors(model.eval(), pset,
                                                       input_ids.to(args.device),
                                                       args.new_tokens, exact=True,

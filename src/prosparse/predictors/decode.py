@@ -171,33 +171,40 @@ def attach_predictors_(model: nn.Module, predictors: PredictorSet,
 @torch.no_grad()
 def calibrate_thresholds_(model: nn.Module, predictors: PredictorSet, input_ids: torch.Tensor,
                           sparsity: float) -> list[float]:
-    """Set each layer's threshold to the ``sparsity`` quantile of its predictor's logits on the
-    residual inputs ``model`` sees for ``input_ids`` (1, n), so the predictors call about
-    ``1 - sparsity`` of the neurons active. For timing only: it fixes how much work the
-    predictor-driven FFN does, not whether the neurons it picks are the right ones."""
+    """Set each layer's threshold to the ``sparsity`` quantile of its predictor's logits on
+    ``input_ids`` (1, n), so the predictors call about ``1 - sparsity`` of the neurons active.
+
+    Layers are calibrated in order with the earlier layers' predictors attached, so each sees
+    the residual stream it will see in predictor-driven decoding (not the dense model's). For
+    timing only: it fixes how much work the predictor-driven FFN does, not whether the
+    neurons it picks are the right ones.
+    """
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity ({sparsity}) must be in [0, 1), e.g. 0.7875")
     sites = find_predictor_sites(model)
     if len(sites) != len(predictors):
         raise ValueError(f"the model has {len(sites)} gated FFNs but the predictors have "
                          f"{len(predictors)} layers")
-    inputs: dict[int, torch.Tensor] = {}
-    hooks = [s.input_module.register_forward_pre_hook(
-        lambda _m, args, i=s.layer: inputs.__setitem__(i, args[0].reshape(-1, args[0].shape[-1])))
-        for s in sites]
-    try:
-        model(input_ids=input_ids, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    predictors.thresholds.fill_(-1e30)  # not yet calibrated: every neuron kept (exact)
     out = []
-    for i, p in enumerate(predictors.layers):
-        x = inputs[i]  # in the model's dtype and device, as decode will see it
+    for site in sites:
+        restore = attach_predictors_(model, predictors)
+        seen: list[torch.Tensor] = []
+        # post-norm layers: the swapped-in FFN's own input is the predictor input
+        hooked = site.norm if site.norm is not None else model.get_submodule(site.mlp_name)
+        hook = hooked.register_forward_pre_hook(
+            lambda _m, args, _seen=seen: _seen.append(args[0].reshape(-1, args[0].shape[-1])))
+        try:
+            model(input_ids=input_ids, use_cache=False)
+        finally:
+            hook.remove()
+            restore()
+        x, p = seen[0], predictors.layers[site.layer]
         w1, w2 = (w.to(device=x.device, dtype=x.dtype) for w in (p.fc1.weight, p.fc2.weight))
-        logits = F.linear(F.relu(F.linear(x, w1)), w2).float().flatten()
+        logits = F.linear(F.relu(F.linear(x, w1)), w2).float().flatten()  # as decode computes
         k = min(max(1, round(sparsity * logits.numel())), logits.numel())
         out.append(float(logits.kthvalue(k).values) + 1e-6)  # the k lowest fall below it
-        predictors.thresholds[i] = out[-1]
+        predictors.thresholds[site.layer] = out[-1]
     return out
 
 
