@@ -38,6 +38,7 @@ def test_collect_train_eval_export(model_dir, text_file, tmp_path, capsys):
     assert ev["average_recall"] == pytest.approx(train["average_recall"])
     out = capsys.readouterr().out
     assert "| layer | recall %" in out and "average recall" in out
+    assert "start: the gate's rank-8 truncation in 2 layer(s)" in out  # hidden 16, auto init
     # one trained set, another recall: thresholds move, weights stay
     assert main(["predictors", "calibrate", str(pred), str(pairs), "--target-recall", "0.99",
                  "--out", str(tmp_path / "p99"), "--json", str(tmp_path / "c.json")]) == 0

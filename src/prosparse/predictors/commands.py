@@ -85,6 +85,11 @@ def _train(args) -> int:
                       target_recall=args.target_recall, max_train_tokens=args.max_tokens,
                       init=args.init, seed=args.seed)
     pset, result = train_predictors(data, cfg, layers=args.layers)
+    starts = [m.get("init", "random") for m in result["layers"]]
+    ranks = sorted({m["rank"] for m in result["layers"] if "rank" in m})
+    print(f"start: the gate's rank-{'/'.join(map(str, ranks))} truncation in "
+          f"{starts.count('gate')} layer(s), random weights in {starts.count('random')}"
+          if ranks else f"start: random weights in {len(starts)} layer(s)")
     save_predictors(pset, args.out, overwrite=args.overwrite,
                     extra={"data": str(args.data_dir), "model": data.meta.get("model"),
                            "config": result["config"]})
