@@ -9,8 +9,8 @@ backend asked for by name that cannot run is an error, never a silent fallback.
 The dense fallback is a property of the data, not of the backend: when the union of active
 neurons over the tokens is denser than ``1 - dense_below`` or there are more than
 ``max_tokens`` tokens, steps (2) and (3) run dense. Both defaults were measured with
-``prosparse bench ops --sparsity 0,0.1,0.2,0.3,0.4 --batch 1,2,4,8`` on the 2-core dev
-VM (``benchmarks/results/crossover_cpu_*.json``).
+``prosparse bench ops --sparsity 0,0.1,0.2,0.3,0.4,0.5 --batch 1,2,4,8,16`` on 2-core dev
+VMs (``benchmarks/results/crossover_cpu_*.json``).
 """
 
 from __future__ import annotations
@@ -26,12 +26,14 @@ HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 BACKENDS = ("reference", "cpu", "triton")
 
-# Measured on the 2-core dev VM, LLaMA2-7B shapes, 1 thread (benchmarks/results/ops_cpu_*.json,
+# Measured on 2-core dev VMs, LLaMA2-7B shapes, 1 thread (benchmarks/results/ops_cpu_*.json,
 # crossover_cpu_*.json): steps (2)+(3) together break even with dense at about 50% sparsity
-# (bf16 1.04x, fp32 1.13x at 0.5; step 3 alone crosses at ~0.3, step 2 at ~0.5); at 89.3%
-# with independent random active sets a batch of 8 (union sparsity 0.41) still gives 1.07-1.13x.
+# (bf16 step 2 1.09x, step 3 1.80x at 0.5; step 2 alone crosses at ~0.45). Tokens: at 89.3%
+# with independent random active sets, session 1's VM (260 MiB LLC, torch.mv the faster dense)
+# still gained 1.07-1.13x at 8 tokens, but this one (32 MiB LLC, F.linear's batched GEMM the
+# faster dense) gains 1.33-1.46x at 2 tokens and loses at 4 (0.75-0.93x): 2 is safe on both.
 DENSE_BELOW_SPARSITY = 0.5
-MAX_SPARSE_TOKENS = 8
+MAX_SPARSE_TOKENS = 2
 
 
 def triton_interpreting() -> bool:
