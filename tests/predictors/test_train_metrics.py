@@ -211,3 +211,23 @@ def test_zero_epochs_is_the_untrained_gate_truncation(collected_gate):
         assert layer["recall"] >= 0.9 and layer["rank"] == 16
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(epochs=0, init="random")
+
+
+def test_device_asked_for_must_exist(collected_gate):
+    _, data = collected_gate
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="CUDA is not available.*--device cpu"):
+        train_predictors(data, TrainConfig(hidden=8, epochs=1, device="cuda"), progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_cuda_matches_cpu(collected_gate):
+    _, data = collected_gate
+    cfg = dict(hidden=128, epochs=0, target_recall=0.95, seed=0)  # the gate start: deterministic
+    cpu = train_predictors(data, TrainConfig(device="cpu", **cfg), progress=False)[1]
+    gpu = train_predictors(data, TrainConfig(device="cuda", **cfg), progress=False)[1]
+    assert gpu["average_predicted_sparsity"] == pytest.approx(
+        cpu["average_predicted_sparsity"], abs=0.01)
+    assert gpu["average_recall"] >= 0.95

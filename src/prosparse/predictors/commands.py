@@ -83,7 +83,7 @@ def _train(args) -> int:
     cfg = TrainConfig(hidden=args.hidden, epochs=args.epochs, patience=args.patience,
                       batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       target_recall=args.target_recall, max_train_tokens=args.max_tokens,
-                      init=args.init, seed=args.seed)
+                      init=args.init, seed=args.seed, device=args.device)
     pset, result = train_predictors(data, cfg, layers=args.layers)
     starts = [m.get("init", "random") for m in result["layers"]]
     ranks = sorted({m["rank"] for m in result["layers"] if "rank" in m})
@@ -201,6 +201,8 @@ def register(sub) -> None:
                         "from random weights as the paper (random), or gate where the "
                         "collection holds it (auto, default)")
     p.add_argument("--layers", type=_layers, default=None, help="only these layers, e.g. 0-3")
+    p.add_argument("--device", default="auto",
+                   help="where to train: auto (CUDA when available, default), cuda or cpu")
     p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
     p.add_argument("--json", help="write per-layer metrics as JSON here")
     p.add_argument("--plot", help="write the per-layer plot (PNG) here")

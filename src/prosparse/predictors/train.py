@@ -65,6 +65,9 @@ class TrainConfig:
     """Use at most this many training tokens per layer (None: all)."""
     seed: int = 0
     """Seed of initialisation and shuffling."""
+    device: str = "auto"
+    """Where the predictors train: ``cuda``, ``cpu`` or ``auto`` (CUDA when there is one). The
+    collected pairs stay on disk and in host memory; batches move to the device."""
 
     def __post_init__(self):
         if self.target_recall is not None and not 0 < self.target_recall <= 1:
@@ -80,13 +83,31 @@ class TrainConfig:
                              "gate's truncation untrained (init 'gate' or 'auto')")
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; a CUDA device asked for by name must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for but CUDA is not available here; use "
+                         "--device cpu (or auto)")
+    return dev
+
+
 def _labels(packed: np.ndarray, d_ff: int) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(packed, axis=-1, count=d_ff).view(np.bool_))
 
 
 @torch.no_grad()
+def _dev(pred: Predictor) -> torch.device:
+    return pred.fc1.weight.device
+
+
+@torch.no_grad()
 def _logits(pred: Predictor, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    return torch.cat([pred(x[i:i + chunk].float()) for i in range(0, len(x), chunk)])
+    """Logits of CPU rows ``x`` on ``pred``'s device, returned on the CPU."""
+    return torch.cat([pred(x[i:i + chunk].to(_dev(pred)).float()).cpu()
+                      for i in range(0, len(x), chunk)])
 
 
 def threshold_for_recall(logits: torch.Tensor, labels: torch.Tensor, target: float) -> float:
@@ -104,7 +125,7 @@ def evaluate_layer(pred: Predictor, threshold: float, x: torch.Tensor, labels: t
     """Counts of ``pred`` at ``threshold`` on (x, labels); ``mass`` is |x1| of the first rows."""
     counts = LayerCounts()
     for i in range(0, len(x), chunk):
-        predicted = pred(x[i:i + chunk].float()) >= threshold
+        predicted = (pred(x[i:i + chunk].to(_dev(pred)).float()) >= threshold).cpu()
         y = labels[i:i + chunk]
         m = None
         if mass is not None and i < len(mass):
@@ -127,10 +148,12 @@ def init_from_gate(pred: Predictor, gate: torch.Tensor, x: torch.Tensor, y: torc
     k = min(hidden // 2, *gate.shape)
     if k < 1:
         raise ValueError(f"hidden ({hidden}) must be at least 2 to start from the gate")
-    u, s, vh = torch.linalg.svd(gate.float(), full_matrices=False)
+    dev = _dev(pred)
+    u, s, vh = torch.linalg.svd(gate.to(dev).float(), full_matrices=False)
     a = s[:k].sqrt()[:, None] * vh[:k]  # (k, d_model)
     b = u[:, :k] * s[:k].sqrt()  # (d_ff, k)
-    z = (x @ a.T) @ b.T  # (tokens, d_ff) logits at scale 1
+    z = (x.to(dev) @ a.T) @ b.T  # (tokens, d_ff) logits at scale 1
+    y = y.to(dev)
     yf = y.float()
     w = torch.where(y, 1.0, neg_weight)
     base = 1.0 / float(z.std().clamp_min(1e-12))
@@ -162,10 +185,11 @@ def train_layer(
     validation metrics with the per-epoch history (epoch 0: the starting point)."""
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    pred = Predictor(x_train.shape[1], d_ff, cfg.hidden)
+    device = resolve_device(cfg.device)
     if gate is None and cfg.epochs == 0:
         raise ValueError("epochs 0 keeps the gate's truncation untrained, but this layer has no "
                          "effective gate (see the collection's gate_init_notes)")
+    pred = Predictor(x_train.shape[1], d_ff, cfg.hidden).to(device)
     pos_rate = float(np.unpackbits(y_train, axis=-1, count=d_ff).mean())
     neg_weight = pos_rate + cfg.negative_offset
     init = {"init": "random"}
@@ -205,8 +229,8 @@ def train_layer(
         loss_sum = 0.0
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
-            xb = x_train[idx].float()  # (batch, d_model)
-            yb = _labels(y_train[idx.numpy()], d_ff).float()  # (batch, d_ff)
+            xb = x_train[idx].to(device).float()  # (batch, d_model)
+            yb = _labels(y_train[idx.numpy()], d_ff).to(device).float()  # (batch, d_ff)
             weight = torch.where(yb > 0, 1.0, neg_weight)
             loss = F.binary_cross_entropy_with_logits(pred(xb), yb, weight=weight)
             opt.zero_grad(set_to_none=True)
@@ -218,6 +242,7 @@ def train_layer(
     pred.load_state_dict(best[0])
     threshold = best[1]
     metrics = evaluate_layer(pred, threshold, x_val, y_val, mass).metrics()
+    pred = pred.cpu()
     metrics.update(threshold=threshold, best_epoch=best[2],
                    epochs_run=sum(h["epoch"] > 0 for h in history), positive_rate=pos_rate,
                    negative_weight=neg_weight, **init, history=history)
