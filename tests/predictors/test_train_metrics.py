@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,6 +79,9 @@ def test_paper_mode_keeps_the_best_recall_checkpoint(collected):
         assert layer["recall"] == pytest.approx(best["recall"])  # best-recall checkpoint kept
         assert layer["threshold"] == 0.0
         assert layer["mass_missed"] is not None and 0 <= layer["mass_missed"] <= 1
+        packed = np.array(collected.labels_packed(layer["layer"])[:collected.n_train])
+        assert layer["positive_rate"] == pytest.approx(  # counted without unpacking
+            np.unpackbits(packed, axis=-1, count=collected.d_ff).mean())
     # the saved thresholds and weights give the same numbers when evaluated again
     again = evaluate_predictors(pset, collected, progress=False)
     assert again["average_recall"] == pytest.approx(result["average_recall"])

@@ -371,8 +371,14 @@ class PairData:
     def gate(self, layer: int) -> torch.Tensor | None:
         """The layer's effective gate (d_ff, d_model) fp32 (:func:`effective_gate`), or None
         when collection could not derive one (older folders, non-RMS norms, gate biases)."""
-        path = self.folder / f"layer_{layer:02d}" / GATE_FILE
-        return load_file(str(path))["weight"].float() if path.is_file() else None
+        return load_file(str(self._gate_path(layer)))["weight"].float() \
+            if self.has_gate(layer) else None
+
+    def has_gate(self, layer: int) -> bool:
+        return self._gate_path(layer).is_file()
+
+    def _gate_path(self, layer: int) -> Path:
+        return self.folder / f"layer_{layer:02d}" / GATE_FILE
 
     def mass(self, layer: int) -> np.ndarray:
         """|x1| (mass_tokens, d_ff) fp16 of the first validation tokens."""
