@@ -185,12 +185,12 @@ class _LayerSink:
 
     def __init__(self, folder: Path, d_ff: int, shard_tokens: int, clip_top: float | None,
                  val_start: int, mass_tokens: int, gate: torch.Tensor | None = None,
-                 cutoff: float = 0.0, normed: bool = True):
+                 cutoff: float = 0.0, normed: bool = True, gate_note: str = ""):
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.gate, self.cutoff = gate, cutoff  # effective gate, checked on the first batch
         self.normed = normed  # an RMS-type norm sits between the input and the gate
-        self.gate_note = "" if gate is not None else "no effective gate"
+        self.gate_note = gate_note  # why there is no effective gate ("" when there is one)
         self.x = _ShardWriter(folder, "x", shard_tokens)
         self.y = _ShardWriter(folder, "y", shard_tokens)
         self.mass = open(folder / "mass.bin", "wb")
@@ -226,7 +226,8 @@ class _LayerSink:
 
     def _check_gate(self, labels: torch.Tensor) -> None:
         """Keep the effective gate only if it reproduces this batch's labels: it must, unless
-        the norm found is not the one feeding the FFN (post-norm layouts such as OLMo 2)."""
+        the input found is not the one feeding the gate (a layout find_predictor_sites does
+        not know)."""
         h = self.pending_x.float()
         w = self.gate.to(h.device)
         z = h @ w.T
@@ -293,9 +294,7 @@ def collect_pairs(
         gate, note = effective_gate(site, *ffn.gate)
         sinks.append(_LayerSink(out / f"layer_{site.layer:02d}", d_ff, shard_tokens, clip_top,
                                 total - n_val, mass_tokens, gate, activation_params(ffn.act)[1],
-                                normed=site.norm is not None))
-        if gate is None:
-            sinks[-1].gate_note = note
+                                normed=site.norm is not None, gate_note=note))
     handles = []
     for site, sink in zip(sites, sinks):
         handles.append(site.input_module.register_forward_pre_hook(
