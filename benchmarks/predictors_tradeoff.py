@@ -21,8 +21,13 @@ import torch
 from prosparse.data import load_texts, pack_blocks
 from prosparse.io import write_json
 from prosparse.models import load_model
-from prosparse.predictors import PairData, PredictedSparseMLP, attach_predictors_, load_predictors
-from prosparse.predictors.decode import _teacher_forced
+from prosparse.predictors import (
+    PairData,
+    attach_predictors_,
+    load_predictors,
+    mean_predicted_sparsity,
+    teacher_forced,
+)
 from prosparse.predictors.train import calibrate_predictors, evaluate_predictors
 from prosparse.tables import format_table
 
@@ -41,7 +46,7 @@ def main() -> None:
     model, tok = load_model(args.model)
     model.eval()
     blocks = pack_blocks(tok, load_texts("wiki", "heldout"), args.seq_len, args.eval_tokens)
-    nll, count, dense_argmax = _teacher_forced(model, blocks)
+    nll, count, dense_argmax = teacher_forced(model, blocks)
     base = {"perplexity": math.exp(nll / count), "eval_tokens": count}
     pset, data = load_predictors(args.predictors), PairData(args.pairs)
     rows, out = [], []
@@ -50,9 +55,8 @@ def main() -> None:
         val = evaluate_predictors(pset, data, progress=False)
         restore = attach_predictors_(model, pset)
         try:
-            nll, count, argmax = _teacher_forced(model, blocks)
-            mods = [m for m in model.modules() if isinstance(m, PredictedSparseMLP)]
-            held = sum(1 - m.predicted_active / (m.tokens * m.d_ff) for m in mods) / len(mods)
+            nll, count, argmax = teacher_forced(model, blocks)
+            held = mean_predicted_sparsity(model)
         finally:
             restore()
         r = {"target_recall": recall, "val_recall": val["average_recall"],

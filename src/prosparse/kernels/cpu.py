@@ -39,22 +39,23 @@ def scratch(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> t
     return buf[: rows * cols].view(rows, cols)
 
 
-def rows_mv(w: torch.Tensor, idx: torch.Tensor, x: torch.Tensor,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-    """``w[idx] @ x`` for a vector ``x`` (d_model,): (n,), reading only rows ``idx`` of ``w``.
+def rows_mv(w: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``w[idx] @ x``, reading only rows ``idx`` of ``w``: x (d_model,) -> (n,), or x
+    (tokens, d_model) -> (tokens, n).
 
     The rows are gathered ~1 MiB at a time into a scratch buffer that stays in L2: a buffer of
     all of them (10-30 MB at 7B shapes) is evicted by the other layers' weights between tokens
-    and then costs a DRAM read-for-ownership and a write-back.
+    and then costs a DRAM read-for-ownership and a write-back. One token multiplies each chunk
+    with :func:`matvec` (torch.mv or F.linear, the faster on this machine), more with a GEMM.
     """
     n = idx.numel()
-    out = torch.empty(n, dtype=x.dtype, device=x.device) if out is None else out
+    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     step = max(16, CHUNK_BYTES // (w.shape[1] * w.element_size()))
     buf = scratch(min(step, n), w.shape[1], w.dtype, w.device)
     for j in range(0, n, step):
         part = idx[j : j + step]
         rows = torch.index_select(w, 0, part, out=buf[: part.numel()])
-        out[j : j + part.numel()] = matvec(rows, x)  # torch.mv or F.linear, the faster here
+        out[..., j : j + part.numel()] = matvec(rows, x) if x.dim() == 1 else x @ rows.t()
     return out
 
 
@@ -72,16 +73,7 @@ def up_step(
     if idx.numel() == 0:
         return x1
     a = activate(g.index_select(1, idx), act, param)  # (tokens, n_active)
-    u = torch.empty(tokens, idx.numel(), dtype=x.dtype, device=x.device)  # (tokens, n_active)
-    if tokens == 1:
-        rows_mv(w1, idx, x[0], out=u[0])
-    else:  # the same L2-sized chunks as rows_mv, each multiplied by every token
-        step = max(16, CHUNK_BYTES // (w1.shape[1] * w1.element_size()))
-        buf = scratch(min(step, idx.numel()), w1.shape[1], w1.dtype, w1.device)
-        for j in range(0, idx.numel(), step):
-            part = idx[j : j + step]
-            rows = torch.index_select(w1, 0, part, out=buf[: part.numel()])
-            u[:, j : j + part.numel()] = x @ rows.t()
+    u = rows_mv(w1, idx, x[0] if tokens == 1 else x).view(tokens, -1)  # (tokens, n_active)
     x1.index_copy_(1, idx, torch.where(a != 0, a * u, torch.zeros((), dtype=a.dtype)))
     return x1
 

@@ -13,7 +13,9 @@ from prosparse.predictors.decode import (
     calibrate_thresholds_,
     decode_benchmark_with_predictors,
     format_predictor_report,
+    mean_predicted_sparsity,
     predictor_decode_report,
+    teacher_forced,
 )
 from prosparse.predictors.export import export_powerinfer, load_predictors, save_predictors
 from prosparse.predictors.model import Predictor, PredictorSet
@@ -41,7 +43,9 @@ __all__ = [
     "format_predictor_report",
     "init_from_gate",
     "load_predictors",
+    "mean_predicted_sparsity",
     "predictor_decode_report",
     "save_predictors",
+    "teacher_forced",
     "train_predictors",
 ]

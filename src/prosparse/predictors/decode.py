@@ -69,19 +69,29 @@ class PredictedSparseMLP(nn.Module):
         return (self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias,
                 self.up_proj.bias)
 
-    def predict(self, r: torch.Tensor) -> torch.Tensor:
-        """Boolean (tokens, d_ff) predicted-active mask from residual inputs (tokens, d_model)."""
-        return self.predictor(r.to(self.predictor.fc1.weight.dtype)) >= self.threshold
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r, self._residual = (x if self.reads_input else self._residual), None
+    def predictor_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The predictor's input for FFN input ``x``: the residual handed over by the norm's
+        hook, or ``x`` itself in post-norm layers."""
+        r = x if self.reads_input else self._residual
         if r is None:
             raise RuntimeError("PredictedSparseMLP got no residual input: attach it with "
                                "prosparse.predictors.attach_predictors_(model, predictors)")
+        return r
+
+    def logits(self, r: torch.Tensor) -> torch.Tensor:
+        """Predictor logits (tokens, d_ff) for residual inputs (..., d_model)."""
+        return self.predictor(r.reshape(-1, r.shape[-1]).to(self.predictor.fc1.weight.dtype))
+
+    def predict(self, r: torch.Tensor) -> torch.Tensor:
+        """Boolean (tokens, d_ff) predicted-active mask from residual inputs (..., d_model)."""
+        return self.logits(r) >= self.threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r, self._residual = self.predictor_input(x), None
         act_fn = getattr(self, self.act_attr)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (tokens, d_model)
-        mask = self.predict(r.reshape(-1, r.shape[-1]))  # (tokens, d_ff)
+        mask = self.predict(r)  # (tokens, d_ff)
         self.tokens += mask.shape[0]
         self.predicted_active += int(mask.sum())
         if x2.shape[0] > self.max_tokens:  # reference twin: dense, x1 masked by the prediction
@@ -174,42 +184,47 @@ def calibrate_thresholds_(model: nn.Module, predictors: PredictorSet, input_ids:
     """Set each layer's threshold to the ``sparsity`` quantile of its predictor's logits on
     ``input_ids`` (1, n), so the predictors call about ``1 - sparsity`` of the neurons active.
 
-    Layers are calibrated in order with the earlier layers' predictors attached, so each sees
-    the residual stream it will see in predictor-driven decoding (not the dense model's). For
-    timing only: it fixes how much work the predictor-driven FFN does, not whether the
-    neurons it picks are the right ones.
+    One forward pass with the predictors attached: each layer's threshold is set just before
+    that layer masks its FFN, so it sees the residual stream the predicted FFNs before it
+    produce, as in predictor-driven decoding. For timing only: it fixes how much work the
+    predictor-driven FFN does, not whether the neurons it picks are the right ones.
     """
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity ({sparsity}) must be in [0, 1), e.g. 0.7875")
-    sites = find_predictor_sites(model)
-    if len(sites) != len(predictors):
-        raise ValueError(f"the model has {len(sites)} gated FFNs but the predictors have "
-                         f"{len(predictors)} layers")
-    predictors.thresholds.fill_(-1e30)  # not yet calibrated: every neuron kept (exact)
-    out = []
-    for site in sites:
-        restore = attach_predictors_(model, predictors)
-        seen: list[torch.Tensor] = []
-        # post-norm layers: the swapped-in FFN's own input is the predictor input
-        hooked = site.norm if site.norm is not None else model.get_submodule(site.mlp_name)
-        hook = hooked.register_forward_pre_hook(
-            lambda _m, args, _seen=seen: _seen.append(args[0].reshape(-1, args[0].shape[-1])))
-        try:
-            model(input_ids=input_ids, use_cache=False)
-        finally:
-            hook.remove()
-            restore()
-        x, p = seen[0], predictors.layers[site.layer]
-        w1, w2 = (w.to(device=x.device, dtype=x.dtype) for w in (p.fc1.weight, p.fc2.weight))
-        logits = F.linear(F.relu(F.linear(x, w1)), w2).float().flatten()  # as decode computes
+    predictors.thresholds.fill_(-1e30)  # finite, so attach_predictors_ accepts it
+    restore = attach_predictors_(model, predictors)
+
+    def set_threshold(layer: int, m: PredictedSparseMLP, args) -> None:
+        logits = m.logits(m.predictor_input(args[0])).float().flatten()
         k = min(max(1, round(sparsity * logits.numel())), logits.numel())
-        out.append(float(logits.kthvalue(k).values) + 1e-6)  # the k lowest fall below it
-        predictors.thresholds[site.layer] = out[-1]
-    return out
+        m.threshold = float(logits.kthvalue(k).values) + 1e-6  # the k lowest fall below it
+        predictors.thresholds[layer] = m.threshold
+
+    hooks = []
+    try:
+        for site in find_predictor_sites(model):
+            m = model.get_submodule(site.mlp_name)  # the PredictedSparseMLP swapped in
+            hooks.append(m.register_forward_pre_hook(
+                lambda mod, args, _layer=site.layer: set_threshold(_layer, mod, args)))
+        model(input_ids=input_ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+        restore()
+    return [float(t) for t in predictors.thresholds]
+
+
+def mean_predicted_sparsity(model: nn.Module) -> float:
+    """Share of neurons the attached predictors skipped since their counters were last reset,
+    averaged over layers (with equal weight, as the paper averages)."""
+    mods = [m for m in model.modules() if isinstance(m, PredictedSparseMLP)]
+    if not mods:
+        raise ValueError("no predictors attached: use attach_predictors_ first")
+    return sum(1 - m.predicted_active / max(m.tokens * m.d_ff, 1) for m in mods) / len(mods)
 
 
 @torch.no_grad()
-def _teacher_forced(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4):
+def teacher_forced(model: nn.Module, blocks: torch.Tensor, batch_size: int = 4):
     """Summed next-token NLL, its count, and the argmax predictions (n, seq - 1)."""
     nll, count, argmax = 0.0, 0, []
     device = next(model.parameters()).device
@@ -251,12 +266,12 @@ def decode_benchmark_with_predictors(
     model.eval()
     report: dict = {"new_tokens": new_tokens, "repeats": repeats}
     if eval_blocks is not None:
-        nll, count, dense_argmax = _teacher_forced(model, eval_blocks)
+        nll, count, dense_argmax = teacher_forced(model, eval_blocks)
         report["eval_tokens"] = count
         report["dense_perplexity"] = math.exp(nll / count)
         restore = attach_predictors_(model, predictors)
         try:
-            nll, count, pred_argmax = _teacher_forced(model, eval_blocks)
+            nll, count, pred_argmax = teacher_forced(model, eval_blocks)
         finally:
             restore()
         report["predicted_perplexity"] = math.exp(nll / count)
@@ -269,13 +284,12 @@ def decode_benchmark_with_predictors(
         restore = attach_predictors_(model, predictors)
         try:
             greedy_decode(model, input_ids, 4)
-            mods = [m for m in model.modules() if isinstance(m, PredictedSparseMLP)]
-            for m in mods:
-                m.predicted_active = m.tokens = 0
+            for m in model.modules():
+                if isinstance(m, PredictedSparseMLP):
+                    m.predicted_active = m.tokens = 0
             runs["predicted"].append(greedy_decode(model, input_ids, new_tokens,
                                                    desc=f"predicted decode {r + 1}/{repeats}"))
-            report["decode_predicted_sparsity"] = sum(
-                1 - m.predicted_active / max(m.tokens * m.d_ff, 1) for m in mods) / len(mods)
+            report["decode_predicted_sparsity"] = mean_predicted_sparsity(model)  # last round
         finally:
             restore()
     if exact:
