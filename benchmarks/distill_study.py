@@ -39,7 +39,7 @@ def main() -> None:
 
     from prosparse.config import load_recipe
     from prosparse.tables import format_table
-    from prosparse.training.loop import read_metrics, train
+    from prosparse.training import read_metrics, train
 
     s = args.steps
     # A compressed demo schedule: stage 0 (lambda 0), flat warm-up, sine ramp, flat.

@@ -13,21 +13,16 @@ argmax tokens that change, and the sparsity the predictors give on that text.
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 
 import torch
 
 from prosparse.data import load_texts, pack_blocks
+from prosparse.evaluation.heldout import evaluate_blocks
+from prosparse.inference import attach_predictors_, mean_predicted_sparsity
 from prosparse.io import write_json
 from prosparse.models import load_model
-from prosparse.predictors import (
-    PairData,
-    attach_predictors_,
-    load_predictors,
-    mean_predicted_sparsity,
-    teacher_forced,
-)
+from prosparse.predictors import PairData, load_predictors
 from prosparse.predictors.train import calibrate_predictors, evaluate_predictors
 from prosparse.tables import format_table
 
@@ -46,8 +41,8 @@ def main() -> None:
     model, tok = load_model(args.model)
     model.eval()
     blocks = pack_blocks(tok, load_texts("wiki", "heldout"), args.seq_len, args.eval_tokens)
-    nll, count, dense_argmax = teacher_forced(model, blocks)
-    base = {"perplexity": math.exp(nll / count), "eval_tokens": count}
+    dense = evaluate_blocks(model, blocks, argmax=True)
+    base = {"perplexity": dense.perplexity, "eval_tokens": dense.nll_count}
     pset, data = load_predictors(args.predictors), PairData(args.pairs)
     rows, out = [], []
     for recall in [float(r) for r in args.recalls.split(",")]:
@@ -55,7 +50,7 @@ def main() -> None:
         val = evaluate_predictors(pset, data, progress=False)
         restore = attach_predictors_(model, pset)
         try:
-            nll, count, argmax = teacher_forced(model, blocks)
+            pred = evaluate_blocks(model, blocks, argmax=True)
             held = mean_predicted_sparsity(model)
         finally:
             restore()
@@ -63,8 +58,8 @@ def main() -> None:
              "val_predicted_sparsity": val["average_predicted_sparsity"],
              "val_true_sparsity": val["average_true_sparsity"],
              "val_mass_missed": val["average_mass_missed"],
-             "heldout_predicted_sparsity": held, "perplexity": math.exp(nll / count),
-             "teacher_forced_differ": float((argmax != dense_argmax).float().mean())}
+             "heldout_predicted_sparsity": held, "perplexity": pred.perplexity,
+             "teacher_forced_differ": float((pred.argmax != dense.argmax).float().mean())}
         out.append(r)
         rows.append([f"{recall:g}", f"{100 * r['val_recall']:.2f}",
                      f"{100 * r['val_predicted_sparsity']:.2f}",

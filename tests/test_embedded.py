@@ -9,7 +9,7 @@ import pytest
 from prosparse import load_model, relufy_
 from prosparse.cli import main
 from prosparse.data import load_texts, pack_blocks
-from prosparse.sparsity import measure_blocks
+from prosparse.evaluation.heldout import evaluate_blocks
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +28,10 @@ def test_embedded_model_loads_and_answers(smol):
 def test_embedded_sparsity_silu_vs_relu_swap(smol):
     model, tok = smol
     blocks = pack_blocks(tok, load_texts("wiki", "heldout"), seq_len=128, max_tokens=512)
-    silu = measure_blocks(model, blocks)
+    silu = evaluate_blocks(model, blocks)
     assert silu.average_sparsity < 1e-3 and 10 < silu.perplexity < 40
     relufy_(model)
-    relu = measure_blocks(model, blocks)
+    relu = evaluate_blocks(model, blocks)
     assert 0.55 < relu.average_sparsity < 0.72 and relu.perplexity > 10 * silu.perplexity
 
 

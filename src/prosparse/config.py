@@ -18,11 +18,11 @@ from pathlib import Path
 
 import yaml
 
+from prosparse.kernels.activations import ACTS
 from prosparse.sparsity.schedule import Stage, validate_stages
 
 NORMALIZATIONS = ("mean", "sum_scaled")
 TRAIN_PARAMS = ("all", "ffn")
-ACTIVATIONS = ("relu", "shifted_relu", "fatrelu")
 
 
 @dataclass
@@ -185,7 +185,7 @@ class Recipe:
         if self.eval.tasks and self.eval.limit <= 0:
             raise ValueError(f"eval.limit ({self.eval.limit}) must be a positive number of "
                              "documents per task")
-        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("activation", self.activation, ACTS)
         _choice("dtype", self.dtype, ("auto", "bf16", "fp32"))
         for key, value in (("batch_size", self.batch_size), ("grad_accum", self.grad_accum),
                            ("data.seq_len", self.data.seq_len)):

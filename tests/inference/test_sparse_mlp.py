@@ -7,8 +7,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import prosparse
+from prosparse.evaluation.heldout import evaluate_blocks
 from prosparse.inference import SparseMLP, sparsify_
-from prosparse.inference.decode import calibrate_fatrelu_, greedy_decode, measure_sparsity
+from prosparse.inference.decode import calibrate_fatrelu_, greedy_decode
 from prosparse.kernels import cpu, dispatch
 
 BACKENDS = ["cpu"] + (["triton"] if dispatch.HAS_TRITON and (
@@ -37,7 +38,7 @@ def count_sparse_calls(monkeypatch) -> list[str]:
 @torch.inference_mode()
 def test_from_dense_matches_dense_and_does_not_double_memory():
     model = tiny_llama()
-    prosparse.relufy_(model, act="fatrelu", threshold=0.05)
+    prosparse.relufy_(model, "fatrelu", 0.05)
     mlp = model.model.layers[0].mlp
     x = torch.randn(1, 3, 64)
     dense_one, dense_many = mlp(x[:, :1]), mlp(x)
@@ -84,7 +85,7 @@ def test_greedy_decode_identical_tokens(backend, monkeypatch):
     prompt = torch.tensor([[1, 5, 9, 17, 33]])
     thresholds = calibrate_fatrelu_(model, prompt, sparsity=0.9)
     assert all(t > 0 for t in thresholds)
-    sparsity = measure_sparsity(model, prompt)
+    sparsity = evaluate_blocks(model, prompt).average_sparsity
     assert 0.8 < sparsity < 0.95, f"calibrated sparsity {sparsity:.3f}, wanted about 0.9"
     dense = greedy_decode(model, prompt, new_tokens=12)
     swapped = sparsify_(model, backend=backend, dense_below=0.0)

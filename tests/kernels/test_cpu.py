@@ -29,7 +29,7 @@ def test_rows_mv_is_the_gathered_product(monkeypatch, dtype, chunk_bytes):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matvec_either_way_is_the_product(dtype):
-    from prosparse.kernels.reference import _LINEAR_FASTER, matvec
+    from prosparse.kernels.dense import _LINEAR_FASTER, matvec
 
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(40, 24, generator=gen).to(dtype)

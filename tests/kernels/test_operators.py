@@ -152,3 +152,71 @@ def test_cpu_step2_in_several_chunks(tokens, monkeypatch):
     x, g, w1, _ = make_inputs(tokens, 67, 173, 0.0, torch.float32, "cpu")
     out = dispatch.up_step(x, g, w1, "fatrelu", 0.25, backend="cpu", **FORCE_SPARSE)
     assert_close(out, reference.up_step(x, g, w1, "fatrelu", 0.25), torch.float32, "chunked")
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("bias", [False, True])
+def test_predicted_ffn_matches_reference(backend, dtype, share, bias):
+    # the predictor-driven gather (gate, up and down rows of the predicted neurons only)
+    # against the masked dense formula, each of 3 tokens with its own mask
+    gen = torch.Generator().manual_seed(2)
+    dev = device_for(backend)
+    tokens, d_model, d_ff = 3, 67, 173
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(dev)
+
+    x = rand(tokens, d_model)
+    wg, wu = rand(d_ff, d_model, scale=d_model**-0.5), rand(d_ff, d_model, scale=d_model**-0.5)
+    w2t = rand(d_ff, d_model, scale=d_ff**-0.5)
+    bg, bu = (rand(d_ff), rand(d_ff)) if bias else (None, None)
+    mask = (torch.rand(tokens, d_ff, generator=gen) < share).to(dev)
+    ref = reference.predicted_ffn(x.float(), mask, wg.float(), wu.float(), w2t.float(),
+                                  "fatrelu", 0.05, None if bg is None else bg.float(),
+                                  None if bu is None else bu.float())
+    out = dispatch.predicted_ffn(x, mask, wg, wu, w2t, "fatrelu", 0.05, bg, bu,
+                                 backend=backend, max_tokens=tokens)
+    assert out.dtype == dtype and out.shape == (tokens, d_model)
+    assert_close(out, ref, dtype, f"predicted_ffn [{backend} {dtype} share={share}]")
+    if share == 0.0:
+        assert (out == 0).all(), "no neuron predicted active must give an exact zero"
+
+
+@pytest.mark.parametrize("backend", ["reference", *backends()])
+@pytest.mark.parametrize("act,param", [("relu", 0.0), ("fatrelu", 0.25), ("shifted_relu", 0.1)])
+def test_nan_gate_gives_nan_like_the_dense_module(backend, act, param):
+    # IEEE semantics on every path: a NaN gate is NaN in x1 (as act(g) * u is in the dense
+    # FFN), never an exact zero that would hide it
+    from prosparse.models.activations import make_activation
+
+    dev = device_for(backend)
+    x, g, w1, w2t = make_inputs(1, 67, 173, 0.5, torch.float32, dev)
+    g[0, 5] = float("nan")
+    module_x1 = make_activation(act, param).to(dev)(g) * (x @ w1.T)
+    x1 = dispatch.up_step(x, g, w1, act, param, backend=backend, **FORCE_SPARSE)
+    assert torch.isnan(module_x1[0, 5]) and torch.isnan(x1[0, 5])
+    assert torch.equal(torch.isnan(x1), torch.isnan(module_x1))
+    assert torch.isnan(dispatch.sparse_ffn(x, g, w1, w2t, act, param, backend=backend,
+                                           **FORCE_SPARSE)).all()
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_mismatched_shapes_are_errors_not_out_of_bounds_reads(backend):
+    dev = device_for(backend)
+    x, g, w1, w2t = make_inputs(1, 64, 96, 0.5, torch.float32, dev)
+    bad = {
+        "x narrower than w1": (x[:, :63], g, w1, w2t),
+        "g wider than w1": (x, torch.cat([g, g[:, :1]], 1), w1, w2t),
+        "g narrower than w1": (x, g[:, :95], w1, w2t),
+        "w2t of another d_ff": (x, g, w1, w2t[:95]),
+        "tokens differ": (torch.cat([x, x]), g, w1, w2t),
+        "dtypes differ": (x, g, w1.double(), w2t),
+    }
+    for what, args in bad.items():
+        with pytest.raises(ValueError, match=r"must be|disagree|cast"):
+            dispatch.sparse_ffn(*args, "relu", 0.0, backend=backend, **FORCE_SPARSE)
+    with pytest.raises(ValueError, match="mask"):
+        dispatch.predicted_ffn(x, torch.ones(1, 95, dtype=torch.bool, device=dev), w1, w1, w2t,
+                               backend=backend)

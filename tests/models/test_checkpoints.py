@@ -25,7 +25,7 @@ def ids():
 
 
 def test_fatrelu_round_trip_gives_identical_logits(llama, tokenizer, tmp_path, ids):
-    relufy_(llama, act="fatrelu", threshold=0.01)
+    relufy_(llama, "fatrelu", 0.01)
     want = logits(llama, ids)
     save_model(llama, tokenizer, tmp_path / "ckpt")
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
@@ -56,7 +56,7 @@ def test_relu_checkpoint_is_vanilla(llama, tokenizer, tmp_path, ids):
 
 def test_legacy_fatrelu_string_and_released_form_load(llama, tokenizer, tmp_path, ids):
     """Checkpoints from other tools: no threshold buffer, the threshold only in the config."""
-    relufy_(llama, act="fatrelu", threshold=0.03)
+    relufy_(llama, "fatrelu", 0.03)
     want = logits(llama, ids)
     for form in ({"hidden_act": "fatrelu_0.03"}, {"hidden_act": "fatrelu", "hidden_act_param": 0.03}):
         relufy_(llama, act="relu")  # no buffer in the state dict, as in released checkpoints
@@ -69,7 +69,7 @@ def test_legacy_fatrelu_string_and_released_form_load(llama, tokenizer, tmp_path
         back, _ = load_model(str(out))
         assert all(torch.equal(f.act.threshold, torch.tensor(0.03)) for f in find_gated_ffns(back))
         assert torch.equal(logits(back, ids), want)
-        relufy_(llama, act="fatrelu", threshold=0.03)
+        relufy_(llama, "fatrelu", 0.03)
     legacy = AutoModelForCausalLM.from_pretrained(tmp_path / "fatrelu_0.03").eval()
     assert torch.equal(logits(legacy, ids), want)
 

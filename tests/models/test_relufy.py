@@ -55,7 +55,7 @@ def test_relufy_every_family(family):
     model = build(family)
     ffns = find_gated_ffns(model)
     assert len(ffns) == 2, [f.name for f in ffns]
-    changed = relufy_(model, act="fatrelu", threshold=0.05)
+    changed = relufy_(model, "fatrelu", 0.05)
     assert changed == [f.name for f in ffns]
     x = torch.randn(3, 5, 64)
     for ffn in find_gated_ffns(model):
@@ -94,7 +94,7 @@ def test_shifted_relu_and_zero_threshold_is_plain_relu():
     g = torch.linspace(-1, 1, 9)
     assert torch.equal(ShiftedReLU(0.5)(g), torch.relu(g - 0.5))
     model = build("llama")
-    relufy_(model, act="fatrelu", threshold=0.0)
+    relufy_(model, "fatrelu", 0.0)
     assert all(type(f.act) is nn.ReLU for f in find_gated_ffns(model))
     assert model.config.hidden_act == "relu" and not hasattr(model.config, "hidden_act_param")
 

@@ -125,12 +125,12 @@ def test_every_family_collects_its_gate_and_decodes_with_predictors(family, tmp_
     # the predictor input and the gate map are right for pre-norm layouts (Gemma's 1 + w,
     # Gemma 2/3's pre_feedforward_layernorm, Phi-3's fused gate_up_proj) and for OLMo 2's
     # post-norm one, whose FFN reads the residual stream itself
-    from prosparse.predictors import (
+    from prosparse.inference import (
         PredictedSparseMLP,
-        PredictorSet,
         attach_predictors_,
         calibrate_thresholds_,
     )
+    from prosparse.predictors import PredictorSet
     from tests.models.test_relufy import build
 
     model = build(family)

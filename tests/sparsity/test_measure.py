@@ -9,8 +9,10 @@ import torch
 
 from prosparse import find_gated_ffns, relufy_
 from prosparse.data import load_texts, pack_blocks
+from prosparse.evaluation.heldout import evaluate_blocks
 from prosparse.models.relufy import current_activation
-from prosparse.sparsity import ZeroCounter, capture_x1, measure_blocks, measure_sparsity
+from prosparse.sparsity import ZeroCounter, capture_x1
+from prosparse.sparsity.measure import measure_sparsity
 from prosparse.sparsity.threshold import threshold_sweep
 
 
@@ -34,9 +36,9 @@ def independent_layer_sparsity(model, blocks):
 
 @pytest.mark.parametrize("act,threshold", [("relu", 0.0), ("fatrelu", 0.05)])
 def test_counts_match_an_independent_count(llama, act, threshold):
-    relufy_(llama, act=act, threshold=threshold)
+    relufy_(llama, act, threshold)
     blocks = torch.randint(0, 128, (3, 17), generator=torch.Generator().manual_seed(0))
-    got = measure_blocks(llama, blocks, batch_size=2)
+    got = evaluate_blocks(llama, blocks, batch_size=2)
     want = independent_layer_sparsity(llama, blocks)
     assert got.layer_sparsity == pytest.approx(want, abs=1e-12)
     assert got.average_sparsity == pytest.approx(sum(want) / len(want))
@@ -49,7 +51,7 @@ def test_counts_match_an_independent_count(llama, act, threshold):
 
 def test_silu_model_has_no_exact_zeros(llama):
     blocks = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-    assert measure_blocks(llama, blocks).average_sparsity == 0.0
+    assert evaluate_blocks(llama, blocks).average_sparsity == 0.0
 
 
 def test_counter_memory_is_flat_and_mask_excludes_padding():
@@ -77,8 +79,10 @@ def test_measure_sparsity_json_keys(llama, tokenizer, text_file):
     relufy_(llama)
     out = measure_sparsity(llama, tokenizer, [f"mine={text_file}"], tokens=256, seq_len=32,
                            progress=False, model_name="tiny")
-    assert set(out) == {"model", "average_sparsity", "datasets"}
+    assert set(out) == {"model", "average_sparsity", "perplexity", "layer_sparsity", "datasets"}
     d = out["datasets"]["mine"]
+    assert out["perplexity"] == pytest.approx(d["perplexity"])  # one source: the same figures
+    assert out["layer_sparsity"] == pytest.approx(d["layer_sparsity"])
     assert set(d) == {"tokens", "perplexity", "average_sparsity", "layer_sparsity"}
     assert d["tokens"] == 256 and len(d["layer_sparsity"]) == 2
     blocks = pack_blocks(tokenizer, load_texts(str(text_file), "heldout"), 32, 256)

@@ -13,8 +13,9 @@ from tests.training.test_loop import tiny_recipe  # noqa: F401  (fixture helpers
 
 def test_two_processes(tmp_path, text_file):
     from prosparse import load_model
+    from prosparse.evaluation.heldout import evaluate_heldout
     from prosparse.training.data import heldout_blocks
-    from prosparse.training.loop import evaluate, read_metrics
+    from prosparse.training.metrics import read_metrics
     from tests.conftest import char_tokenizer, tiny_llama
 
     if shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate"
@@ -52,20 +53,7 @@ def test_two_processes(tmp_path, text_file):
     model, tok = load_model(str(out / "final"))
     blocks = heldout_blocks(tok, [str(text_file)], 32, 256)
 
-    class One:
-        process_index, num_processes, device = 0, 1, "cpu"
-
-        @staticmethod
-        def reduce(t, reduction="sum"):
-            return t
-
-        @staticmethod
-        def autocast():
-            import contextlib
-
-            return contextlib.nullcontext()
-
-    single = evaluate(One, model, blocks)
+    single = evaluate_heldout(model, blocks)  # one process, all blocks
     # Batching differs (halves vs all blocks): fp32 sums agree to ~1e-5, not bit for bit.
     assert single["perplexity"] == pytest.approx(report["final"]["perplexity"], rel=1e-4)
     assert single["average_sparsity"] == pytest.approx(report["final"]["average_sparsity"], abs=1e-4)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from prosparse.config import load_recipe
-from prosparse.training.loop import read_metrics, train
+from prosparse.training import read_metrics, train
 
 
 @pytest.fixture

@@ -83,7 +83,7 @@ def _eval(args) -> int:
     for label, act, t, shift in variants:
         m = copy.deepcopy(model) if act is not None else model
         if act is not None:
-            relufy_(m, act=act, threshold=t, shift=shift)
+            relufy_(m, act, t if act == "fatrelu" else shift)
         log.info("eval: %s", label)
         results[label] = _run(m, tok, args, f"{args.model} {label}")
         del m

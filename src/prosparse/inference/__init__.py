@@ -1,5 +1,23 @@
-"""Exact sparse inference: the drop-in sparse FFN, the in-place swap, decoding and benchmarks."""
+"""Sparse inference: the exact and predictor-driven sparse FFNs, the in-place swaps, decoding
+and benchmarks."""
 
-from prosparse.inference.sparse_mlp import SparseMLP, sparsify_
+from prosparse.inference.predicted import (
+    PredictedSparseMLP,
+    attach_predictors_,
+    calibrate_thresholds_,
+    mean_predicted_sparsity,
+    reset_predicted_counts,
+)
+from prosparse.inference.sparse_mlp import SparseFFN, SparseMLP, sparsify_, swap_ffns_
 
-__all__ = ["SparseMLP", "sparsify_"]
+__all__ = [
+    "PredictedSparseMLP",
+    "SparseFFN",
+    "SparseMLP",
+    "attach_predictors_",
+    "calibrate_thresholds_",
+    "mean_predicted_sparsity",
+    "reset_predicted_counts",
+    "sparsify_",
+    "swap_ffns_",
+]

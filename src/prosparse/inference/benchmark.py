@@ -1,4 +1,5 @@
-"""Benchmarks of the exact sparse FFN: steps (2) and (3) against dense, and greedy decoding.
+"""Benchmarks of the sparse FFNs: steps (2) and (3) against dense, and greedy decoding dense,
+exact sparse and predictor-driven (on a real model, or a LLaMA2-7B-shaped one).
 
 Operator timings measure memory, not cache, as real decoding does: every call draws a fresh
 active set, and calls cycle through enough weight copies ("layers") that their total exceeds the
@@ -17,9 +18,22 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
-from prosparse.kernels import dispatch, reference
+from prosparse.data import load_texts, pack_blocks
+from prosparse.evaluation.heldout import evaluate_blocks
+from prosparse.inference.decode import calibrate_fatrelu_, greedy_decode, llama2_7b_shaped
+from prosparse.inference.predicted import (
+    attach_predictors_,
+    calibrate_thresholds_,
+    mean_predicted_sparsity,
+    reset_predicted_counts,
+)
+from prosparse.inference.sparse_mlp import sparsify_
+from prosparse.kernels import activate, dense, dispatch, reference
+from prosparse.predictors.export import load_predictors
+from prosparse.predictors.model import PredictorSet
 
 
 def last_level_cache_bytes(device: torch.device) -> int:
@@ -105,11 +119,11 @@ def bench_ops(
             x = torch.randn(batch, d_model, generator=gen).to(dtype=dtype, device=dev)
             g = _random_gate(batch, d_ff, active, dtype, dev, gen)
             u = torch.randn(batch, d_ff, generator=gen).to(dtype=dtype, device=dev)
-            x1 = reference.activate(g) * u  # (batch, d_ff), exact zeros off the active set
+            x1 = activate(g) * u  # (batch, d_ff), exact zeros off the active set
             n_union.append(int(reference.active_neurons(x1).numel()))
-            pairs = [("d2", partial(reference.up_step, x, g, w1s[j])),
+            pairs = [("d2", partial(dense.up_step, x, g, w1s[j])),
                      ("s2", partial(dispatch.up_step, x, g, w1, **force)),
-                     ("d3", partial(reference.down_step, x1, w2ts_dense[j])),
+                     ("d3", partial(dense.down_step, x1, w2ts_dense[j])),
                      ("s3", partial(dispatch.down_step, x1, w2t, **force))]
             if i % 2:
                 pairs.reverse()
@@ -195,13 +209,10 @@ def bench_decode(
 
     Returns ``{"dense_tokens_per_s", "sparse_tokens_per_s", "speedup", "identical", ...}``.
     """
-    from prosparse.inference.decode import greedy_decode, measure_sparsity
-    from prosparse.inference.sparse_mlp import sparsify_
-
     greedy_decode(model, input_ids, 4)  # warm-up
     dense = greedy_decode(model, input_ids, new_tokens, desc="dense decode")
     full = torch.cat([input_ids, torch.tensor([dense.tokens], device=input_ids.device)], dim=1)
-    sparsity = measure_sparsity(model, full)
+    sparsity = evaluate_blocks(model, full).average_sparsity
     swapped = sparsify_(model, backend=backend)
     greedy_decode(model, input_ids, 4)
     sparse = greedy_decode(model, input_ids, new_tokens, desc="sparse decode")
@@ -219,3 +230,216 @@ def bench_decode(
         "dense_tokens": dense.tokens,
         "sparse_tokens": sparse.tokens,
     }
+
+
+def decode_benchmark_with_predictors(
+    model: nn.Module,
+    predictors: PredictorSet,
+    input_ids: torch.Tensor,
+    new_tokens: int = 64,
+    eval_blocks: torch.Tensor | None = None,
+    exact: bool = False,
+    backend: str | None = None,
+    repeats: int = 3,
+) -> dict:
+    """Greedy decode dense and with predictors attached, alternating for ``repeats`` rounds so
+    drift in machine load hits both alike, then (with ``exact``) with
+    :func:`sparsify_`'s exact sparse FFN, which stays swapped in.
+
+    Returns the median tokens/s of each (every round's in ``*_runs``), the share of
+    free-running greedy tokens that differ from dense, and, on ``eval_blocks`` (n, seq_len) of
+    held-out text, perplexity with and without the predictors and the share of teacher-forced
+    argmax tokens that differ. The model is left dense unless ``exact``.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats ({repeats}) must be at least 1")
+    model.eval()
+    report: dict = {"new_tokens": new_tokens, "repeats": repeats}
+    if eval_blocks is not None:
+        dense = evaluate_blocks(model, eval_blocks, argmax=True)
+        report["eval_tokens"] = dense.nll_count
+        report["dense_perplexity"] = dense.perplexity
+        restore = attach_predictors_(model, predictors, backend=backend)
+        try:
+            pred = evaluate_blocks(model, eval_blocks, argmax=True)
+        finally:
+            restore()
+        report["predicted_perplexity"] = pred.perplexity
+        report["teacher_forced_differ"] = float((pred.argmax != dense.argmax).float().mean())
+    runs: dict[str, list] = {"dense": [], "predicted": [], "exact": []}
+    for r in range(repeats):
+        greedy_decode(model, input_ids, 4)  # warm-up
+        runs["dense"].append(greedy_decode(model, input_ids, new_tokens,
+                                           desc=f"dense decode {r + 1}/{repeats}"))
+        restore = attach_predictors_(model, predictors, backend=backend)
+        try:
+            greedy_decode(model, input_ids, 4)
+            reset_predicted_counts(model)
+            runs["predicted"].append(greedy_decode(model, input_ids, new_tokens,
+                                                   desc=f"predicted decode {r + 1}/{repeats}"))
+            report["decode_predicted_sparsity"] = mean_predicted_sparsity(model)  # last round
+        finally:
+            restore()
+    if exact:
+        sparsify_(model, backend=backend)
+        for r in range(repeats):
+            greedy_decode(model, input_ids, 4)
+            runs["exact"].append(greedy_decode(model, input_ids, new_tokens,
+                                               desc=f"exact sparse decode {r + 1}/{repeats}"))
+    rate = {k: statistics.median(run.tokens_per_s for run in v) for k, v in runs.items() if v}
+    dense, pred = runs["dense"][0], runs["predicted"][0]
+    differ = [a != b for a, b in zip(dense.tokens, pred.tokens)]
+    report.update(
+        dense_tokens_per_s=rate["dense"],
+        predicted_tokens_per_s=rate["predicted"],
+        predicted_speedup=rate["predicted"] / rate["dense"],
+        greedy_differ=sum(differ) / len(differ),
+        first_difference=next((i for i, d in enumerate(differ) if d), None),
+        dense_tokens=dense.tokens,
+        predicted_tokens=pred.tokens,
+        **{f"{k}_tokens_per_s_runs": [run.tokens_per_s for run in v]
+           for k, v in runs.items() if v},
+    )
+    if exact:
+        report.update(exact_tokens_per_s=rate["exact"],
+                      exact_speedup=rate["exact"] / rate["dense"],
+                      predicted_over_exact=rate["predicted"] / rate["exact"])
+    return report
+
+
+def predictor_decode_report(
+    model: nn.Module,
+    tokenizer,
+    predictors: str | PredictorSet,
+    input_ids: torch.Tensor,
+    new_tokens: int = 64,
+    eval_data: str = "wiki",
+    eval_tokens: int = 2048,
+    seq_len: int = 256,
+    exact: bool = True,
+    backend: str | None = None,
+    repeats: int = 3,
+) -> dict:
+    """What ``prosparse bench decode MODEL --predictors PRED`` reports: dense, predictor-driven
+    and (``exact``) exact sparse decoding of :func:`decode_benchmark_with_predictors`, with
+    perplexity on ``eval_tokens`` held-out tokens of ``eval_data`` when a tokenizer is given.
+    With ``exact`` the model is left with the exact sparse FFN swapped in."""
+    pset = load_predictors(predictors) if not isinstance(predictors, PredictorSet) else predictors
+    blocks = None
+    if tokenizer is not None:
+        blocks = pack_blocks(tokenizer, load_texts(eval_data, "heldout"), seq_len, eval_tokens)
+    r = decode_benchmark_with_predictors(model, pset, input_ids, new_tokens, eval_blocks=blocks,
+                                         exact=exact, backend=backend, repeats=repeats)
+    r.pop("dense_tokens")
+    r["predictors"] = str(predictors) if not isinstance(predictors, PredictorSet) else None
+    return r
+
+
+def format_predictor_report(r: dict) -> str:
+    """Two lines for people: speed, then quality."""
+    lines = [f"predicted {r['predicted_tokens_per_s']:.2f} tokens/s ({r['predicted_speedup']:.2f}x "
+             f"dense {r['dense_tokens_per_s']:.2f}), predicted sparsity in decode "
+             f"{100 * r['decode_predicted_sparsity']:.2f}%"]
+    if "exact_tokens_per_s" in r:
+        lines.append(f"exact sparse {r['exact_tokens_per_s']:.2f} tokens/s "
+                     f"({r['exact_speedup']:.2f}x dense); predicted / exact "
+                     f"{r['predicted_over_exact']:.2f}x")
+    q = f"greedy tokens that differ from dense: {100 * r['greedy_differ']:.1f}%"
+    if "predicted_perplexity" in r:
+        q += (f"; held-out perplexity {r['dense_perplexity']:.3f} -> "
+              f"{r['predicted_perplexity']:.3f}, teacher-forced argmax differs on "
+              f"{100 * r['teacher_forced_differ']:.2f}%")
+    return "\n".join(lines + [q])
+
+
+def predicted_decode_7b_shape(
+    layers: int = 2,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str = "cpu",
+    sparsity: float = 0.8932,
+    predicted_sparsity: float = 0.7875,
+    predictor_hidden: int = 1024,
+    new_tokens: int = 64,
+    backend: str | None = None,
+    repeats: int = 3,
+) -> dict:
+    """Decode speed of dense, exact sparse and predictor-driven FFNs at LLaMA2-7B shapes.
+
+    A random 7B-shaped model (:func:`llama2_7b_shaped`) gets FATReLU thresholds calibrated to
+    ``sparsity`` and random predictors whose thresholds are calibrated, on the text the decode
+    will see (the prompt and its dense continuation), to skip ``predicted_sparsity`` of the
+    neurons: the predictors fix how much work is done, not which neurons (speed only).
+    """
+    model = llama2_7b_shaped(layers, dtype).to(device)
+    gen = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, model.config.vocab_size, (1, 64), generator=gen)
+    thresholds = calibrate_fatrelu_(model, calib.to(device), sparsity)
+    input_ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=gen).to(device)
+    torch.manual_seed(1)
+    pset = PredictorSet(model.config.hidden_size, model.config.intermediate_size, layers,
+                        predictor_hidden).eval()
+    cont = greedy_decode(model.eval(), input_ids, new_tokens)
+    seq = torch.cat([input_ids, torch.tensor([cont.tokens], device=input_ids.device)], dim=1)
+    ffn_sparsity = evaluate_blocks(model, seq).average_sparsity
+    calibrate_thresholds_(model, pset, seq, predicted_sparsity)
+    report = decode_benchmark_with_predictors(model.eval(), pset, input_ids, new_tokens,
+                                              exact=True, backend=backend, repeats=repeats)
+    report.pop("dense_tokens")
+    return {**report,
+            "model": f"random LLaMA2-7B shape, {layers} of 32 layers, vocab "
+                     f"{model.config.vocab_size} (scaled by layers/32)",
+            "layers": layers, "thresholds": thresholds, "ffn_sparsity": ffn_sparsity,
+            "predictors": "random, thresholds calibrated",
+            "predicted_sparsity_target": predicted_sparsity,
+            "predictor_hidden": predictor_hidden, "sparsity_target": sparsity}
+
+
+def exact_decode_7b_shape(layers: int = 2, dtype: torch.dtype = torch.bfloat16,
+                          device: str = "cpu", sparsity: float = 0.8932, new_tokens: int = 64,
+                          backend: str | None = None) -> dict:
+    """:func:`bench_decode` on a random LLaMA2-7B-shaped model with FATReLU thresholds
+    calibrated to ``sparsity``."""
+    model = llama2_7b_shaped(layers, dtype).to(device)
+    gen = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, model.config.vocab_size, (1, 64), generator=gen)
+    thresholds = calibrate_fatrelu_(model, calib.to(device), sparsity)
+    input_ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=gen).to(device)
+    report = bench_decode(model.eval(), input_ids, new_tokens, backend=backend)
+    return {**report,
+            "model": f"random LLaMA2-7B shape, {layers} of 32 layers, vocab "
+                     f"{model.config.vocab_size} (scaled by layers/32)",
+            "layers": layers, "thresholds": thresholds, "dtype": str(dtype).removeprefix("torch."),
+            "device": device}
+
+
+def decode_model(model_spec: str, *, threshold: float | None = None, dtype: str = "float32",
+                 device: str = "cpu", prompt: str = "The capital of France is",
+                 new_tokens: int = 64, backend: str | None = None,
+                 predictors: str | None = None, repeats: int = 3) -> dict:
+    """``prosparse bench decode MODEL``: load ``model_spec`` (ReLUfied with FATReLU at
+    ``threshold`` when given), then :func:`bench_decode`, or with ``predictors``
+    :func:`predictor_decode_report`."""
+    from prosparse.models import load_model, relufy_
+
+    model, tok = load_model(model_spec, dtype=dtype, device=device)
+    if threshold is not None:
+        relufy_(model, "fatrelu", threshold)
+    input_ids = tok(prompt, return_tensors="pt").input_ids.to(device)
+    extra = {"model": model_spec, "threshold": threshold}
+    if predictors is not None:
+        report = predictor_decode_report(model.eval(), tok, predictors, input_ids, new_tokens,
+                                         backend=backend, repeats=repeats)
+    else:
+        report = bench_decode(model.eval(), input_ids, new_tokens, backend=backend)
+        extra.update(dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                     device=device)
+    return {**report, **extra}
+
+
+def decode_table(report: dict) -> str:
+    """The exact ``bench decode`` report for people."""
+    return (f"{'':>8} {'tokens/s':>9}\n{'dense':>8} {report['dense_tokens_per_s']:>9.2f}\n"
+            f"{'sparse':>8} {report['sparse_tokens_per_s']:>9.2f}\n"
+            f"speedup {report['speedup']:.2f}x  identical tokens: {report['identical']}  "
+            f"FFN sparsity {report['ffn_sparsity']:.4f}  ({report['new_tokens']} new tokens, "
+            f"{report['ffns_swapped']} FFNs swapped)")

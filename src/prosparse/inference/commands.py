@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from prosparse.errors import UsageError
+
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
@@ -106,81 +108,32 @@ def run_ops(args) -> int:
 def run_decode(args) -> int:
     import torch
 
-    from prosparse.inference.benchmark import bench_decode
+    from prosparse.inference import benchmark as b
     from prosparse.models.loading import resolve_dtype
 
-    _threads(args.threads)
     if args.llama2_7b_shape == (args.model is not None):
-        raise ValueError("give either MODEL or --llama2-7b-shape (not both)")
+        raise UsageError("give either MODEL or --llama2-7b-shape (not both)")
     if args.llama2_7b_shape and args.predictors not in (None, "random"):
-        raise ValueError("with --llama2-7b-shape, --predictors takes 'random': random "
+        raise UsageError("with --llama2-7b-shape, --predictors takes 'random': random "
                          "predictors whose thresholds give --predicted-sparsity")
-    extra = {}
+    _threads(args.threads)
+    common = dict(new_tokens=args.new_tokens, backend=args.backend)
     if args.llama2_7b_shape:
-        from prosparse.inference.decode import calibrate_fatrelu_, llama2_7b_shaped
-
-        dtype = resolve_dtype(args.dtype or "bf16")
-        model = llama2_7b_shaped(args.layers, dtype).to(args.device)
-        gen = torch.Generator().manual_seed(0)
-        calib = torch.randint(0, model.config.vocab_size, (1, 64), generator=gen)
-        thresholds = calibrate_fatrelu_(model, calib.to(args.device), args.sparsity)
-        input_ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=gen)
-        extra = {"model": f"random LLaMA2-7B shape, {args.layers} of 32 layers, vocab "
-                          f"{model.config.vocab_size} (scaled by layers/32)",
-                 "layers": args.layers, "thresholds": thresholds}
-        if args.predictors is not None:  # predictor-driven decode at 7B shapes: speed only
-            from prosparse.inference.decode import greedy_decode, measure_sparsity
-            from prosparse.predictors import PredictorSet
-            from prosparse.predictors.decode import (
-                calibrate_thresholds_,
-                decode_benchmark_with_predictors,
-                format_predictor_report,
-            )
-
-            torch.manual_seed(1)
-            pset = PredictorSet(4096, 11008, args.layers, args.predictor_hidden).eval()
-            # calibrate on the text decode will see: the prompt and its dense continuation
-            cont = greedy_decode(model.eval(), input_ids.to(args.device), args.new_tokens)
-            seq = torch.cat([input_ids, torch.tensor([cont.tokens])], dim=1).to(args.device)
-            extra["ffn_sparsity"] = measure_sparsity(model, seq)
-            calibrate_thresholds_(model, pset, seq, args.predicted_sparsity)
-            report = decode_benchmark_with_predictors(model.eval(), pset,
-                                                      input_ids.to(args.device),
-                                                      args.new_tokens, exact=True,
-                                                      backend=args.backend,
-                                                      repeats=args.repeats)
-            report.pop("dense_tokens")
-            print(format_predictor_report(report))
-            _write({**report, **extra, "predictors": "random, thresholds calibrated",
-                    "predicted_sparsity_target": args.predicted_sparsity,
-                    "predictor_hidden": args.predictor_hidden, "sparsity_target": args.sparsity,
-                    "threads": torch.get_num_threads()}, args.json)
-            return 0
+        shape = dict(layers=args.layers, dtype=resolve_dtype(args.dtype or "bf16"),
+                     device=args.device, sparsity=args.sparsity, **common)
+        if args.predictors is not None:
+            report = b.predicted_decode_7b_shape(
+                predicted_sparsity=args.predicted_sparsity,
+                predictor_hidden=args.predictor_hidden, repeats=args.repeats, **shape)
+        else:
+            report = b.exact_decode_7b_shape(**shape)
     else:
-        from prosparse.models import load_model, relufy_
-
-        model, tok = load_model(args.model, dtype=args.dtype or "float32", device=args.device)
-        if args.threshold is not None:
-            relufy_(model, act="fatrelu", threshold=args.threshold)
-        input_ids = tok(args.prompt, return_tensors="pt").input_ids
-        extra = {"model": args.model, "threshold": args.threshold}
-        if args.predictors is not None:  # approximate acceleration, issue 6
-            from prosparse.predictors.decode import format_predictor_report, predictor_decode_report
-
-            report = predictor_decode_report(model.eval(), tok, args.predictors,
-                                             input_ids.to(args.device), args.new_tokens,
-                                             backend=args.backend, repeats=args.repeats)
-            print(format_predictor_report(report))
-            _write({**report, **extra, "threads": torch.get_num_threads()}, args.json)
-            return 0
-    model.eval()
-    report = bench_decode(model, input_ids.to(args.device), args.new_tokens, backend=args.backend)
-    report = {**report, **extra, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-              "device": args.device, "threads": torch.get_num_threads()}
-    print(f"{'':>8} {'tokens/s':>9}\n{'dense':>8} {report['dense_tokens_per_s']:>9.2f}\n"
-          f"{'sparse':>8} {report['sparse_tokens_per_s']:>9.2f}\n"
-          f"speedup {report['speedup']:.2f}x  identical tokens: {report['identical']}  "
-          f"FFN sparsity {report['ffn_sparsity']:.4f}  ({report['new_tokens']} new tokens, "
-          f"{report['ffns_swapped']} FFNs swapped)")
+        report = b.decode_model(args.model, threshold=args.threshold,
+                                dtype=args.dtype or "float32", device=args.device,
+                                prompt=args.prompt, predictors=args.predictors,
+                                repeats=args.repeats, **common)
+    report["threads"] = torch.get_num_threads()
+    print(b.format_predictor_report(report) if args.predictors is not None
+          else b.decode_table(report))
     _write(report, args.json)
     return 0

@@ -73,7 +73,7 @@ def llama2_7b_shaped(
 
     ``layers`` of the real 32 keep memory small; the vocabulary is scaled by ``layers / 32``
     (32000 for 32 layers) so the LM head keeps its share of each decode step's weight traffic
-    and the end-to-end bound stays the 7B one (about 1.64x at 89.3%, facts.md).
+    and the end-to-end bound stays the 7B one (about 1.64x at 89.3%: ``docs/kernels.md``).
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -110,7 +110,7 @@ def calibrate_fatrelu_(model: nn.Module, input_ids: torch.Tensor, sparsity: floa
     finally:
         for h in hooks:
             h.remove()
-    relufy_(model, act="fatrelu", threshold=1.0)  # config and module type; values set below
+    relufy_(model, "fatrelu", 1.0)  # config and module type; values set below
     thresholds = []
     for f in ffns:
         g = gates[f.name]
@@ -118,21 +118,3 @@ def calibrate_fatrelu_(model: nn.Module, input_ids: torch.Tensor, sparsity: floa
         setattr(f.module, f.act_attr, FATReLU(t).to(g.device))
         thresholds.append(t)
     return thresholds
-
-
-@torch.inference_mode()
-def measure_sparsity(model: nn.Module, input_ids: torch.Tensor) -> float:
-    """Mean over layers of the fraction of exact zeros of ``act(g)`` over ``input_ids`` (dense)."""
-    from prosparse.models.relufy import find_gated_ffns
-
-    fracs = []
-    hooks = [
-        f.act.register_forward_hook(lambda m, i, o: fracs.append(float((o == 0).float().mean())))
-        for f in find_gated_ffns(model)
-    ]
-    try:
-        model(input_ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    return sum(fracs) / len(fracs)

@@ -1,11 +1,19 @@
-"""A drop-in sparse gated FFN for decoding, and the in-place verb that swaps it into a model.
+"""The sparse FFN modules for decoding, and the in-place verbs that swap them into a model.
 
-:class:`SparseMLP` keeps the Hugging Face child names (``gate_proj``/``up_proj`` or Phi-3's fused
-``gate_up_proj``, ``down_proj``, and the activation under its own name), so state dicts keep
-their keys and ``model.generate`` runs unchanged. ``from_dense`` prepares the weights once:
-``down_proj.weight`` is re-stored as a contiguous W2^T (d_ff, d_model), the layout step (3) reads
-row by row, and the parameter becomes its transposed view; the original storage is released,
-so memory is not doubled. Prefill (more than ``max_tokens`` tokens) runs the dense formula.
+:class:`SparseFFN` is what every sparse FFN shares: it keeps the Hugging Face child names
+(``gate_proj``/``up_proj`` or Phi-3's fused ``gate_up_proj``, ``down_proj``, and the activation
+under its own name), so state dicts keep their keys and ``model.generate`` runs unchanged. It
+prepares the weights once: ``down_proj.weight`` is re-stored as a contiguous W2^T (d_ff,
+d_model), the layout the sparse down product reads row by row, and the parameter becomes its
+transposed view; the original storage is released, so memory is not doubled.
+
+- :class:`SparseMLP` (exact, paper Section 3.3 "accurate acceleration"): steps (2) and (3)
+  skip the neurons whose activation is zero.
+- :class:`~prosparse.inference.predicted.PredictedSparseMLP` (approximate): a predictor picks
+  the neurons and every step runs over them only.
+
+:func:`swap_ffns_` puts a module built from each :class:`~prosparse.models.GatedFFN` in its
+place and returns ``restore()``.
 """
 
 from __future__ import annotations
@@ -21,29 +29,21 @@ from prosparse.models.activations import activation_params
 from prosparse.models.relufy import GatedFFN, find_gated_ffns
 
 
-class SparseMLP(nn.Module):
-    """Gated FFN whose steps (2) and (3) skip inactive neurons (paper Section 3.3)."""
+class SparseFFN(nn.Module):
+    """A gated FFN's children and weights in the layout the sparse products read."""
 
-    def __init__(
-        self,
-        ffn: nn.Module,
-        act_attr: str = "act_fn",
-        fused: bool = False,
-        backend: str | None = None,
-        dense_below: float = dispatch.DENSE_BELOW_SPARSITY,
-        max_tokens: int = dispatch.MAX_SPARSE_TOKENS,
-    ):
+    def __init__(self, ffn: nn.Module, act_attr: str = "act_fn", fused: bool = False,
+                 backend: str | None = None):
         super().__init__()
         act_mod = getattr(ffn, act_attr)
         params = activation_params(act_mod)
         if params is None:
             raise ValueError(
-                f"SparseMLP needs a ReLU-family activation, got {type(act_mod).__name__}; "
-                "run prosparse.relufy_(model, act='fatrelu', threshold=...) first"
+                f"{type(self).__name__} needs a ReLU-family activation, got "
+                f"{type(act_mod).__name__}; run prosparse.relufy_(model, 'fatrelu', t) first"
             )
         self.act, self.param = params
-        self.act_attr, self.fused = act_attr, fused
-        self.backend, self.dense_below, self.max_tokens = backend, dense_below, max_tokens
+        self.act_attr, self.fused, self.backend = act_attr, fused, backend
         if fused:
             self.gate_up_proj = ffn.gate_up_proj
         else:
@@ -59,7 +59,7 @@ class SparseMLP(nn.Module):
         self.d_ff = self.down_proj.weight.shape[1]
 
     @classmethod
-    def from_dense(cls, mlp: nn.Module, **kwargs) -> SparseMLP:
+    def from_dense(cls, mlp: nn.Module, **kwargs):
         """Wrap a (ReLUfied) gated FFN, e.g. ``LlamaMLP``; raises on anything else."""
         found = [f for f in find_gated_ffns(nn.ModuleDict({"mlp": mlp})) if f.module is mlp]
         if not found:
@@ -72,36 +72,87 @@ class SparseMLP(nn.Module):
         """``down_proj.weight.T``, contiguous (d_ff, d_model)."""
         return self.down_proj.weight.t()
 
-    def _gate(self, x: torch.Tensor) -> torch.Tensor:
-        """Step (1), dense: ``g = x Ws^T`` (tokens, d_ff)."""
-        if self.fused:  # Phi-3 stores gate rows first, then up rows
-            b = self.gate_up_proj.bias
-            return F.linear(x, self.gate_up_proj.weight[: self.d_ff], None if b is None else b[: self.d_ff])
-        return self.gate_proj(x)
-
-    def _up(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                               torch.Tensor | None]:
+        """``(W_gate, W_up, b_gate, b_up)``, each weight (d_ff, d_model); for a fused
+        ``gate_up_proj`` its row halves (Phi-3 stores gate rows first, then up rows)."""
         if self.fused:
-            b = self.gate_up_proj.bias
-            return self.gate_up_proj.weight[self.d_ff:], None if b is None else b[self.d_ff:]
-        return self.up_proj.weight, self.up_proj.bias
+            w, b = self.gate_up_proj.weight, self.gate_up_proj.bias
+            return (w[: self.d_ff], w[self.d_ff:], None if b is None else b[: self.d_ff],
+                    None if b is None else b[self.d_ff:])
+        return self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias, self.up_proj.bias
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both dense projections, as the original module computes them."""
+        if self.fused:
+            g, u = self.gate_up_proj(x).chunk(2, dim=-1)
+            return g, u
+        return self.gate_proj(x), self.up_proj(x)
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """The original module's formula (prefill)."""
+        g, u = self.gate_up(x)
+        return self.down_proj(getattr(self, self.act_attr)(g) * u)
+
+
+def swap_ffns_(model: nn.Module, build: Callable[[GatedFFN], nn.Module],
+               filter: Callable[[GatedFFN], bool] | None = None
+               ) -> tuple[list[str], Callable[[], None]]:
+    """Replace every gated FFN of ``model`` (that ``filter`` keeps) by ``build(ffn)``, in place.
+
+    Returns the names swapped and ``restore()``, which puts the original modules back with
+    ``down_proj.weight`` contiguous again (the layout a dense model stores).
+    """
+    swapped, names = [], []
+    for ffn in find_gated_ffns(model):
+        if isinstance(ffn.module, SparseFFN) or (filter is not None and not filter(ffn)):
+            continue
+        new = build(ffn)
+        parent_name, _, child = ffn.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+        swapped.append((parent, child, ffn.module))
+        names.append(ffn.name)
+
+    def restore() -> None:
+        for parent, child, original in swapped:
+            setattr(parent, child, original)
+            w = original.down_proj.weight
+            if not w.is_contiguous():
+                original.down_proj.weight = nn.Parameter(w.detach().contiguous(),
+                                                         requires_grad=w.requires_grad)
+
+    return names, restore
+
+
+class SparseMLP(SparseFFN):
+    """Gated FFN whose steps (2) and (3) skip inactive neurons (paper Section 3.3)."""
+
+    def __init__(
+        self,
+        ffn: nn.Module,
+        act_attr: str = "act_fn",
+        fused: bool = False,
+        backend: str | None = None,
+        dense_below: float = dispatch.DENSE_BELOW_SPARSITY,
+        max_tokens: int = dispatch.MAX_SPARSE_TOKENS,
+    ):
+        super().__init__(ffn, act_attr, fused, backend)
+        self.dense_below, self.max_tokens = dense_below, max_tokens
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        act_fn = getattr(self, self.act_attr)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (tokens, d_model)
         if x2.shape[0] > self.max_tokens:  # prefill: the original module's dense formula
-            if self.fused:
-                gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            else:
-                gate, up = self.gate_proj(x), self.up_proj(x)
-            return self.down_proj(act_fn(gate) * up)
-        g = self._gate(x2)  # (tokens, d_ff)
-        w1, b1 = self._up()
+            return self.dense(x)
+        w_gate, w1, b_gate, b1 = self.weights()
+        g = F.linear(x2, w_gate, b_gate)  # step (1), dense: (tokens, d_ff)
         kw = dict(backend=self.backend, dense_below=self.dense_below, max_tokens=self.max_tokens)
         if b1 is None:
             y = dispatch.sparse_ffn(x2, g, w1, self.w2t, self.act, self.param, **kw)
         else:  # act(g) * (x W1^T + b1) = x1 + act(g) * b1: still exactly zero where act(g) is
-            x1 = dispatch.up_step(x2, g, w1, self.act, self.param, **kw) + act_fn(g) * b1
+            a = getattr(self, self.act_attr)(g)
+            x1 = dispatch.up_step(x2, g, w1, self.act, self.param, **kw) + a * b1
             y = dispatch.down_step(x1, self.w2t, **kw)
         if self.down_proj.bias is not None:
             y = y + self.down_proj.bias
@@ -122,13 +173,7 @@ def sparsify_(
     Returns the names of the FFNs swapped. ``kwargs`` go to :class:`SparseMLP`
     (``dense_below``, ``max_tokens``).
     """
-    swapped = []
-    for ffn in find_gated_ffns(model):
-        if isinstance(ffn.module, SparseMLP) or (filter is not None and not filter(ffn)):
-            continue
-        new = SparseMLP(ffn.module, act_attr=ffn.act_attr, fused=ffn.fused, backend=backend, **kwargs)
-        parent_name, _, child = ffn.name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-        swapped.append(ffn.name)
-    return swapped
+    names, _ = swap_ffns_(model, lambda f: SparseMLP(f.module, act_attr=f.act_attr,
+                                                     fused=f.fused, backend=backend, **kwargs),
+                          filter)
+    return names

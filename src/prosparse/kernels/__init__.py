@@ -1,5 +1,7 @@
-"""Exact sparse FFN operators: a plain-torch reference, a CPU backend, Triton kernels, dispatch."""
+"""The ground floor: activation math, sparse FFN operators (a plain-torch reference, the best
+dense, a CPU backend, Triton kernels) and dispatch. Imports nothing of prosparse above it."""
 
+from prosparse.kernels.activations import ACTS, activate, check_act, fatrelu, shifted_relu
 from prosparse.kernels.dispatch import (
     BACKENDS,
     DENSE_BELOW_SPARSITY,
@@ -7,11 +9,12 @@ from prosparse.kernels.dispatch import (
     HAS_TRITON,
     MAX_SPARSE_TOKENS,
     down_step,
+    predicted_ffn,
     resolve_backend,
     sparse_ffn,
     up_step,
 )
-from prosparse.kernels.reference import ACTS, activate, active_neurons
+from prosparse.kernels.reference import active_neurons
 
 __all__ = [
     "ACTS",
@@ -22,8 +25,12 @@ __all__ = [
     "MAX_SPARSE_TOKENS",
     "activate",
     "active_neurons",
+    "check_act",
     "down_step",
+    "fatrelu",
+    "predicted_ffn",
     "resolve_backend",
+    "shifted_relu",
     "sparse_ffn",
     "up_step",
 ]

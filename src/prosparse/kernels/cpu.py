@@ -1,15 +1,17 @@
-"""CPU backend: steps (2) and (3) reading only the active rows, without a fresh copy per call.
+"""CPU backend: steps (2) and (3), and the predictor-driven FFN, reading only the active rows,
+without a fresh copy per call.
 
-Measured on the 2-core dev VM (LLaMA2-7B shapes, bf16, 1 thread; ``benchmarks/bench_ops.py``):
-``W[idx]`` allocates and page-faults a fresh 10-20 MB tensor every call, which is what made
-the naive gather swing. Here
+``W[idx]`` allocates and page-faults a fresh 10-20 MB tensor every call at LLaMA2-7B shapes,
+which is what makes the naive gather swing (``prosparse bench ops``). Here
 
 - step (3) is one fused gather-weighted-sum, ``F.embedding_bag(..., per_sample_weights=x1,
   mode="sum")``: it streams each active row of W2^T once and never materialises the gathered
   rows (batch 1);
 - step (2) gathers the active rows of W1 with ``index_select(out=...)``, ~1 MiB at a time,
   into a scratch buffer allocated once that stays in L2, and multiplies each chunk there
-  (:func:`rows_mv`, which the predictor-driven FFN also uses for its gate and up rows).
+  (:func:`rows_mv`);
+- the predictor-driven FFN (:func:`predicted_ffn`) gathers the predicted rows of W_gate and
+  W_up with :func:`rows_mv` and reduces the same rows of W2^T with ``embedding_bag``.
 
 Small batches use the union of the tokens' active neurons; tokens for which a union neuron is
 inactive get an exact zero from the activation.
@@ -20,7 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prosparse.kernels.reference import activate, matvec
+from prosparse.kernels.activations import activate
+from prosparse.kernels.dense import matvec
 
 CHUNK_BYTES = 1 << 20
 _scratch: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
@@ -46,7 +49,8 @@ def rows_mv(w: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor
     The rows are gathered ~1 MiB at a time into a scratch buffer that stays in L2: a buffer of
     all of them (10-30 MB at 7B shapes) is evicted by the other layers' weights between tokens
     and then costs a DRAM read-for-ownership and a write-back. One token multiplies each chunk
-    with :func:`matvec` (torch.mv or F.linear, the faster on this machine), more with a GEMM.
+    with :func:`.dense.matvec` (torch.mv or F.linear, the faster on this machine), more with a
+    GEMM.
     """
     n = idx.numel()
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
@@ -90,3 +94,33 @@ def down_step(x1: torch.Tensor, w2t: torch.Tensor, idx: torch.Tensor) -> torch.T
         w2t, 0, idx, out=scratch(idx.numel(), w2t.shape[1], w2t.dtype, w2t.device)
     )
     return v @ rows  # (tokens, d_model)
+
+
+def predicted_ffn(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w2t: torch.Tensor,
+    act: str = "relu",
+    param: float = 0.0,
+    b_gate: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`.reference.predicted_ffn` token by token, touching only the predicted rows of every
+    matrix: x (tokens, d_model), mask (tokens, d_ff) -> (tokens, d_model)."""
+    out = torch.zeros(x.shape[0], w2t.shape[1], dtype=x.dtype, device=x.device)
+    for t in range(x.shape[0]):
+        idx = mask[t].nonzero().flatten()  # (n,)
+        if idx.numel() == 0:
+            continue
+        g = rows_mv(w_gate, idx, x[t])  # (n,): only the predicted rows of W_gate ...
+        u = rows_mv(w_up, idx, x[t])  # ... and of W_up, in L2-sized chunks
+        if b_gate is not None:
+            g = g + b_gate.index_select(0, idx)
+        if b_up is not None:
+            u = u + b_up.index_select(0, idx)
+        x1 = activate(g, act, param) * u  # (n,)
+        out[t] = F.embedding_bag(idx.view(1, -1), w2t, per_sample_weights=x1.view(1, -1),
+                                 mode="sum")[0]  # (d_model,)
+    return out

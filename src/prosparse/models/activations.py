@@ -1,7 +1,8 @@
-"""ReLU-family activations for ReLUfied gated FFNs, and their registration with transformers.
+"""ReLU-family activation modules for ReLUfied gated FFNs, and their registration with
+transformers. The math and the names live on the ground floor, :mod:`prosparse.kernels.activations`.
 
 FATReLU keeps ``g >= t`` (paper Eq. (3); the released Hugging Face code does the same). Every
-kernel in :mod:`prosparse.kernels` must agree with :func:`fatrelu` exactly, boundary included.
+kernel in :mod:`prosparse.kernels` agrees with :func:`fatrelu` exactly, boundary included.
 
 A ReLUfied checkpoint names its activation in the config: ``hidden_act: "relu"`` for a plain ReLU
 (plain transformers loads it unchanged), ``hidden_act: "fatrelu"`` with ``hidden_act_param: t``
@@ -15,15 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from prosparse.kernels.activations import ACTS, check_act, fatrelu, shifted_relu
 
-def fatrelu(g: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
-    """The reference FATReLU: ``g`` where ``g >= threshold``, exact zero elsewhere."""
-    return torch.where(g >= threshold, g, torch.zeros((), dtype=g.dtype, device=g.device))
-
-
-def shifted_relu(g: torch.Tensor, shift: float | torch.Tensor) -> torch.Tensor:
-    """The shifted-ReLU baseline (ReLU Strikes Back): ``relu(g - shift)``."""
-    return torch.relu(g - shift)
+__all__ = ["ACTS", "FATReLU", "ShiftedReLU", "activation_params", "fatrelu", "make_activation",
+           "parse_hidden_act", "register_with_transformers", "shifted_relu", "shortest_float"]
 
 
 class _ScalarActivation(nn.Module):
@@ -86,24 +82,24 @@ class ShiftedReLU(_ScalarActivation):
 
     buffer_name = "shift"
 
+    def __init__(self, shift: float | None = 0.0):
+        super().__init__(shift)
+
     def forward(self, g: torch.Tensor) -> torch.Tensor:
         return shifted_relu(g, self.scalar(g.dtype))
 
 
-ACTIVATIONS = ("relu", "fatrelu", "shifted_relu")
-
-
-def make_activation(act: str, threshold: float = 0.0, shift: float = 0.0) -> nn.Module:
-    """Build the activation module named ``act`` (one of :data:`ACTIVATIONS`)."""
+def make_activation(act: str, param: float = 0.0) -> nn.Module:
+    """Build the activation module named ``act`` (one of :data:`ACTS`) with its one scalar:
+    FATReLU's threshold or shifted ReLU's shift."""
+    check_act(act)
     if act == "relu":
-        if threshold:
-            raise ValueError(f"act='relu' takes no threshold (got {threshold}); use act='fatrelu'")
+        if param:
+            raise ValueError(f"act='relu' takes no parameter (got {param}); use act='fatrelu'")
         return nn.ReLU()
     if act == "fatrelu":
-        return FATReLU(threshold)
-    if act == "shifted_relu":
-        return ShiftedReLU(shift)
-    raise KeyError(f"unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
+        return FATReLU(param)
+    return ShiftedReLU(param)
 
 
 def shortest_float(value: torch.Tensor) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from prosparse.models.activations import ACTIVATIONS
+from prosparse.kernels.activations import ACTS
 from prosparse.models.loading import DEFAULT_MODEL, DTYPES
 
 
@@ -18,7 +18,7 @@ def add_model_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
 
 
 def add_activation_args(p: argparse.ArgumentParser, default: str | None = "relu") -> None:
-    p.add_argument("--act", default=default, choices=ACTIVATIONS,
+    p.add_argument("--act", default=default, choices=ACTS,
                    help="FFN activation to swap in" + ("" if default else " (default: keep)"))
     p.add_argument("--threshold", type=float, default=0.0,
                    help="FATReLU threshold t (keeps g >= t); implies --act fatrelu when > 0")
@@ -36,8 +36,8 @@ def apply_activation_args(model, args) -> None:
         act = "shifted_relu"
     if act is None:
         return
-    relufy_(model, act=act, threshold=args.threshold if act == "fatrelu" else 0.0,
-            shift=args.shift if act == "shifted_relu" else 0.0)
+    relufy_(model, act, args.threshold if act == "fatrelu" else args.shift if act == "shifted_relu"
+            else 0.0)
 
 
 def _convert(args) -> int:

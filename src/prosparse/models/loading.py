@@ -184,9 +184,4 @@ def restore_activation_(model) -> None:
     if parsed is None:
         return
     act, param = parsed
-    if act == "fatrelu":
-        relufy_(model, act="fatrelu", threshold=param)
-    elif act == "shifted_relu":
-        relufy_(model, act="shifted_relu", shift=param)
-    else:
-        relufy_(model, act="relu")
+    relufy_(model, act, param)

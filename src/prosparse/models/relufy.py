@@ -1,6 +1,6 @@
 """Find the gated FFNs of any transformers model by structure, and swap their activation in place.
 
-A gated FFN (facts.md) is a module with a down projection ``down_proj`` fed by either separate
+A gated FFN (paper Section 3.1; ``docs/conventions.md``) is a module with a down projection ``down_proj`` fed by either separate
 ``gate_proj`` and ``up_proj`` linears or one fused ``gate_up_proj`` (Phi-3), and a parameter-free
 activation child (``act_fn`` in Llama/Mistral/Qwen/Gemma/OLMo2/Granite/SmolLM3, ``activation_fn``
 in Phi-3). Nothing here lists model classes: a new family with the Hugging Face module names
@@ -9,12 +9,14 @@ works unchanged, and the state dict keeps its keys.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from prosparse.kernels.activations import check_act
 from prosparse.models.activations import activation_params, make_activation
 
 _SEPARATE = ("gate_proj", "up_proj")
@@ -99,37 +101,49 @@ def find_gated_ffns(model: nn.Module) -> list[GatedFFN]:
 def relufy_(
     model: nn.Module,
     act: str = "relu",
-    threshold: float = 0.0,
-    shift: float = 0.0,
+    param: float = 0.0,
+    *,
     filter: Callable[[GatedFFN], bool] | None = None,
+    threshold: float | None = None,
+    shift: float | None = None,
 ) -> list[str]:
     """Replace the activation of every gated FFN in ``model`` (in place) and update its config.
 
-    ``act`` is ``relu``, ``fatrelu`` (keeps ``g >= threshold``) or ``shifted_relu``
-    (``relu(g - shift)``). A zero threshold or shift gives a plain ``nn.ReLU``, saved as
-    ``hidden_act: "relu"`` so plain transformers loads it. ``filter`` keeps only some FFNs.
-    Returns the names of the FFNs changed.
+    ``act`` is ``relu``, ``fatrelu`` (keeps ``g >= param``) or ``shifted_relu``
+    (``relu(g - param)``); ``param`` is the activation's one scalar. ``threshold=`` (FATReLU)
+    and ``shift=`` (shifted ReLU) are spellings of ``param`` for readability. A zero parameter
+    gives a plain ``nn.ReLU``, saved as ``hidden_act: "relu"`` so plain transformers loads it.
+    ``filter`` keeps only some FFNs. Returns the names of the FFNs changed.
     """
-    if act == "fatrelu" and threshold < 0:
-        raise ValueError(f"threshold ({threshold}) must be >= 0 for fatrelu")
-    if (act == "fatrelu" and threshold == 0) or (act == "shifted_relu" and shift == 0):
+    check_act(act)
+    for name, alias, owner in (("threshold", threshold, "fatrelu"), ("shift", shift, "shifted_relu")):
+        if alias is None:
+            continue
+        if act != owner:
+            raise ValueError(f"{name}={alias} applies to act={owner!r} only (got act={act!r}); "
+                             f"pass param= instead")
+        param = alias
+    param = float(param)
+    if not math.isfinite(param):
+        raise ValueError(f"the {act} parameter must be a finite number, got {param}")
+    if act == "relu" and param:
+        raise ValueError(f"act='relu' takes no parameter (got {param}); use act='fatrelu' for a "
+                         "threshold or act='shifted_relu' for a shift")
+    if act == "fatrelu" and param < 0:
+        raise ValueError(f"threshold ({param}) must be >= 0 for fatrelu")
+    if param == 0:
         act = "relu"
-    if act != "fatrelu" and threshold:
-        raise ValueError(f"threshold={threshold} applies to act='fatrelu' only (got act={act!r})")
-    if act != "shifted_relu" and shift:
-        raise ValueError(f"shift={shift} applies to act='shifted_relu' only (got act={act!r})")
     changed = []
     for ffn in find_gated_ffns(model):
         if filter is not None and not filter(ffn):
             continue
         old = ffn.act
-        new = make_activation(act, threshold=threshold, shift=shift)
+        new = make_activation(act, param)
         buf = next(old.buffers(), None) if old is not None else None
         device = buf.device if buf is not None else ffn.down_proj.weight.device
         setattr(ffn.module, ffn.act_attr, new.to(device))
         changed.append(ffn.name)
     if filter is None and hasattr(model, "config"):
-        param = threshold if act == "fatrelu" else shift if act == "shifted_relu" else 0.0
         set_activation_config(model.config, act, param)
     return changed
 

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from prosparse.io import atomic_dir
+from prosparse.kernels.activations import ACTS
 from prosparse.models.relufy import current_activation, set_activation_config
 
 
@@ -16,7 +17,7 @@ def save_model(model, tokenizer, out: str | os.PathLike, overwrite: bool = False
     ``hidden_act_param``), so the checkpoint loads back in ``prosparse`` and in transformers.
     """
     act, param = current_activation(model)
-    if act in ("relu", "fatrelu", "shifted_relu"):
+    if act in ACTS:
         set_activation_config(model.config, act, param)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

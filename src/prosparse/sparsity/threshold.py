@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 from torch import nn
 from tqdm.auto import tqdm
 
-from prosparse.data import load_texts, pack_blocks, parse_data_spec
+from prosparse.evaluation.heldout import evaluate_heldout
 from prosparse.models.relufy import activation_state, current_activation, relufy_
-from prosparse.sparsity.measure import measure_blocks
+from prosparse.sparsity.measure import heldout_sets
 
 
 def threshold_sweep(
@@ -38,29 +36,14 @@ def threshold_sweep(
     if original[0] not in ("relu", "fatrelu"):
         # Threshold shifting applies to a ReLU model; on SiLU/GELU it is a swap too. Say so.
         print(f"note: the model's activation is {original[0]}; each t also swaps it to FATReLU")
-    batches = {}
-    for spec in data:
-        ds = parse_data_spec(spec)
-        batches[ds.name] = pack_blocks(tokenizer, load_texts(ds, "heldout"), seq_len, tokens)
+    batches = heldout_sets(tokenizer, data, tokens, seq_len)
     grid = sorted(set(thresholds) | {0.0})
     rows = {}
     restore = activation_state(model)
     try:
         for t in tqdm(grid, desc="thresholds", disable=not progress):
-            relufy_(model, act="fatrelu", threshold=t)
-            per = {name: measure_blocks(model, b, batch_size) for name, b in batches.items()}
-            n_tok = sum(r.tokens for r in per.values())
-            rows[t] = {
-                "t": t,
-                "average_sparsity": sum(r.average_sparsity * r.tokens for r in per.values())
-                / n_tok,
-                "perplexity": math.exp(
-                    sum(r.nll_sum for r in per.values()) / sum(r.nll_count for r in per.values())
-                ),
-                "datasets": {k: {"perplexity": r.perplexity,
-                                 "average_sparsity": r.average_sparsity,
-                                 "layer_sparsity": r.layer_sparsity} for k, r in per.items()},
-            }
+            relufy_(model, "fatrelu", t)
+            rows[t] = {"t": t, **evaluate_heldout(model, batches, batch_size)}
     finally:
         restore()
     base = rows[0.0]["perplexity"]

@@ -10,7 +10,6 @@ lambda are pure functions of the step, so a resumed run lands on the same values
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -21,12 +20,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from prosparse.config import Recipe, dump_recipe
+from prosparse.evaluation.heldout import evaluate_heldout
 from prosparse.models.relufy import find_gated_ffns
 from prosparse.sparsity.hooks import capture_x1
 from prosparse.sparsity.penalty import PenaltyCollector
 from prosparse.sparsity.schedule import l1_factor, stage_index
 from prosparse.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from prosparse.training.data import build_blocks, heldout_blocks, micro_batch
+from prosparse.training.metrics import MetricsLog
+from prosparse.training.report import benchmark, finish_run
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
@@ -60,106 +62,6 @@ def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None =
                           reduction="none")  # (batch * (seq - 1),)
     keep = mask[:, 1:].reshape(-1).to(nll.dtype)
     return (nll * keep).sum() / keep.sum().clamp(min=1)
-
-
-@torch.no_grad()
-def evaluate(accelerator, model, blocks: dict[str, torch.Tensor], batch_size: int = 4) -> dict:
-    """Held-out perplexity and sparsity (per layer, averaged) over every source, the blocks split
-    across processes and the counts summed over them."""
-    from prosparse.sparsity.hooks import ZeroCounter
-
-    model.eval()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    out = {}
-    for name, all_blocks in blocks.items():
-        mine = all_blocks[rank::world]
-        n_layers = len(find_gated_ffns(model))
-        counter = ZeroCounter(n_layers)
-        nll = torch.zeros(2, dtype=torch.float64)
-        with capture_x1(model, counter):
-            for start in range(0, len(mine), batch_size):
-                ids = mine[start:start + batch_size].to(accelerator.device)
-                with accelerator.autocast():
-                    logits = model(input_ids=ids).logits
-                nll[0] += lm_loss(logits, ids).item() * ids[:, 1:].numel()
-                nll[1] += ids[:, 1:].numel()
-        counts = torch.cat([counter.zeros, counter.total, nll]).to(accelerator.device)
-        counts = accelerator.reduce(counts, reduction="sum").cpu()
-        zeros, total = counts[:n_layers], counts[n_layers:2 * n_layers]
-        layer = (zeros / total.clamp(min=1)).tolist()
-        out[name] = {"tokens": int(all_blocks.numel()),
-                     "perplexity": math.exp(counts[-2] / max(counts[-1], 1)),
-                     "average_sparsity": sum(layer) / len(layer), "layer_sparsity": layer,
-                     "_nll": (float(counts[-2]), float(counts[-1]))}
-    model.train()
-    nll_sum = sum(d["_nll"][0] for d in out.values())
-    nll_cnt = sum(d["_nll"][1] for d in out.values())
-    tok = sum(d["tokens"] for d in out.values())
-    n_layers = len(next(iter(out.values()))["layer_sparsity"])
-    layer = [sum(d["layer_sparsity"][i] * d["tokens"] for d in out.values()) / tok
-             for i in range(n_layers)]
-    for d in out.values():
-        d.pop("_nll")
-    return {"perplexity": math.exp(nll_sum / max(nll_cnt, 1)),
-            "average_sparsity": sum(layer) / n_layers, "layer_sparsity": layer, "datasets": out}
-
-
-def benchmark(model, tokenizer, recipe: Recipe) -> dict:
-    """The recipe's small lm-eval run (``eval.tasks``, first ``eval.limit`` documents each)."""
-    from prosparse.evaluation import evaluate as lm_evaluate
-
-    was_training = model.training
-    result = lm_evaluate(model, tokenizer, recipe.eval.tasks, limit=recipe.eval.limit)
-    model.train(was_training)
-    return result
-
-
-class MetricsLog:
-    """JSONL (always) and TensorBoard (optional) metrics, on the main process only."""
-
-    def __init__(self, run: Path, enabled: bool, tensorboard: bool, resume_step: int = 0):
-        self.enabled = enabled
-        self.path = run / "metrics.jsonl"
-        self.tb = None
-        if not enabled:
-            return
-        if resume_step and self.path.is_file():
-            # Drop lines past the checkpoint so the resumed run's lines replace them.
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
-        elif self.path.exists():
-            self.path.unlink()
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run / "tensorboard"), purge_step=resume_step + 1)
-            except ImportError:
-                self.tb = None
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            step = record["step"]
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, step)
-                elif isinstance(v, list) and k.endswith("layer_sparsity"):
-                    for i, x in enumerate(v):
-                        self.tb.add_scalar(f"{k}/{i}", x, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def read_metrics(run: str | Path) -> list[dict]:
-    path = Path(run) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 @dataclass
@@ -224,18 +126,16 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, stop_after: int
     report: dict = {"model": recipe.model, "recipe": str(run / "recipe.yaml")}
     measure_before = recipe.log.measure_before and ckpt is None
     if measure_before:
-        report["original"] = evaluate(accelerator, model, heldout)
+        report["original"] = evaluate_heldout(model, heldout, accelerator=accelerator)
     if recipe.eval.tasks and ckpt is None and accelerator.is_main_process:
         report["benchmarks"] = {"original": benchmark(model, tok, recipe)}
     teacher = None
     if recipe.distill.weight > 0:
         teacher = copy.deepcopy(model).eval()
         teacher.requires_grad_(False)
-    relufy_(model, act=recipe.activation,
-            **({"threshold": recipe.activation_param} if recipe.activation == "fatrelu" else
-               {"shift": recipe.activation_param} if recipe.activation == "shifted_relu" else {}))
+    relufy_(model, recipe.activation, recipe.activation_param)
     if measure_before:
-        report["relu_swap"] = evaluate(accelerator, model, heldout)
+        report["relu_swap"] = evaluate_heldout(model, heldout, accelerator=accelerator)
     for name, p in model.named_parameters():
         p.requires_grad_((recipe.optim.train_params == "all" or
                           any(k in name for k in ("gate_proj", "up_proj", "down_proj")))
@@ -316,7 +216,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, stop_after: int
         evaluate_now = (recipe.log.eval_every and step % recipe.log.eval_every == 0) or \
             step == recipe.total_steps
         if evaluate_now:
-            ev = evaluate(accelerator, model, eval_blocks)
+            ev = evaluate_heldout(model, eval_blocks, accelerator=accelerator)
             record.update(heldout_perplexity=ev["perplexity"],
                           heldout_sparsity=ev["average_sparsity"],
                           heldout_layer_sparsity=ev["layer_sparsity"])
@@ -335,8 +235,6 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, stop_after: int
         return TrainResult(run=run, step=last, lambdas=lambdas)
 
     # --- end of training: threshold shift (paper Section 3.2, Appendix O) ----------------------
-    from prosparse.training.report import finish_run
-
     report["tokens_trained"] = recipe.total_steps * per_step * recipe.data.seq_len
     report = finish_run(accelerator, model, tok, recipe, run, heldout, report, wall_start)
     return TrainResult(run=run, step=recipe.total_steps, report=report, lambdas=lambdas)

@@ -10,10 +10,24 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from prosparse.evaluation.heldout import evaluate_heldout
+from prosparse.io import atomic_dir, write_json
+from prosparse.models.relufy import relufy_
 from prosparse.tables import format_table, pct
+from prosparse.training.metrics import read_metrics
 
 ROWS = (("original", "original (SiLU)"), ("relu_swap", "bare ReLU swap"),
         ("trained", "after training"), ("final", "after threshold shift"))
+
+
+def benchmark(model, tokenizer, recipe) -> dict:
+    """The recipe's small lm-eval run (``eval.tasks``, first ``eval.limit`` documents each)."""
+    from prosparse.evaluation import evaluate as lm_evaluate
+
+    was_training = model.training
+    result = lm_evaluate(model, tokenizer, recipe.eval.tasks, limit=recipe.eval.limit)
+    model.train(was_training)
+    return result
 
 
 def before_after_table(report: dict) -> str:
@@ -40,8 +54,6 @@ def benchmark_table(report: dict) -> str:
 
 
 def _plots(run: Path, report: dict) -> list[str]:
-    from prosparse.training.loop import read_metrics
-
     try:
         from prosparse.plots import plot_curves, plot_layer_sparsity
     except ImportError:
@@ -69,11 +81,7 @@ def _plots(run: Path, report: dict) -> list[str]:
 def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, report: dict,
                wall_start: float) -> dict:
     """Measure the trained model, shift the threshold, save ``final/``, write the report."""
-    from prosparse.io import write_json
-    from prosparse.models.relufy import relufy_
-    from prosparse.training.loop import evaluate
-
-    report["trained"] = evaluate(accelerator, model, heldout)
+    report["trained"] = evaluate_heldout(model, heldout, accelerator=accelerator)
     th = recipe.threshold
     if th.value is None:
         from prosparse.sparsity.threshold import threshold_sweep
@@ -89,22 +97,18 @@ def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, 
         t = float(th.value)
     report["threshold"] = t
     # The unwrapped model: a DDP/FSDP wrapper has no .config, which must name the activation.
-    relufy_(accelerator.unwrap_model(model), act="fatrelu", threshold=t)
-    report["final"] = evaluate(accelerator, model, heldout)
+    relufy_(accelerator.unwrap_model(model), "fatrelu", t)
+    report["final"] = evaluate_heldout(model, heldout, accelerator=accelerator)
     final = run / "final"
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        from prosparse.io import atomic_dir
-
         with atomic_dir(final, overwrite=True) as tmp:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
     accelerator.wait_for_everyone()
     report["final_checkpoint"] = str(final)
     if recipe.eval.tasks and accelerator.is_main_process:
-        from prosparse.training.loop import benchmark
-
         report.setdefault("benchmarks", {})["final"] = benchmark(unwrapped, tokenizer, recipe)
     report["wall_seconds"] = time.time() - wall_start
     if accelerator.is_main_process:

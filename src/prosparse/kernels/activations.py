@@ -1,0 +1,47 @@
+"""The activation math of ReLUfied FFNs, and the one registry of their names.
+
+Everything above the kernels (model modules, configs, the CLI, saving, Triton) reads the names
+from :data:`ACTS`, so a new activation is added here once.
+
+- ``relu``: ``max(g, 0)``.
+- ``fatrelu``: ``g`` where ``g >= t``, exact zero elsewhere (paper Eq. (3); the released Hugging
+  Face code keeps ``g >= t`` too: ``docs/conventions.md``).
+- ``shifted_relu``: ``relu(g - b)`` (the "ReLU Strikes Back" baseline, paper Table 4).
+
+The scalar (threshold ``t`` or shift ``b``) is rounded to ``g``'s dtype before use, so every
+backend compares the same numbers. NaN follows IEEE semantics on every path: a NaN gate gives
+NaN (``g < t`` is false for NaN, so the zeroing rule "zero where ``g < t``" keeps it), exactly
+as ``torch.relu`` and the dense SiLU model do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ACTS = ("relu", "fatrelu", "shifted_relu")
+"""Activation names every kernel, module, config and checkpoint understands."""
+
+
+def check_act(act: str) -> None:
+    """Raise ``KeyError`` naming the valid activations when ``act`` is not one of them."""
+    if act not in ACTS:
+        raise KeyError(f"unknown activation {act!r}; choose one of {', '.join(ACTS)}")
+
+
+def fatrelu(g: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """``g`` where ``g >= threshold``, exact zero where ``g < threshold`` (NaN stays NaN)."""
+    return torch.where(g < threshold, torch.zeros((), dtype=g.dtype, device=g.device), g)
+
+
+def shifted_relu(g: torch.Tensor, shift: float | torch.Tensor) -> torch.Tensor:
+    """``relu(g - shift)``."""
+    return torch.relu(g - shift)
+
+
+def activate(g: torch.Tensor, act: str = "relu", param: float = 0.0) -> torch.Tensor:
+    """``act(g)`` in ``g``'s dtype, with the scalar ``param`` first rounded to that dtype."""
+    check_act(act)
+    if act == "relu":
+        return torch.relu(g)
+    p = torch.tensor(float(param), dtype=g.dtype, device=g.device)
+    return fatrelu(g, p) if act == "fatrelu" else shifted_relu(g, p)
