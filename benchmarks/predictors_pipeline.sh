@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Activation predictors end to end on one ReLUfied model (issue 6): collect, train (gate start
+# Activation predictors end to end on one ReLUfied model: collect, train (gate start
 # and, for comparison, the paper's random start on the same budget), eval, PowerInfer export and
 # round trip, then decode dense / exact sparse / predictor-driven with the quality cost.
 #

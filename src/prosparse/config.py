@@ -27,7 +27,8 @@ TRAIN_PARAMS = ("all", "ffn")
 
 @dataclass
 class PenaltyConfig:
-    """How ||x1||_1 is normalised; the lambdas of a recipe only mean something with it (facts.md)."""
+    """How ||x1||_1 is normalised; the lambdas of a recipe only mean something with it
+    (``docs/conventions.md``, "The L1 term")."""
 
     normalization: str = "sum_scaled"
     """``sum_scaled``: sum |x1| over tokens and neurons * scale, summed over layers, / grad-accum

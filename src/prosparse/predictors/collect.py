@@ -1,7 +1,7 @@
 """Collect (predictor input, activation label) pairs per layer, streamed to disk in shards.
 
 The input is the residual stream *before* the post-attention norm, the vector PowerInfer feeds
-its predictors (facts.md); the label is ``x1 != 0`` with x1 the input of ``down_proj`` (paper
+its predictors (``docs/conventions.md``); the label is ``x1 != 0`` with x1 the input of ``down_proj`` (paper
 App. F), or, with ``clip_top``, only each token's largest ``clip_top * d_ff`` values of |x1|.
 
 Layout of ``DIR`` (everything a program needs is in ``meta.json``)::

@@ -1,4 +1,5 @@
-"""Save and load predictors: our format and PowerInfer's folder layout (facts.md).
+"""Save and load predictors: our format and PowerInfer's folder layout
+(``docs/conventions.md``, "Activation predictors").
 
 Ours, a folder::
 

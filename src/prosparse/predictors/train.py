@@ -1,4 +1,4 @@
-"""Train one predictor per layer on collected pairs (paper App. F; facts.md).
+"""Train one predictor per layer on collected pairs (paper App. F; ``docs/conventions.md``).
 
 Per layer: BCE on logits with negatives down-weighted to ``positive rate + 0.005`` (active
 neurons are the minority and a missed one costs accuracy, a false alarm only time), AdamW
@@ -40,7 +40,7 @@ from prosparse.predictors.model import Predictor, PredictorSet
 
 @dataclass
 class TrainConfig:
-    """Predictor training settings; the defaults are the paper's (facts.md)."""
+    """Predictor training settings; the defaults are the paper's (App. F)."""
 
     hidden: int = 1024
     """Width of the predictor's hidden layer."""

@@ -64,5 +64,5 @@ class ZeroCounter:
         return (self.zeros / self.total.clamp(min=1)).tolist()
 
     def average_sparsity(self) -> float:
-        """Mean over layers of the per-layer fraction (facts.md)."""
+        """Mean over layers of the per-layer fraction (paper Section 3.1)."""
         return float((self.zeros / self.total.clamp(min=1)).mean())

@@ -1,4 +1,5 @@
-"""The L1 term on x1 (paper Eq. 2), with its normalisation an explicit option (facts.md).
+"""The L1 term on x1 (paper Eq. 2), with its normalisation an explicit option
+(``docs/conventions.md``, "The L1 term").
 
 ``mean``:       sum over layers of mean |x1| over the micro-batch's elements.
 ``sum_scaled``: sum over layers of sum |x1| over every token and neuron of the micro-batch, times
