@@ -11,6 +11,8 @@ from prosparse.cli import main
 from prosparse.data import load_texts, pack_blocks
 from prosparse.evaluation.heldout import evaluate_blocks
 
+pytestmark = pytest.mark.slow  # loads the real SmolLM2-135M (about 40 s the first time)
+
 
 @pytest.fixture(scope="module")
 def smol():

@@ -11,6 +11,7 @@ import pytest
 from tests.training.test_loop import tiny_recipe  # noqa: F401  (fixture helpers)
 
 
+@pytest.mark.slow  # two accelerate processes: about 20 s
 def test_two_processes(tmp_path, text_file):
     from prosparse import load_model
     from prosparse.evaluation.heldout import evaluate_heldout

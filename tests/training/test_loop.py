@@ -96,6 +96,7 @@ def test_freeze_keeps_named_parameters(tiny_dir, text_file, tmp_path):
                        after.model.layers[0].self_attn.q_proj.weight)
 
 
+@pytest.mark.slow  # lm-eval run inside the report
 def test_report_includes_a_small_benchmark(tiny_dir, text_file, tmp_path):
     """eval.tasks runs lm-eval on the original and the final model (issue 7: in the report)."""
     _reset_accelerate()

@@ -2,33 +2,7 @@
 
 from __future__ import annotations
 
-import copy
-import json
-import logging
-from pathlib import Path
-
 from prosparse.evaluation.tasks import DEFAULT_TASKS, TASKS
-
-log = logging.getLogger(__name__)
-
-
-def parse_variant(text: str) -> tuple[str, str | None, float, float]:
-    """``original`` | ``relu`` | ``fatrelu:T`` | ``shifted_relu:B`` -> (label, act, t, shift)."""
-    name, _, value = text.strip().partition(":")
-    if name == "original" and not value:
-        return "original", None, 0.0, 0.0
-    if name == "relu" and not value:
-        return "relu", "relu", 0.0, 0.0
-    if name in ("fatrelu", "shifted_relu") and value:
-        try:
-            x = float(value)
-        except ValueError:
-            raise ValueError(f"variant {text!r}: {value!r} is not a number") from None
-        if name == "fatrelu":
-            return f"fatrelu t={x:g}", "fatrelu", x, 0.0
-        return f"shifted_relu b={x:g}", "shifted_relu", 0.0, x
-    raise ValueError(f"unknown variant {text!r}; use original, relu, fatrelu:T or shifted_relu:B "
-                     f"(e.g. original,relu,fatrelu:0.01)")
 
 
 def _model_label(args) -> str:
@@ -42,87 +16,51 @@ def _model_label(args) -> str:
     return " + ".join(parts)
 
 
-def _run(model, tok, args, label: str) -> dict:
-    from prosparse.evaluation.harness import evaluate
-
-    result = evaluate(model, tok, args.tasks, limit=args.limit, num_fewshot=args.num_fewshot,
-                      batch_size=args.batch_size, metric=args.metric, model_name=label,
-                      data_root=args.data_root)
-    if args.sparsity:
-        from prosparse.sparsity.measure import measure_sparsity
-
-        sp = measure_sparsity(model, tok, args.data or ["wiki"], tokens=args.sparsity_tokens,
-                              model_name=label)
-        result["average_sparsity"] = sp["average_sparsity"]
-        result["sparsity"] = sp
-    return result
-
-
 def _eval(args) -> int:
     from prosparse.evaluation.harness import parse_tasks, resolve_tasks
-    from prosparse.evaluation.report import compare, compare_table, results_table
+    from prosparse.evaluation.report import compare_table, results_table
+    from prosparse.evaluation.variants import (
+        evaluate_variants,
+        evaluate_with_sparsity,
+        parse_variant,
+    )
     from prosparse.io import write_json
     from prosparse.models.commands import apply_activation_args
     from prosparse.models.loading import load_model
 
     # Fail on a bad task name or missing data before spending time on loading the model.
     resolve_tasks(parse_tasks(args.tasks), num_fewshot=args.num_fewshot, data_root=args.data_root)
-    variants = [parse_variant(v) for v in args.variants.split(",")] if args.variants else []
+    variants = args.variants.split(",") if args.variants else []
+    for v in variants:
+        parse_variant(v)  # a bad variant fails before the model loads
+    kw = dict(limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+              metric=args.metric, data_root=args.data_root,
+              sparsity_data=(args.data or ["wiki"]) if args.sparsity else None,
+              sparsity_tokens=args.sparsity_tokens)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     if not variants:
         apply_activation_args(model, args)
-        result = _run(model, tok, args, _model_label(args))
+        result = evaluate_with_sparsity(model, tok, args.tasks, model_name=_model_label(args),
+                                        **kw)
         print(results_table(result))
         if args.json:
             write_json(args.json, result)
         return 0
-
-    from prosparse.models.relufy import relufy_
-
-    results = {}
-    for label, act, t, shift in variants:
-        m = copy.deepcopy(model) if act is not None else model
-        if act is not None:
-            relufy_(m, act, t if act == "fatrelu" else shift)
-        log.info("eval: %s", label)
-        results[label] = _run(m, tok, args, f"{args.model} {label}")
-        del m
-    table = compare(results)
+    table = evaluate_variants(model, tok, variants, args.tasks, model_name=args.model, **kw)
     print(compare_table(table))
     print()
     print(compare_table(table, tasks=True))
     if args.json:
-        write_json(args.json, {**table, "results": results})
+        write_json(args.json, table)
     return 0
 
 
-def _labelled(text: str) -> tuple[str | None, str]:
-    label, sep, value = text.partition("=")
-    return (label, value) if sep else (None, text)
-
-
 def _table(args) -> int:
-    from prosparse.evaluation.report import compare, compare_table
+    from prosparse.evaluation.report import compare_table
+    from prosparse.evaluation.variants import compare_files
     from prosparse.io import write_json
 
-    results = {}
-    for item in args.results:
-        label, path = _labelled(item)
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"result file {path} not found (write one with "
-                                    f"`prosparse eval MODEL --json {path}`)")
-        r = json.loads(Path(path).read_text())
-        if "tasks" not in r or "groups" not in r:
-            raise ValueError(f"{path} is not a `prosparse eval --json` result (no tasks/groups)")
-        results[label or r.get("model") or Path(path).stem] = r
-    sparsity = {}
-    for item in args.sparsity or []:
-        label, value = _labelled(item)
-        if label not in results:
-            raise KeyError(f"--sparsity {item!r}: unknown setting {label!r}; settings: "
-                           f"{', '.join(results)}")
-        sparsity[label] = value
-    table = compare(results, sparsity)
+    table = compare_files(args.results, args.sparsity)
     print(compare_table(table, tasks=args.per_task))
     if args.json:
         write_json(args.json, table)

@@ -25,30 +25,34 @@ def add_activation_args(p: argparse.ArgumentParser, default: str | None = "relu"
     p.add_argument("--shift", type=float, default=0.0, help="shifted ReLU bias b: relu(g - b)")
 
 
-def apply_activation_args(model, args) -> None:
-    """relufy_ from --act/--threshold/--shift, when any of them asks for a swap."""
-    from prosparse.models.relufy import relufy_
-
+def activation_from_args(args) -> tuple[str, float] | None:
+    """``(act, param)`` from --act/--threshold/--shift (a threshold implies fatrelu, a shift
+    shifted_relu), or None when none of them asks for a swap."""
     act = args.act
     if args.threshold and act in (None, "relu"):
         act = "fatrelu"
     if args.shift and act in (None, "relu"):
         act = "shifted_relu"
     if act is None:
-        return
-    relufy_(model, act, args.threshold if act == "fatrelu" else args.shift if act == "shifted_relu"
-            else 0.0)
+        return None
+    return act, args.threshold if act == "fatrelu" else args.shift if act == "shifted_relu" else 0.0
+
+
+def apply_activation_args(model, args) -> None:
+    """relufy_ from --act/--threshold/--shift, when any of them asks for a swap."""
+    from prosparse.models.relufy import relufy_
+
+    swap = activation_from_args(args)
+    if swap is not None:
+        relufy_(model, *swap)
 
 
 def _convert(args) -> int:
-    from prosparse.models.loading import load_model
-    from prosparse.models.relufy import current_activation
-    from prosparse.models.saving import save_model
+    from prosparse.models.saving import convert
 
-    model, tok = load_model(args.model, dtype=args.dtype, device="cpu")
-    apply_activation_args(model, args)
-    out = save_model(model, tok, args.out, overwrite=args.overwrite)
-    act, param = current_activation(model)
+    act, param = activation_from_args(args)
+    out, act, param = convert(args.model, act, param, args.out, dtype=args.dtype,
+                              overwrite=args.overwrite)
     print(f"wrote {out} (hidden_act={act}" + (f", hidden_act_param={param:g})" if param else ")"))
     return 0
 

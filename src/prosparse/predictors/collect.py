@@ -338,6 +338,34 @@ def collect_pairs(
     return info
 
 
+def collect_from_data(
+    model: nn.Module,
+    tokenizer,
+    data: list[str],
+    out: str | Path,
+    tokens: int = 400_000,
+    seq_len: int = 512,
+    split: str = "train",
+    seed: int = 0,
+    overwrite: bool = False,
+    **kwargs,
+) -> dict:
+    """``prosparse predictors collect``: ``tokens`` tokens split evenly over the data specs
+    ``data``, packed into blocks of ``seq_len``, shuffled so the validation tail holds every
+    source, then :func:`collect_pairs` into ``out`` written atomically. ``kwargs`` go to
+    :func:`collect_pairs` (``clip_top``, ``batch_size``, ``shard_tokens``, ``mass_tokens``,
+    ``meta``)."""
+    from prosparse.data import load_texts, pack_blocks, parse_data_spec
+    from prosparse.io import atomic_dir
+
+    per_source = tokens // len(data)
+    blocks = torch.cat([pack_blocks(tokenizer, load_texts(parse_data_spec(s), split), seq_len,
+                                    per_source, seed=seed) for s in data])
+    blocks = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))]
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        return collect_pairs(model, blocks, tmp, **kwargs)
+
+
 class PairData:
     """Read-only view of a collection folder: memory-mapped shards of one layer at a time."""
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from prosparse.data import DEFAULT_DATA
 from prosparse.models.commands import add_activation_args, add_model_args, apply_activation_args
@@ -24,23 +23,15 @@ def _layers(text: str) -> list[int]:
 
 
 def _collect(args) -> int:
-    import torch
-
-    from prosparse.data import load_texts, pack_blocks, parse_data_spec
-    from prosparse.io import atomic_dir
     from prosparse.models.loading import load_model
-    from prosparse.predictors.collect import collect_pairs
+    from prosparse.predictors.collect import collect_from_data
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     apply_activation_args(model, args)
     specs = args.data or [DEFAULT_DATA]
-    per_source = args.tokens // len(specs)
-    blocks = torch.cat([pack_blocks(tok, load_texts(parse_data_spec(s), args.split),
-                                    args.seq_len, per_source, seed=args.seed) for s in specs])
-    # interleave sources so the validation tail holds every source
-    blocks = blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed))]
-    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
-        info = collect_pairs(model, blocks, tmp, clip_top=args.clip_top,
+    info = collect_from_data(model, tok, specs, args.out, tokens=args.tokens,
+                             seq_len=args.seq_len, split=args.split, seed=args.seed,
+                             overwrite=args.overwrite, clip_top=args.clip_top,
                              batch_size=args.batch_size, shard_tokens=args.shard_tokens,
                              mass_tokens=args.mass_tokens,
                              meta={"model": args.model, "data": specs, "split": args.split,
@@ -113,24 +104,11 @@ def _eval(args) -> int:
 
 
 def _calibrate(args) -> int:
-    import json
+    from prosparse.predictors.train import recalibrate_saved
 
-    from prosparse.predictors.collect import PairData
-    from prosparse.predictors.export import load_predictors, save_predictors
-    from prosparse.predictors.train import calibrate_predictors, evaluate_predictors
-
-    pset = load_predictors(args.predictors)
-    data = PairData(args.data_dir)
-    calibrate_predictors(pset, data, args.target_recall)
-    meta_file = Path(args.predictors) / "predictors.json"
-    extra = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    extra = {k: v for k, v in extra.items()
-             if k not in ("format", "d_model", "d_ff", "hidden", "n_layers", "thresholds")}
-    save_predictors(pset, args.out, overwrite=args.overwrite,
-                    extra={**extra, "calibrated_from": str(args.predictors),
-                           "target_recall": args.target_recall})
+    result = recalibrate_saved(args.predictors, args.data_dir, args.target_recall, args.out,
+                               overwrite=args.overwrite)
     print(f"wrote {args.out}")
-    result = evaluate_predictors(pset, data)
     _report(result, args, f"Predictors {args.out} (recall target {args.target_recall:g})")
     return 0
 

@@ -25,8 +25,10 @@ epoch 0 of the history, and kept if no epoch beats it).
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -304,6 +306,26 @@ def calibrate_predictors(pset: PredictorSet, data: PairData, target_recall: floa
                                         target_recall))
         pset.thresholds[layer] = out[-1]
     return out
+
+
+def recalibrate_saved(predictors: str | Path, data_dir: str | Path, target_recall: float,
+                      out: str | Path, overwrite: bool = False, progress: bool = True) -> dict:
+    """``prosparse predictors calibrate``: load the predictors saved at ``predictors``, re-tune
+    their thresholds to ``target_recall`` on ``data_dir``'s validation split (no retraining),
+    save them to ``out`` with their metadata, and return :func:`evaluate_predictors`."""
+    from prosparse.predictors.export import load_predictors, save_predictors
+
+    pset = load_predictors(predictors)
+    data = PairData(data_dir)
+    calibrate_predictors(pset, data, target_recall, progress=progress)
+    meta_file = Path(predictors) / "predictors.json"
+    extra = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    extra = {k: v for k, v in extra.items()
+             if k not in ("format", "d_model", "d_ff", "hidden", "n_layers", "thresholds")}
+    save_predictors(pset, out, overwrite=overwrite,
+                    extra={**extra, "calibrated_from": str(predictors),
+                           "target_recall": target_recall})
+    return evaluate_predictors(pset, data, progress=progress)
 
 
 def _check_match(pset: PredictorSet, data: PairData) -> None:
