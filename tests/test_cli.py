@@ -54,7 +54,7 @@ def test_errors_are_clear_and_nothing_is_written(tmp_path, capsys):
     assert main(["convert", "nowhere", "--out", str(out)]) == 2
     with pytest.raises(SystemExit):
         main(["threshold", "--thresholds", "a,b"])
-    assert "comma-separated list of numbers" in capsys.readouterr().err
+    assert "'a' is not a finite number, in 'a,b' (a comma-separated list" in capsys.readouterr().err
 
 
 def test_existing_out_is_refused(model_dir, tmp_path, capsys):
@@ -62,7 +62,7 @@ def test_existing_out_is_refused(model_dir, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert main(["convert", str(model_dir), "--out", str(out)]) == 2
-    assert "already exists; choose another --out or pass --overwrite" in capsys.readouterr().err
+    assert "taken already exists" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
 
 

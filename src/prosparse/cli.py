@@ -25,10 +25,19 @@ COMMAND_MODULES = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``prosparse convert: error: argument --threshold: 'nan'
+    is not a finite number ...``), the same shape as a :class:`UsageError`; ``--help`` shows
+    the usage. Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from prosparse import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="prosparse",
         description="High, controllable activation sparsity for gated-FFN LLMs (ProSparse).",
     )
@@ -41,7 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_prog(parser: argparse.ArgumentParser, args) -> str:
+    """``prosparse bench ops``: the prog of the subcommand that ``args`` chose."""
+    while parser._subparsers is not None:
+        action = next(a for a in parser._subparsers._group_actions
+                      if isinstance(a, argparse._SubParsersAction))
+        parser = action.choices[getattr(args, action.dest)]
+    return parser.prog
+
+
 def main(argv: list[str] | None = None) -> int:
+    from prosparse.errors import UsageError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -49,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"prosparse {args.command}: error: {msg}", file=sys.stderr)
+    except UsageError as e:  # a user mistake: one line; anything else is a bug (traceback)
+        message = " ".join(str(e.args[0] if e.args else e).split())
+        print(f"{_command_prog(parser, args)}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from prosparse import checks
+from prosparse.errors import UnknownNameError, UsageError
 from prosparse.kernels.activations import ACTS
 from prosparse.sparsity.schedule import Stage, validate_stages
 
@@ -180,39 +183,92 @@ class Recipe:
 
     def validate(self) -> None:
         validate_stages(self.stages)
+        for key, check in _FIELD_CHECKS.items():
+            value = _get(self, key)
+            if value is not None:
+                checks.check_field(key, value, check)
+        for key, check in _LIST_CHECKS.items():
+            for i, value in enumerate(_get(self, key) or ()):
+                checks.check_field(f"{key}.{i}", value, check)
+        if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
+            raise UsageError(f"optim.betas ({self.optim.betas}) must be two numbers in [0, 1), "
+                             "e.g. [0.9, 0.95]")
+        if not self.data.sources:
+            raise UsageError("data.sources is empty; name at least one source, e.g. [wiki]")
+        if self.data.weights is not None and not sum(self.data.weights) > 0:
+            raise UsageError(f"data.weights ({self.data.weights}) must have a positive sum")
+        if self.activation == "fatrelu" and self.activation_param < 0:
+            raise UsageError(f"activation_param ({self.activation_param}) is a fatrelu "
+                             "threshold and must be >= 0")
         _choice("penalty.normalization", self.penalty.normalization, NORMALIZATIONS)
         _choice("optim.train_params", self.optim.train_params, TRAIN_PARAMS)
         _choice("data.format", self.data.format, ("text", "chat"))
         if self.eval.tasks and self.eval.limit <= 0:
-            raise ValueError(f"eval.limit ({self.eval.limit}) must be a positive number of "
+            raise UsageError(f"eval.limit ({self.eval.limit}) must be a positive number of "
                              "documents per task")
         _choice("activation", self.activation, ACTS)
         _choice("dtype", self.dtype, ("auto", "bf16", "fp32"))
-        for key, value in (("batch_size", self.batch_size), ("grad_accum", self.grad_accum),
-                           ("data.seq_len", self.data.seq_len)):
-            if value < 1:
-                raise ValueError(f"{key} ({value}) must be >= 1")
         if self.data.weights is not None and len(self.data.weights) != len(self.data.sources):
-            raise ValueError(
+            raise UsageError(
                 f"data.weights has {len(self.data.weights)} entries for "
                 f"{len(self.data.sources)} data.sources; give one weight per source or null"
             )
-        if self.distill.weight < 0 or self.distill.lm_weight < 0:
-            raise ValueError("distill.weight and distill.lm_weight must be >= 0")
         if self.distill.weight == 0 and self.distill.lm_weight == 0:
-            raise ValueError("distill.lm_weight is 0 and distill.weight is 0: nothing to train on; "
+            raise UsageError("distill.lm_weight is 0 and distill.weight is 0: nothing to train on; "
                              "set one of them > 0")
-        if self.optim.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps ({self.optim.warmup_steps}) must be >= 0")
 
     @property
     def total_steps(self) -> int:
         return self.stages[-1].steps
 
 
+def _seq_len(value) -> int:
+    value = checks.positive_int(value)
+    if value < 2:
+        raise checks.argparse.ArgumentTypeError(f"{value} is too short a block; use >= 2 tokens")
+    return value
+
+
+# Range of every number in a recipe (types are checked while it is built).
+_FIELD_CHECKS = {
+    "activation_param": checks.act_scalar,
+    "penalty.scale": checks.positive_float,
+    "data.seq_len": _seq_len,
+    "data.heldout_tokens": checks.positive_int,
+    "data.heldout_seq_len": _seq_len,
+    "optim.lr": checks.positive_float,
+    "optim.min_lr_ratio": checks.fraction,
+    "optim.warmup_steps": checks.nonneg_int,
+    "optim.weight_decay": checks.nonneg_float,
+    "optim.grad_clip": checks.nonneg_float,
+    "batch_size": checks.positive_int,
+    "grad_accum": checks.positive_int,
+    "distill.weight": checks.nonneg_float,
+    "distill.temperature": checks.positive_float,
+    "distill.lm_weight": checks.nonneg_float,
+    "threshold.value": checks.threshold,
+    "threshold.tolerance": checks.nonneg_float,
+    "log.eval_every": checks.nonneg_int,
+    "log.eval_tokens": checks.positive_int,
+    "checkpoint.every": checks.nonneg_int,
+    "checkpoint.keep": checks.positive_int,
+    "seed": checks.nonneg_int,
+}
+_LIST_CHECKS = {
+    "data.weights": checks.nonneg_float,
+    "threshold.sweep": checks.threshold,
+}
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
-        raise KeyError(f"unknown {key} {value!r}; choose one of {', '.join(valid)}")
+        raise UnknownNameError(f"unknown {key} {value!r}; choose one of {', '.join(valid)}")
 
 
 # --- dict <-> dataclass -------------------------------------------------------------------------
@@ -235,16 +291,23 @@ def to_dict(obj) -> dict:
 
 def _build(cls, data, where: str):
     if not isinstance(data, dict):
-        raise ValueError(f"{where or 'recipe'} must be a mapping, got {type(data).__name__}")
+        raise UsageError(f"{where or 'recipe'} must be a mapping of keys to values, got "
+                         f"{type(data).__name__} {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {_yaml_key(f.name): f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise KeyError(f"unknown recipe key {(where + '.' if where else '') + key!r}; "
+            raise UnknownNameError(f"unknown recipe key {(where + '.' if where else '') + key!r}; "
                            f"choose one of {', '.join(fields)}")
         name = fields[key]
         kwargs[name] = _coerce(hints[name], value, f"{where}.{key}" if where else key)
+    missing = [_yaml_key(f.name) for f in dataclasses.fields(cls)
+               if f.name not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UsageError(f"{where or 'recipe'} has no {', '.join(missing)}; every entry needs it "
+                         f"(e.g. {where or 'recipe'}: {{{missing[0]}: 100, ...}})")
     return cls(**kwargs)
 
 
@@ -259,18 +322,24 @@ def _coerce(tp, value, where: str):
         return _build(tp, value, where)
     if origin is list:
         if not isinstance(value, list):
-            raise ValueError(f"{where} must be a list, got {value!r}")
+            raise UsageError(f"{where} must be a list, got {value!r}")
         (item,) = typing.get_args(tp)
         return [_coerce(item, v, f"{where}.{i}") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
     if tp is float and isinstance(value, str):
         try:
-            return float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
+            value = float(value)  # YAML 1.1 reads "1e-4" (no dot) as a string
         except ValueError:
             pass
-    if tp in (int, float, str, bool) and not isinstance(value, tp):
-        raise ValueError(f"{where} must be {tp.__name__}, got {value!r}")
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise UsageError(f"{where} must be a finite number, got {value!r}")
+        return float(value)
+    # bool is an int in Python; `batch_size: true` is a mistake, not 1
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (
+            tp is not bool and isinstance(value, bool))):
+        what = {"int": "an integer", "float": "a number", "str": "a string",
+                "bool": "true or false"}[tp.__name__]
+        raise UsageError(f"{where} must be {what}, got {value!r}")
     return value
 
 
@@ -286,9 +355,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like KEY=VALUE (e.g. optim.lr=1e-4)")
+            raise UsageError(f"override {item!r} must look like KEY=VALUE (e.g. optim.lr=1e-4)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else None
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as e:
+            raise UsageError(f"override {item!r}: the value is not YAML "
+                             f"({getattr(e, 'problem', None) or e}); quote it or fix it") from None
         parts = key.split(".")
         node = data
         for depth, part in enumerate(parts):
@@ -296,17 +369,21 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             here = ".".join(parts[: depth + 1])
             if isinstance(node, list):
                 if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
-                    raise KeyError(f"override {key!r}: {here} is not an index of a "
+                    raise UnknownNameError(f"override {key!r}: {here} is not an index of a "
                                    f"{len(node)}-item list")
                 if last:
                     node[int(part)] = value
                 else:
                     node = node[int(part)]
-            else:
+            elif isinstance(node, dict):
                 if last:
                     node[part] = value
                 else:
                     node = node.setdefault(part, {})
+            else:
+                parent = ".".join(parts[:depth])
+                raise UsageError(f"override {item!r}: {parent} is a single value ({node!r}), "
+                                 f"it has no key {part!r}; set {parent}=VALUE instead")
     return data
 
 
@@ -316,8 +393,17 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no recipe at {str(path)!r}; see configs/ for examples")
-        data = yaml.safe_load(path.read_text()) or {}
+            raise UsageError(f"no recipe at {str(path)!r}; see configs/ for examples")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise UsageError(f"recipe {path} is not UTF-8 text; give a YAML file") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise UsageError(f"recipe {path} is not valid YAML{where}: {what}; fix that line "
+                             "(configs/ has examples)") from None
     return recipe_from_dict(apply_overrides(data, list(overrides)))
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from prosparse.errors import UsageError
+
 DEMO_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
@@ -22,8 +24,8 @@ def run_demo(out: str = "runs/demo", recipe: str | Path | None = None,
 
     path = Path(recipe) if recipe else DEMO_RECIPE
     if not path.is_file():
-        raise FileNotFoundError(f"demo recipe {str(path)!r} not found; pass --recipe "
-                                "configs/demo.yaml from a checkout of prosparse")
+        raise UsageError(f"demo recipe {str(path)!r} not found; pass --recipe "
+                         "configs/demo.yaml from a checkout of prosparse")
     start = time.time()
     result = train(load_recipe(path, list(overrides)), out)
     report = result.report

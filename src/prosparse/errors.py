@@ -14,3 +14,11 @@ class UsageError(ValueError):
     It subclasses ``ValueError`` so library callers that already catch ``ValueError`` for bad
     arguments keep working.
     """
+
+
+class UnknownNameError(UsageError, KeyError):
+    """A name that a registry does not hold (an activation, a recipe key, a task); the message
+    lists the valid ones. Also a ``KeyError``, the usual type of a failed lookup."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; a user reads it plain
+        return str(self.args[0]) if self.args else ""

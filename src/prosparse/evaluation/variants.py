@@ -3,6 +3,7 @@ Table 1), with held-out sparsity beside the lm-eval scores."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import logging
@@ -10,8 +11,10 @@ from pathlib import Path
 
 from torch import nn
 
+from prosparse import checks
+from prosparse.errors import UnknownNameError, UsageError
 from prosparse.evaluation.harness import evaluate
-from prosparse.evaluation.report import compare
+from prosparse.evaluation.report import compare, sparsity_value
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +28,15 @@ def parse_variant(text: str) -> tuple[str, str | None, float, float]:
         return "relu", "relu", 0.0, 0.0
     if name in ("fatrelu", "shifted_relu") and value:
         try:
-            x = float(value)
-        except ValueError:
-            raise ValueError(f"variant {text!r}: {value!r} is not a number") from None
+            x = checks.act_scalar(value)
+            if name == "fatrelu":
+                x = checks.threshold(value)
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"variant {text!r}: {e}") from None
         if name == "fatrelu":
             return f"fatrelu t={x:g}", "fatrelu", x, 0.0
         return f"shifted_relu b={x:g}", "shifted_relu", 0.0, x
-    raise ValueError(f"unknown variant {text!r}; use original, relu, fatrelu:T or shifted_relu:B "
+    raise UnknownNameError(f"unknown variant {text!r}; use original, relu, fatrelu:T or shifted_relu:B "
                      f"(e.g. original,relu,fatrelu:0.01)")
 
 
@@ -83,17 +88,24 @@ def compare_files(result_files: list[str], sparsity: list[str] | None = None) ->
     for item in result_files:
         label, path = _labelled(item)
         if not Path(path).is_file():
-            raise FileNotFoundError(f"result file {path} not found (write one with "
+            raise UsageError(f"result file {path} not found (write one with "
                                     f"`prosparse eval MODEL --json {path}`)")
-        r = json.loads(Path(path).read_text())
-        if "tasks" not in r or "groups" not in r:
-            raise ValueError(f"{path} is not a `prosparse eval --json` result (no tasks/groups)")
+        try:
+            r = json.loads(Path(path).read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UsageError(f"{path} is not JSON ({e}); give a `prosparse eval --json` "
+                             "result") from None
+        if not isinstance(r, dict) or "tasks" not in r or "groups" not in r:
+            raise UsageError(f"{path} is not a `prosparse eval --json` result (no tasks/groups)")
         results[label or r.get("model") or Path(path).stem] = r
     sparsity_of = {}
     for item in sparsity or []:
         label, value = _labelled(item)
         if label not in results:
-            raise KeyError(f"--sparsity {item!r}: unknown setting {label!r}; settings: "
+            raise UnknownNameError(f"--sparsity {item!r}: unknown setting {label!r}; settings: "
                            f"{', '.join(results)}")
-        sparsity_of[label] = value
+        try:
+            sparsity_of[label] = sparsity_value(value)
+        except UsageError as e:
+            raise UsageError(f"--sparsity {item!r}: {e}") from None
     return compare(results, sparsity_of)

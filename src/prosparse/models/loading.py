@@ -8,11 +8,19 @@ checkpoints written by other tools (the released ProSparse models) load exactly 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
+
+from prosparse.errors import UnknownNameError, UsageError
+
+log = logging.getLogger(__name__)
 
 EMBEDDED = {
     # name -> (module shipping the file, file name, pip spec that installs it)
@@ -41,7 +49,8 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     try:
         return DTYPES[dtype]
     except KeyError:
-        raise KeyError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") from None
+        raise UnknownNameError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") \
+            from None
 
 
 def package_dir(module: str) -> Path | None:
@@ -59,7 +68,7 @@ def shipped_file(module: str, rel: str, what: str, install: str) -> Path:
     folder = package_dir(module)
     path = folder / rel if folder is not None else None
     if path is None or not path.exists():
-        raise FileNotFoundError(
+        raise UsageError(
             f"{what} is not installed (looked for {rel} in package {module!r}); "
             f"install it with `{install}` or run `make setup`"
         )
@@ -78,16 +87,41 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+CHECKSUMS = "checksums.json"
+"""Inside a cached model folder: ``{file name: sha256}`` of every file, written with it."""
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _cache_is_intact(folder: Path) -> bool:
+    """Every file listed in the folder's checksums is there with the same sha256 (about 0.5 s
+    for the 540 MB SmolLM2 copy); a folder without checksums is not trusted."""
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_text())
+        return bool(sums) and all(_sha256(folder / name) == digest
+                                  for name, digest in sums.items())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _embedded_cached(name: str) -> Path:
     """A safetensors copy of an embedded GGUF model, made on first use.
 
     Dequantising the GGUF takes ~20 s on 2 cores; the fp32 copy (bit-identical weights) loads
-    in about 2 s. A failed or concurrent write falls back to the GGUF file.
+    in about 2 s. The copy carries a sha256 of each file: a copy that fails it (truncated,
+    corrupted, or written by a version without checksums) is removed and made again. A failed
+    or concurrent write falls back to the GGUF file.
     """
     gguf = embedded_model_path(name)
     target = cache_dir() / "models" / f"{name}-{gguf.stat().st_size}"
     if (target / "config.json").is_file():
-        return target
+        if _cache_is_intact(target):
+            return target
+        log.warning("cached copy %s failed its checksum; rebuilding it from %s", target, gguf)
+        shutil.rmtree(target, ignore_errors=True)
     if os.environ.get("PROSPARSE_NO_CACHE"):
         return gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -102,10 +136,41 @@ def _embedded_cached(name: str) -> Path:
         with atomic_dir(target) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1) + "\n")
     except OSError:
         if not (target / "config.json").is_file():
             return gguf
     return target
+
+
+def check_checkpoint(folder: Path) -> None:
+    """Raise :class:`UsageError` naming the file when a checkpoint folder's ``config.json`` is
+    not JSON or a ``.safetensors`` file is truncated or corrupt (its header disagrees with its
+    size): cheap (headers only), and before transformers fails with no path named."""
+    redo = "re-run `prosparse convert` (or re-download the checkpoint) to write it again"
+    try:
+        json.loads((folder / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{folder / 'config.json'} is not valid JSON ({e}); {redo}") from None
+    for f in sorted(folder.glob("*.safetensors")):
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise UsageError(f"{f} is truncated or corrupt ({size} bytes, no complete "
+                                 f"safetensors header); {redo}")
+            try:
+                header = json.loads(fh.read(n))
+                end = max((v["data_offsets"][1] for k, v in header.items()
+                           if k != "__metadata__"), default=0)
+            except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError):
+                raise UsageError(f"{f} is corrupt (unreadable safetensors header); {redo}") \
+                    from None
+        if 8 + n + end != size:
+            raise UsageError(f"{f} is truncated or corrupt ({size} bytes, its header describes "
+                             f"{8 + n + end}); {redo}")
 
 
 def _describe_failure(spec: str) -> str:
@@ -137,24 +202,26 @@ def load_model(
         source, kwargs = str(path.parent), {"gguf_file": path.name}
     elif path.is_dir() and (path / "config.json").is_file():
         source = str(path)
+        check_checkpoint(path)
     elif path.exists() or spec.endswith(".gguf") or spec.startswith((".", "/", "~")):
-        raise FileNotFoundError(_describe_failure(spec))
+        raise UsageError(_describe_failure(spec))
     else:
         if online is None:
             online = os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False")
         if not online or spec.count("/") != 1:
-            raise FileNotFoundError(_describe_failure(spec))
+            raise UsageError(_describe_failure(spec))
         source = spec
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     except OSError as e:
         if source == spec:  # a hub id that could not be fetched
-            raise FileNotFoundError(f"{_describe_failure(spec)}; hub lookup failed: {e}") from e
+            raise UsageError(f"{_describe_failure(spec)}; hub lookup failed: {e}") from e
         raise
     if "gguf_file" in kwargs:
         dequantized_(model)
     restore_activation_(model)
+    restore_teal_(model)  # TEAL thresholds recorded in the config
     model.to(device)
     model.eval()
     if tokenizer.pad_token is None:
@@ -171,6 +238,12 @@ def dequantized_(model) -> None:
     model.quantization_method = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+def restore_teal_(model) -> None:
+    from prosparse.models.teal import restore_teal_ as restore
+
+    restore(model)
 
 
 def restore_activation_(model) -> None:

@@ -10,13 +10,14 @@ works unchanged, and the state dict keeps its keys.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from prosparse.kernels.activations import check_act
+from prosparse.errors import UsageError
+from prosparse.kernels.activations import ACTS, check_act
 from prosparse.models.activations import activation_params, make_activation
 
 _SEPARATE = ("gate_proj", "up_proj")
@@ -75,7 +76,7 @@ def _activation_child(module: nn.Module) -> str | None:
 def find_gated_ffns(model: nn.Module) -> list[GatedFFN]:
     """Every gated FFN of ``model``, in module order (layer order for decoder stacks).
 
-    Raises ``ValueError`` naming the model class and what was looked for when there is none.
+    Raises :class:`UsageError` naming the model class and what was looked for when there is none.
     """
     found = []
     for name, module in model.named_modules():
@@ -91,7 +92,7 @@ def find_gated_ffns(model: nn.Module) -> list[GatedFFN]:
             continue
         found.append(GatedFFN(name, module, act_attr, fused and not separate))
     if not found:
-        raise ValueError(
+        raise UsageError(
             f"{type(model).__name__} has no gated FFN: looked for {_LOOKED_FOR}. "
             "ProSparse applies to gated (SwiGLU/GeGLU) FFNs; models such as GPT-2 or BERT have none."
         )
@@ -101,7 +102,7 @@ def find_gated_ffns(model: nn.Module) -> list[GatedFFN]:
 def relufy_(
     model: nn.Module,
     act: str = "relu",
-    param: float = 0.0,
+    param: float | Sequence[float] = 0.0,
     *,
     filter: Callable[[GatedFFN], bool] | None = None,
     threshold: float | None = None,
@@ -109,11 +110,13 @@ def relufy_(
 ) -> list[str]:
     """Replace the activation of every gated FFN in ``model`` (in place) and update its config.
 
-    ``act`` is ``relu``, ``fatrelu`` (keeps ``g >= param``) or ``shifted_relu``
-    (``relu(g - param)``); ``param`` is the activation's one scalar. ``threshold=`` (FATReLU)
-    and ``shift=`` (shifted ReLU) are spellings of ``param`` for readability. A zero parameter
-    gives a plain ``nn.ReLU``, saved as ``hidden_act: "relu"`` so plain transformers loads it.
-    ``filter`` keeps only some FFNs. Returns the names of the FFNs changed.
+    ``act`` is ``relu``, ``fatrelu`` (keeps ``g >= param``), ``shifted_relu``
+    (``relu(g - param)``) or ``cats`` (keeps ``silu(g)`` where ``|silu(g)| >= param``);
+    ``param`` is the activation's one scalar, or one per FFN in layer order (CATS calibrates a
+    threshold per layer). ``threshold=`` (FATReLU) and ``shift=`` (shifted ReLU) are spellings
+    of ``param`` for readability. A zero FATReLU threshold or shift gives a plain ``nn.ReLU``,
+    saved as ``hidden_act: "relu"`` so plain transformers loads it. ``filter`` keeps only some
+    FFNs. Returns the names of the FFNs changed.
     """
     check_act(act)
     for name, alias, owner in (("threshold", threshold, "fatrelu"), ("shift", shift, "shifted_relu")):
@@ -123,28 +126,33 @@ def relufy_(
             raise ValueError(f"{name}={alias} applies to act={owner!r} only (got act={act!r}); "
                              f"pass param= instead")
         param = alias
-    param = float(param)
-    if not math.isfinite(param):
-        raise ValueError(f"the {act} parameter must be a finite number, got {param}")
-    if act == "relu" and param:
-        raise ValueError(f"act='relu' takes no parameter (got {param}); use act='fatrelu' for a "
-                         "threshold or act='shifted_relu' for a shift")
-    if act == "fatrelu" and param < 0:
-        raise ValueError(f"threshold ({param}) must be >= 0 for fatrelu")
-    if param == 0:
+    ffns = [f for f in find_gated_ffns(model) if filter is None or filter(f)]
+    params = [float(p) for p in param] if isinstance(param, (list, tuple)) else None
+    if params is not None and len(params) != len(ffns):
+        raise ValueError(f"{len(params)} parameters for {len(ffns)} gated FFNs; give one per FFN "
+                         "or a single number")
+    values = params if params is not None else [float(param)] * len(ffns)
+    for p in values:
+        if not math.isfinite(p):
+            raise ValueError(f"the {act} parameter must be a finite number, got {p}")
+        if act == "relu" and p:
+            raise ValueError(f"act='relu' takes no parameter (got {p}); use act='fatrelu' for a "
+                             "threshold or act='shifted_relu' for a shift")
+        if act in ("fatrelu", "cats") and p < 0:
+            raise ValueError(f"threshold ({p}) must be >= 0 for {act}")
+    if act in ("fatrelu", "shifted_relu") and not any(values):
         act = "relu"
     changed = []
-    for ffn in find_gated_ffns(model):
-        if filter is not None and not filter(ffn):
-            continue
+    for ffn, p in zip(ffns, values):
         old = ffn.act
-        new = make_activation(act, param)
+        new = make_activation(act, p if act != "relu" else 0.0)
         buf = next(old.buffers(), None) if old is not None else None
         device = buf.device if buf is not None else ffn.down_proj.weight.device
         setattr(ffn.module, ffn.act_attr, new.to(device))
         changed.append(ffn.name)
     if filter is None and hasattr(model, "config"):
-        set_activation_config(model.config, act, param)
+        same = len(set(values)) <= 1
+        set_activation_config(model.config, act, values[0] if same and values else values)
     return changed
 
 
@@ -169,19 +177,24 @@ def set_activation_config(config, act: str, param: float) -> None:
         if act == "relu":
             if hasattr(cfg, "hidden_act_param"):
                 delattr(cfg, "hidden_act_param")
-        else:
-            cfg.hidden_act_param = float(param)
+        else:  # one number, or one per layer (CATS)
+            cfg.hidden_act_param = ([float(p) for p in param] if isinstance(param, (list, tuple))
+                                    else float(param))
 
 
-def current_activation(model: nn.Module) -> tuple[str, float]:
-    """``(name, param)`` shared by all gated FFNs; ``("other:<Class>", 0.0)`` for SiLU/GELU."""
-    kinds = set()
+def current_activation(model: nn.Module) -> tuple[str, float | list[float]]:
+    """``(name, param)`` shared by all gated FFNs; ``("other:<Class>", 0.0)`` for SiLU/GELU;
+    ``(name, [param per layer])`` when they share the activation but not its parameter (CATS);
+    ``("mixed", 0.0)`` otherwise."""
+    kinds = []
     for ffn in find_gated_ffns(model):
         p = activation_params(ffn.act)
-        kinds.add(p if p is not None else (f"other:{type(ffn.act).__name__}", 0.0))
-    if len(kinds) != 1:
-        return ("mixed", 0.0)
-    return kinds.pop()
+        kinds.append(p if p is not None else (f"other:{type(ffn.act).__name__}", 0.0))
+    if len(set(kinds)) == 1:
+        return kinds[0]
+    if len({k[0] for k in kinds}) == 1 and kinds[0][0] in ACTS:
+        return (kinds[0][0], [k[1] for k in kinds])
+    return ("mixed", 0.0)
 
 
 _ACT_KEYS = ("hidden_act", "hidden_activation", "hidden_act_param")

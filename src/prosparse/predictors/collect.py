@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from prosparse.errors import UsageError
 from prosparse.models.activations import activation_params
 from prosparse.models.relufy import find_gated_ffns
 
@@ -135,7 +136,7 @@ def labels_from_x1(x1: torch.Tensor, clip_top: float | None = None) -> torch.Ten
     if clip_top is None:
         return active
     if not 0 < clip_top <= 1:
-        raise ValueError(f"clip_top ({clip_top}) must be in (0, 1], e.g. 0.15")
+        raise UsageError(f"clip_top ({clip_top}) must be in (0, 1], e.g. 0.15")
     k = max(1, math.ceil(clip_top * x1.shape[-1]))
     top = torch.zeros_like(active)
     top.scatter_(-1, x1.abs().topk(k, dim=-1).indices, True)
@@ -275,7 +276,7 @@ def collect_pairs(
     ffns = find_gated_ffns(model)
     for ffn in ffns:
         if activation_params(ffn.act) is None:
-            raise ValueError(
+            raise UsageError(
                 f"{ffn.name} uses {type(ffn.act).__name__}, not a ReLU-family activation, so "
                 "x1 has no exact zeros to predict; pass --act relu (or --threshold T) or a "
                 "ReLUfied checkpoint"
@@ -285,7 +286,7 @@ def collect_pairs(
     total = int(blocks.numel())
     n_val = max(1, round(total * val_fraction))
     if n_val >= total:
-        raise ValueError(f"{total} tokens leave nothing to train on after a "
+        raise UsageError(f"{total} tokens leave nothing to train on after a "
                          f"{val_fraction:g} validation split; collect more --tokens")
     mass_tokens = min(mass_tokens, n_val)
     sinks = []
@@ -373,13 +374,30 @@ class PairData:
         self.folder = Path(folder)
         meta = self.folder / "meta.json"
         if not meta.is_file():
-            raise FileNotFoundError(f"{meta} not found: is {self.folder} the --out of "
-                                    "`prosparse predictors collect`?")
-        self.meta = json.loads(meta.read_text())
-        self.d_model, self.d_ff = self.meta["d_model"], self.meta["d_ff"]
-        self.n_layers, self.tokens = self.meta["n_layers"], self.meta["tokens"]
-        self.n_val = self.meta["n_val"]
+            raise UsageError(f"{meta} not found: is {self.folder} the --out of "
+                             "`prosparse predictors collect`?")
+        try:
+            self.meta = json.loads(meta.read_text())
+            self.d_model, self.d_ff = self.meta["d_model"], self.meta["d_ff"]
+            self.n_layers, self.tokens = self.meta["n_layers"], self.meta["tokens"]
+            self.n_val = self.meta["n_val"]
+            shards = list(self.meta["shards"])
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise UsageError(f"{meta} is corrupt ({type(e).__name__}: {e}); collect again with "
+                             "`prosparse predictors collect`") from None
         self.n_train = self.tokens - self.n_val
+        widths = {"x": (np.float16, self.d_model), "y": (np.uint8, (self.d_ff + 7) // 8)}
+        for layer in range(self.n_layers):
+            for prefix, (dtype, width) in widths.items():
+                for s, rows in enumerate(shards):
+                    f = self.folder / f"layer_{layer:02d}" / f"{prefix}_{s:04d}.bin"
+                    want = rows * width * np.dtype(dtype).itemsize
+                    size = f.stat().st_size if f.is_file() else None
+                    if size != want:
+                        raise UsageError(
+                            f"{f} is {'missing' if size is None else f'{size} bytes'}, "
+                            f"expected {want}: the collection is incomplete or corrupt; collect "
+                            "again with `prosparse predictors collect`")
 
     def _concat(self, layer: int, prefix: str, dtype, width: int) -> np.ndarray:
         parts = [np.memmap(self.folder / f"layer_{layer:02d}" / f"{prefix}_{s:04d}.bin",

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from prosparse.data import DEFAULT_DATA
+from prosparse import checks
+from prosparse.data import DEFAULT_DATA, check_data
+from prosparse.errors import UsageError
 from prosparse.models.commands import add_activation_args, add_model_args, apply_activation_args
 from prosparse.sparsity.commands import add_data_args
 from prosparse.tables import pct
@@ -16,19 +19,41 @@ def _layers(text: str) -> list[int]:
     try:
         for part in text.split(","):
             lo, _, hi = part.partition("-")
-            out.extend(range(int(lo), int(hi or lo) + 1))
+            lo, hi = int(lo), int(hi or lo)
+            if lo < 0 or hi < lo:
+                raise ValueError
+            out.extend(range(lo, hi + 1))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a layer list such as 0-9,12") from None
-    return out
+        raise argparse.ArgumentTypeError(f"{text!r} is not a layer list such as 0-9,12 "
+                                         "(layers count from 0, ranges go up)") from None
+    return sorted(set(out))
+
+
+def check_predictor_dir(path: str) -> Path:
+    """A predictor folder to read: ours (``predictors.json``) or PowerInfer's (``model_0.pt``)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise UsageError(f"no predictor folder at {path!r}; write one with `prosparse predictors "
+                         "train` (or give PowerInfer's)")
+    if not (folder / "predictors.json").is_file() and not (folder / "model_0.pt").is_file():
+        raise UsageError(f"{folder} holds neither predictors.json (prosparse) nor model_0.pt "
+                         "(PowerInfer); give the --out of `prosparse predictors train`")
+    return folder
+
+
+def _train_device(text: str) -> str:
+    return text if text == "auto" else checks.device(text)
 
 
 def _collect(args) -> int:
     from prosparse.models.loading import load_model
     from prosparse.predictors.collect import collect_from_data
 
+    specs = args.data or [DEFAULT_DATA]
+    check_data(specs)
+    checks.check_output_dir(args.out, args.overwrite)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     apply_activation_args(model, args)
-    specs = args.data or [DEFAULT_DATA]
     info = collect_from_data(model, tok, specs, args.out, tokens=args.tokens,
                              seq_len=args.seq_len, split=args.split, seed=args.seed,
                              overwrite=args.overwrite, clip_top=args.clip_top,
@@ -70,6 +95,7 @@ def _train(args) -> int:
     from prosparse.predictors.export import save_predictors
     from prosparse.predictors.train import TrainConfig, train_predictors
 
+    checks.check_output_dir(args.out, args.overwrite)
     data = PairData(args.data_dir)
     cfg = TrainConfig(hidden=args.hidden, epochs=args.epochs, patience=args.patience,
                       batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -94,18 +120,23 @@ def _eval(args) -> int:
     from prosparse.predictors.export import load_predictors
     from prosparse.predictors.train import evaluate_predictors
 
-    pset = load_predictors(args.predictors)
     if args.target_recall is not None:
-        raise ValueError("--target-recall belongs to `predictors train`; eval uses the saved "
+        raise UsageError("--target-recall belongs to `predictors train`; eval uses the saved "
                          "thresholds")
-    result = evaluate_predictors(pset, PairData(args.data_dir))
+    data = PairData(args.data_dir)
+    pset = load_predictors(check_predictor_dir(args.predictors))
+    result = evaluate_predictors(pset, data)
     _report(result, args, f"Predictors {args.predictors}")
     return 0
 
 
 def _calibrate(args) -> int:
+    from prosparse.predictors.collect import PairData
     from prosparse.predictors.train import recalibrate_saved
 
+    checks.check_output_dir(args.out, args.overwrite)
+    check_predictor_dir(args.predictors)
+    PairData(args.data_dir)
     result = recalibrate_saved(args.predictors, args.data_dir, args.target_recall, args.out,
                                overwrite=args.overwrite)
     print(f"wrote {args.out}")
@@ -116,9 +147,18 @@ def _calibrate(args) -> int:
 def _export(args) -> int:
     from prosparse.predictors.export import export_powerinfer, load_predictors, save_predictors
 
-    pset = load_predictors(args.predictors)
     if args.powerinfer is None and args.out is None:
-        raise ValueError("give --powerinfer DIR and/or --out DIR")
+        raise UsageError("give --powerinfer DIR and/or --out DIR")
+    if args.powerinfer is not None and args.out is not None and \
+            Path(args.powerinfer).expanduser().resolve() == Path(args.out).expanduser().resolve():
+        raise UsageError(f"--powerinfer and --out are both {args.out}; give two folders")
+    for flag, out in (("--powerinfer", args.powerinfer), ("--out", args.out)):
+        if out is not None:
+            try:
+                checks.check_output_dir(out, args.overwrite)
+            except UsageError as e:
+                raise UsageError(f"{flag}: {e}") from None
+    pset = load_predictors(check_predictor_dir(args.predictors))
     if args.powerinfer:
         t = export_powerinfer(pset, args.powerinfer, overwrite=args.overwrite)
         print(f"wrote {args.powerinfer} ({len(pset)} x model_{{layer}}.pt, "
@@ -145,12 +185,13 @@ def register(sub) -> None:
     add_data_args(p, tokens=400_000, seq_len=512)
     p.add_argument("--split", default="train", choices=("train", "heldout", "all"),
                    help="document split of the data (default train)")
-    p.add_argument("--clip-top", type=float, default=None, metavar="FRAC",
+    p.add_argument("--clip-top", type=checks.open_fraction, default=None, metavar="FRAC",
                    help="positives are only each token's largest FRAC of |x1| (e.g. 0.15)")
-    p.add_argument("--shard-tokens", type=int, default=65536, help="rows per shard file")
-    p.add_argument("--mass-tokens", type=int, default=2048,
+    p.add_argument("--shard-tokens", type=checks.positive_int, default=65536,
+                   help="rows per shard file")
+    p.add_argument("--mass-tokens", type=checks.nonneg_int, default=2048,
                    help="validation tokens whose full |x1| is kept for the mass-missed metric")
-    p.add_argument("--seed", type=int, default=0, help="block shuffling seed")
+    p.add_argument("--seed", type=checks.nonneg_int, default=0, help="block shuffling seed")
     p.add_argument("--out", required=True, help="output folder (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_collect)
@@ -160,30 +201,35 @@ def register(sub) -> None:
                                  "validation recall, best checkpoint kept (paper App. F).")
     p.add_argument("data_dir", metavar="DIR", help="the --out of `predictors collect`")
     p.add_argument("--out", required=True, help="predictor folder to write (must not exist)")
-    p.add_argument("--hidden", type=int, default=1024, help="predictor hidden width")
-    p.add_argument("--epochs", type=int, default=20,
+    p.add_argument("--hidden", type=checks.positive_int, default=1024,
+                   help="predictor hidden width")
+    p.add_argument("--epochs", type=checks.nonneg_int, default=20,
                    help="most epochs per layer; 0 keeps the gate's truncation untrained (only "
                         "the threshold is tuned): predictors in seconds")
-    p.add_argument("--patience", type=int, default=3,
+    p.add_argument("--patience", type=checks.positive_int, default=3,
                    help="stop after this many epochs without improvement")
-    p.add_argument("--batch-size", type=int, default=1024, help="tokens per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    p.add_argument("--target-recall", type=float, default=None, metavar="R",
+    p.add_argument("--batch-size", type=checks.positive_int, default=1024,
+                   help="tokens per step")
+    p.add_argument("--lr", type=checks.positive_float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--weight-decay", type=checks.nonneg_float, default=0.01,
+                   help="AdamW weight decay")
+    p.add_argument("--target-recall", type=checks.open_fraction, default=None, metavar="R",
                    help="tune each layer's threshold to validation recall R (e.g. 0.95); "
                         "default: probability 0.5")
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--max-tokens", type=checks.positive_int, default=None,
                    help="train on at most this many tokens per layer")
     p.add_argument("--init", choices=("auto", "gate", "random"), default="auto",
                    help="start from the rank-hidden/2 truncation of each layer's gate (gate), "
                         "from random weights as the paper (random), or gate where the "
                         "collection holds it (auto, default)")
     p.add_argument("--layers", type=_layers, default=None, help="only these layers, e.g. 0-3")
-    p.add_argument("--device", default="auto",
+    p.add_argument("--device", default="auto", type=_train_device,
                    help="where to train: auto (CUDA when available, default), cuda or cpu")
-    p.add_argument("--seed", type=int, default=0, help="initialisation and shuffling seed")
-    p.add_argument("--json", help="write per-layer metrics as JSON here")
-    p.add_argument("--plot", help="write the per-layer plot (PNG) here")
+    p.add_argument("--seed", type=checks.nonneg_int, default=0,
+                   help="initialisation and shuffling seed")
+    p.add_argument("--json", type=checks.output_file,
+                   help="write per-layer metrics as JSON here")
+    p.add_argument("--plot", type=checks.output_file, help="write the per-layer plot (PNG) here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_train)
 
@@ -193,8 +239,9 @@ def register(sub) -> None:
     p.add_argument("predictors", metavar="PRED", help="predictor folder (ours or PowerInfer's)")
     p.add_argument("data_dir", metavar="DIR", help="the --out of `predictors collect`")
     p.add_argument("--target-recall", type=float, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--json", help="write per-layer metrics as JSON here")
-    p.add_argument("--plot", help="write the per-layer plot (PNG) here")
+    p.add_argument("--json", type=checks.output_file,
+                   help="write per-layer metrics as JSON here")
+    p.add_argument("--plot", type=checks.output_file, help="write the per-layer plot (PNG) here")
     p.set_defaults(func=_eval)
 
     p = s.add_parser("calibrate", help="re-tune thresholds to a target recall, no retraining",
@@ -203,12 +250,13 @@ def register(sub) -> None:
                                  "trained set gives the whole recall / sparsity trade-off.")
     p.add_argument("predictors", metavar="PRED", help="predictor folder (ours or PowerInfer's)")
     p.add_argument("data_dir", metavar="DIR", help="the --out of `predictors collect`")
-    p.add_argument("--target-recall", type=float, required=True, metavar="R",
+    p.add_argument("--target-recall", type=checks.open_fraction, required=True, metavar="R",
                    help="validation recall each layer keeps, e.g. 0.99")
     p.add_argument("--out", required=True, help="predictor folder to write (must not exist)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--json", help="write per-layer metrics as JSON here")
-    p.add_argument("--plot", help="write the per-layer plot (PNG) here")
+    p.add_argument("--json", type=checks.output_file,
+                   help="write per-layer metrics as JSON here")
+    p.add_argument("--plot", type=checks.output_file, help="write the per-layer plot (PNG) here")
     p.set_defaults(func=_calibrate)
 
     p = s.add_parser("export", help="write predictors in PowerInfer's layout (or ours)",

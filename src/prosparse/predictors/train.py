@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from prosparse.errors import UsageError
 from prosparse.predictors.collect import PairData
 from prosparse.predictors.metrics import LayerCounts, summarize
 from prosparse.predictors.model import Predictor, PredictorSet
@@ -73,15 +74,15 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.target_recall is not None and not 0 < self.target_recall <= 1:
-            raise ValueError(f"target_recall ({self.target_recall}) must be in (0, 1], "
+            raise UsageError(f"target_recall ({self.target_recall}) must be in (0, 1], "
                              "e.g. 0.95")
         if self.init not in ("auto", "gate", "random"):
-            raise ValueError(f"init ({self.init!r}) must be 'auto', 'gate' or 'random'")
+            raise UsageError(f"init ({self.init!r}) must be 'auto', 'gate' or 'random'")
         for name in ("hidden", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} ({getattr(self, name)}) must be at least 1")
+                raise UsageError(f"{name} ({getattr(self, name)}) must be at least 1")
         if self.epochs < 0 or (self.epochs == 0 and self.init == "random"):
-            raise ValueError(f"epochs ({self.epochs}) must be at least 1, or 0 to keep the "
+            raise UsageError(f"epochs ({self.epochs}) must be at least 1, or 0 to keep the "
                              "gate's truncation untrained (init 'gate' or 'auto')")
 
 
@@ -91,7 +92,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for but CUDA is not available here; use "
+        raise UsageError(f"device {name!r} asked for but CUDA is not available here; use "
                          "--device cpu (or auto)")
     return dev
 
@@ -260,6 +261,10 @@ def train_predictors(
     """Train every layer's predictor (or only ``layers``; the others stay untrained with
     threshold +inf, i.e. predict nothing). Returns the set and the JSON of ``train --json``."""
     layers = list(range(data.n_layers)) if layers is None else layers
+    outside = [i for i in layers if not 0 <= i < data.n_layers]
+    if outside:
+        raise UsageError(f"--layers {outside} are not in {data.folder}, which holds layers "
+                         f"0-{data.n_layers - 1}")
     pset = PredictorSet(data.d_model, data.d_ff, data.n_layers, cfg.hidden)
     pset.thresholds.fill_(math.inf)
     n_train = data.n_train if cfg.max_train_tokens is None else min(cfg.max_train_tokens,
@@ -270,7 +275,7 @@ def train_predictors(
             notes = data.meta.get("gate_init_notes") or []
             why = notes[missing[0]] if missing[0] < len(notes) and notes[missing[0]] else \
                 "the folder predates gate initialisation"
-            raise ValueError(f"init='gate' but {data.folder} holds no effective gate for "
+            raise UsageError(f"init='gate' but {data.folder} holds no effective gate for "
                              f"layer(s) {missing} ({why}); re-collect, or use init 'random'")
     results = []
     for layer in tqdm(layers, desc="layers", disable=not progress):
@@ -330,9 +335,10 @@ def recalibrate_saved(predictors: str | Path, data_dir: str | Path, target_recal
 
 def _check_match(pset: PredictorSet, data: PairData) -> None:
     if (len(pset), pset.d_model, pset.d_ff) != (data.n_layers, data.d_model, data.d_ff):
-        raise ValueError(
+        raise UsageError(
             f"predictors ({len(pset)} layers, d_model {pset.d_model}, d_ff {pset.d_ff}) do not "
-            f"match the data ({data.n_layers} layers, d_model {data.d_model}, d_ff {data.d_ff})"
+            f"match the data ({data.n_layers} layers, d_model {data.d_model}, d_ff {data.d_ff}); "
+            "give the collection they were trained on"
         )
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from prosparse.data import DEFAULT_DATA
+from prosparse import checks
+from prosparse.data import DEFAULT_DATA, check_data
 from prosparse.models.commands import add_activation_args, add_model_args, apply_activation_args
 from prosparse.tables import format_table, pct
 
@@ -13,9 +14,20 @@ def add_data_args(p: argparse.ArgumentParser, tokens: int = 8192, seq_len: int =
     p.add_argument("--data", action="append", metavar="NAME=PATH",
                    help=f"data source: wiki, qa, NAME=PATH (.txt/.jsonl/folder); repeatable "
                         f"(default {DEFAULT_DATA})")
-    p.add_argument("--tokens", type=int, default=tokens, help="tokens measured per data source")
-    p.add_argument("--seq-len", type=int, default=seq_len, help="tokens per packed block")
-    p.add_argument("--batch-size", type=int, default=4, help="blocks per forward pass")
+    p.add_argument("--tokens", type=checks.positive_int, default=tokens,
+                   help="tokens measured per data source (rounded down to whole blocks, at "
+                        "least one)")
+    p.add_argument("--seq-len", type=seq_len_arg, default=seq_len, help="tokens per packed block")
+    p.add_argument("--batch-size", type=checks.positive_int, default=4,
+                   help="blocks per forward pass")
+
+
+def seq_len_arg(text) -> int:
+    """A block length: an integer >= 2 (one next-token prediction needs two tokens)."""
+    value = checks.positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is too short a block; use >= 2 tokens")
+    return value
 
 
 def sparsity_table(result: dict) -> str:
@@ -29,6 +41,7 @@ def _sparsity(args) -> int:
     from prosparse.models.loading import load_model
     from prosparse.sparsity.measure import measure_sparsity
 
+    check_data(args.data or [DEFAULT_DATA])
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     apply_activation_args(model, args)
     result = measure_sparsity(model, tok, args.data or [DEFAULT_DATA], tokens=args.tokens,
@@ -46,13 +59,7 @@ def _sparsity(args) -> int:
     return 0
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a comma-separated list of numbers (e.g. 0,0.005,0.01)"
-        ) from None
+_thresholds = checks.comma_list(checks.threshold, "0,0.005,0.01")
 
 
 def _threshold(args) -> int:
@@ -60,6 +67,7 @@ def _threshold(args) -> int:
     from prosparse.models.loading import load_model
     from prosparse.sparsity.threshold import threshold_sweep
 
+    check_data(args.data or [DEFAULT_DATA])
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     apply_activation_args(model, args)
     result = threshold_sweep(model, tok, args.thresholds, data=args.data or [DEFAULT_DATA],
@@ -83,8 +91,9 @@ def register(sub) -> None:
     add_model_args(p)
     add_activation_args(p, default=None)
     add_data_args(p)
-    p.add_argument("--json", help="write results as JSON here")
-    p.add_argument("--plot", help="write the layer-wise sparsity plot (PNG) here")
+    p.add_argument("--json", type=checks.output_file, help="write results as JSON here")
+    p.add_argument("--plot", type=checks.output_file,
+                   help="write the layer-wise sparsity plot (PNG) here")
     p.set_defaults(func=_sparsity)
 
     p = sub.add_parser("threshold", help="sweep the FATReLU threshold (paper Table 9)",
@@ -93,9 +102,9 @@ def register(sub) -> None:
     add_model_args(p)
     add_activation_args(p, default=None)
     add_data_args(p)
-    p.add_argument("--thresholds", type=_floats, default=[0.0, 0.005, 0.01, 0.02],
+    p.add_argument("--thresholds", type=_thresholds, default=(0.0, 0.005, 0.01, 0.02),
                    help="comma-separated thresholds (default 0,0.005,0.01,0.02)")
-    p.add_argument("--tolerance", type=float, default=0.01,
+    p.add_argument("--tolerance", type=checks.nonneg_float, default=0.01,
                    help="relative perplexity increase allowed over t = 0 (0.01 = +1%%)")
-    p.add_argument("--json", help="write results as JSON here")
+    p.add_argument("--json", type=checks.output_file, help="write results as JSON here")
     p.set_defaults(func=_threshold)

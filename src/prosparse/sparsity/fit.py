@@ -12,6 +12,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from prosparse.errors import UsageError
+
 
 @dataclass(frozen=True)
 class SparsityFit:
@@ -26,15 +28,15 @@ class SparsityFit:
 
     def sparsity(self, lam: float) -> float:
         """Predicted average sparsity in % for the last-stage factor ``lam`` (>= 0)."""
-        if lam < 0:
-            raise ValueError(f"lambda ({lam}) must be >= 0")
+        if not lam >= 0 or not math.isfinite(lam):
+            raise UsageError(f"lambda ({lam}) must be a finite number >= 0")
         return 100.0 - math.exp(-self.a * lam ** self.alpha + self.b)
 
     def lam(self, sparsity: float) -> float:
         """lambda_S that the fit says reaches ``sparsity`` (%), e.g. 89.0."""
         lo = self.sparsity(0.0)
         if not lo <= sparsity < 100:
-            raise ValueError(
+            raise UsageError(
                 f"target sparsity {sparsity}% is outside this fit's range [{lo:.2f}, 100): below "
                 f"{lo:.2f}% no L1 is needed; 100% is never reached. Is it a fraction? Pass percent"
             )
@@ -72,13 +74,13 @@ def fit_points(lams: Sequence[float], sparsities: Sequence[float],
     alpha on a grid (0.05..1.50); with two points alpha is fixed (the paper's 0.30 by default).
     """
     if len(lams) != len(sparsities):
-        raise ValueError(f"{len(lams)} lambdas for {len(sparsities)} sparsities; pair them up")
+        raise UsageError(f"{len(lams)} lambdas for {len(sparsities)} sparsities; pair them up")
     if len(lams) < 2:
-        raise ValueError("fitting needs at least 2 measured (lambda, sparsity) points")
-    if any(not 0 <= s < 100 for s in sparsities):
-        raise ValueError(f"sparsities must be percentages in [0, 100): got {list(sparsities)}")
-    if any(lam < 0 for lam in lams):
-        raise ValueError(f"lambdas must be >= 0: got {list(lams)}")
+        raise UsageError("fitting needs at least 2 measured (lambda, sparsity) points")
+    if any(not 0 <= s < 100 for s in sparsities):  # also refuses nan
+        raise UsageError(f"sparsities must be percentages in [0, 100): got {list(sparsities)}")
+    if any(not 0 <= lam < math.inf for lam in lams):
+        raise UsageError(f"lambdas must be >= 0: got {list(lams)}")
     ys = [math.log(100.0 - s) for s in sparsities]
     if alpha is None and len(lams) == 2:
         alpha = PAPER_7B.alpha

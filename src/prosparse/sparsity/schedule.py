@@ -17,6 +17,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from prosparse.errors import UsageError
+
 
 @dataclass
 class Stage:
@@ -34,23 +36,23 @@ class Stage:
 
 
 def validate_stages(stages: Sequence[Stage]) -> None:
-    """Raise ``ValueError`` naming the stage and the fix when Algorithm 1's requirements fail."""
+    """Raise :class:`UsageError` naming the stage and the fix when Algorithm 1's requirements fail."""
     if not stages:
-        raise ValueError("stages is empty; give at least one stage, e.g. [{lambda: 0, steps: 100}]")
+        raise UsageError("stages is empty; give at least one stage, e.g. [{lambda: 0, steps: 100}]")
     prev_steps, prev_lam = 0, 0.0
     for i, s in enumerate(stages):
         if not isinstance(s.steps, int) or isinstance(s.steps, bool):
-            raise ValueError(f"stages[{i}].steps ({s.steps!r}) must be an integer step count")
+            raise UsageError(f"stages[{i}].steps ({s.steps!r}) must be an integer step count")
         if s.steps <= prev_steps:
             what = f"stages[{i - 1}].steps ({prev_steps})" if i else "0"
-            raise ValueError(
+            raise UsageError(
                 f"stages[{i}].steps ({s.steps}) must be greater than {what}: steps are cumulative "
                 f"(T_i, the step at which stage {i} ends), not per-stage lengths"
             )
         if not math.isfinite(s.lam) or s.lam < 0:
-            raise ValueError(f"stages[{i}].lambda ({s.lam}) must be a finite number >= 0")
+            raise UsageError(f"stages[{i}].lambda ({s.lam}) must be a finite number >= 0")
         if s.lam < prev_lam and not s.fixed:
-            raise ValueError(
+            raise UsageError(
                 f"stages[{i}].lambda ({s.lam:g}) must be >= stages[{i - 1}].lambda "
                 f"({prev_lam:g}): Algorithm 1 only raises lambda; set stages[{i}].fixed: true for "
                 f"a decay/SFT stage that holds a smaller lambda, or raise it"
@@ -92,7 +94,7 @@ def l1_factor(step: int, stages: Sequence[Stage]) -> float:
 def schedule_curve(stages: Sequence[Stage], every: int = 1) -> dict:
     """``{"steps": [...], "lambda": [...]}`` for steps 1..T_S (every ``every``-th, last included)."""
     if every < 1:
-        raise ValueError(f"--every ({every}) must be >= 1")
+        raise UsageError(f"--every ({every}) must be >= 1")
     last = total_steps(stages)
     steps = list(range(1, last + 1, every))
     if steps and steps[-1] != last:

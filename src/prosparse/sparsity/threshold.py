@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 from tqdm.auto import tqdm
 
+from prosparse.errors import UsageError
 from prosparse.evaluation.heldout import evaluate_heldout
 from prosparse.models.relufy import activation_state, current_activation, relufy_
 from prosparse.sparsity.measure import heldout_sets
@@ -28,10 +31,10 @@ def threshold_sweep(
     ``t = 0`` (measured even when 0 is not in ``thresholds``). Sparsity and perplexity combine
     all data sources token-weighted. Returns the JSON of ``prosparse threshold``.
     """
-    if any(t < 0 for t in thresholds):
-        raise ValueError(f"--thresholds must be >= 0 (got {thresholds})")
-    if tolerance < 0:
-        raise ValueError(f"--tolerance ({tolerance}) must be >= 0")
+    if not thresholds or any(not math.isfinite(t) or t < 0 for t in thresholds):
+        raise UsageError(f"--thresholds must be finite and >= 0 (got {thresholds})")
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise UsageError(f"--tolerance ({tolerance}) must be a finite number >= 0")
     original = current_activation(model)
     if original[0] not in ("relu", "fatrelu"):
         # Threshold shifting applies to a ReLU model; on SiLU/GELU it is a swap too. Say so.
