@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "prosparse.sparsity.commands",
     "prosparse.inference.commands",
     "prosparse.predictors.commands",
+    "prosparse.pruning.commands",
     "prosparse.deploy.commands",
     "prosparse.training.commands",
     "prosparse.evaluation.commands",

@@ -1,0 +1,186 @@
+"""ProxSparse (Liu et al., ICML 2025): learn a 2:4 mask end to end, then apply it to the original
+weights.
+
+Every prunable linear trains with AdamW on the LM loss over the calibration blocks; after every
+optimiser step the proximal operator of ``lam * R`` (:func:`.prox.prox_2of4`) pulls each group of
+4 towards at most 2 non-zeros. At the end the top 2 ``|w|`` of each group of the LEARNED weights
+make the mask, applied to the ORIGINAL weights: no weight update survives (paper Sec. 3.3).
+
+Lambda enters the prox step raw (``prox(w, lam)``), as the authors' code does, by default;
+``lambda_scale="lr"`` uses ``prox(w, lr_t * lam)``, the textbook proximal-gradient step. Either
+way it is recorded in the result.
+
+The optional frozen-weight term (the authors' ``lambda2``, ``epsilon``) adds
+``lambda2 * sum ||(W / (W0 + eps sign W0)) * (W - W0)||^2`` to the loss, keeping the weights
+that survive near their originals.
+
+It runs on Accelerate: the same command under ``accelerate launch`` trains data-parallel (each
+process takes its share of the blocks; gradients are averaged, so every replica applies the same
+prox step to the same weights).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prosparse.errors import UsageError
+from prosparse.pruning.masks import nm_mask
+from prosparse.pruning.prox import group_nonzeros, prox_2of4
+
+LAMBDA_SCALES = ("raw", "lr")
+
+
+@dataclass
+class ProxConfig:
+    """Settings of one ProxSparse mask-learning run."""
+
+    lam: float = 0.1
+    """Weight of the 2:4 regulariser R in the prox step."""
+    lambda_scale: str = "raw"
+    """``raw``: prox(w, lam) as the authors' code; ``lr``: prox(w, lr_t * lam)."""
+    lr: float = 1e-4
+    """Peak AdamW learning rate."""
+    epochs: int = 1
+    """Passes over the calibration blocks (the paper: 1)."""
+    batch_size: int = 1
+    """Blocks per optimiser step (the paper: 1)."""
+    warmup: float = 0.1
+    """Share of the steps with linear warm-up; then linear decay to 0 (HF's default)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    lambda2: float = 0.0
+    """Frozen-weight term weight (0 = off)."""
+    epsilon: float = 0.1
+    """Frozen-weight term's epsilon."""
+    log_every: int = 10
+    """Steps between entries of the group non-zero log."""
+    seed: int = 0
+    """Shuffling seed of the blocks."""
+
+    def check(self) -> None:
+        if self.lam < 0:
+            raise UsageError(f"--lambda ({self.lam:g}) must be >= 0")
+        if self.lambda_scale not in LAMBDA_SCALES:
+            raise UsageError(f"--lambda-scale {self.lambda_scale!r}: choose one of "
+                             f"{', '.join(LAMBDA_SCALES)}")
+        for name in ("lr", "epochs", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} ({getattr(self, name)}) must be "
+                                 "positive")
+        if not 0 <= self.warmup < 1:
+            raise UsageError(f"--warmup ({self.warmup:g}) must be in [0, 1)")
+        if self.lambda2 < 0 or self.epsilon <= 0:
+            raise UsageError(f"--lambda2 ({self.lambda2:g}) must be >= 0 and --epsilon "
+                             f"({self.epsilon:g}) > 0")
+
+
+def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
+    """Learning rate of optimiser step ``step`` (0-based) of ``total``: (1) linear warm-up over
+    the first ``ceil(warmup * total)`` steps, (2) linear decay to 0 at ``total``."""
+    n_warm = math.ceil(warmup * total)
+    if step < n_warm:  # 1: warm-up
+        return peak * (step + 1) / n_warm
+    return peak * max(0.0, (total - step) / max(1, total - n_warm))  # 2: decay
+
+
+def frozen_weight_term(weights: dict[str, nn.Parameter], originals: dict[str, torch.Tensor],
+                       epsilon: float) -> torch.Tensor:
+    """``sum ||(W / (W0 + eps sign W0)) * (W - W0)||^2`` (sign 0 taken as +1), the authors'
+    term that keeps the weights near their originals."""
+    total = 0.0
+    for name, w in weights.items():
+        w0 = originals[name]
+        sign = torch.where(w0 >= 0, 1.0, -1.0).to(w0)
+        total = total + ((w / (w0 + epsilon * sign)) * (w - w0)).square().sum()
+    return total
+
+
+def nonzero_shares(weights: dict[str, nn.Parameter]) -> list[float]:
+    """Share of all groups of 4 holding 0, 1, 2, 3, 4 non-zeros."""
+    counts = sum(group_nonzeros(w.detach()) for w in weights.values())
+    return (counts.double() / counts.sum()).tolist()
+
+
+def learn_masks(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.Tensor,
+                cfg: ProxConfig, accelerator=None, progress: bool = True
+                ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Learn 2:4 masks for ``linears`` of ``model`` on ``blocks`` (n, seq_len).
+
+    On return ``model`` holds its ORIGINAL weights masked (other parameters untouched); the
+    result is (keep-masks by linear name, a JSON-ready log).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cfg.check()
+    accelerator = accelerator or Accelerator()
+    set_seed(cfg.seed)
+    weights = {name: lin.weight for name, lin in linears.items()}
+    trainable = {id(w) for w in weights.values()}
+    requires = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+    loader = torch.utils.data.DataLoader(blocks, batch_size=cfg.batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    optim = torch.optim.AdamW(list(weights.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    prepared, optim, loader = accelerator.prepare(model, optim, loader)
+    originals = {name: w.detach().clone() for name, w in weights.items()}  # on the device
+    total = cfg.epochs * len(loader)
+    log = {"steps": [], "loss": [], "lr": [], "prox_lambda": [], "nonzero_shares": []}
+    model.train()
+    start = time.perf_counter()
+    bar = tqdm(total=total, desc="proxsparse", disable=not (progress and
+                                                             accelerator.is_main_process))
+    step = 0
+    try:
+        for _ in range(cfg.epochs):
+            for ids in loader:
+                lr = lr_at(step, total, cfg.lr, cfg.warmup)
+                for group in optim.param_groups:
+                    group["lr"] = lr
+                with accelerator.autocast():
+                    loss = prepared(input_ids=ids, labels=ids, use_cache=False).loss
+                objective = loss
+                if cfg.lambda2 > 0:
+                    objective = loss + cfg.lambda2 * frozen_weight_term(weights, originals,
+                                                                        cfg.epsilon)
+                accelerator.backward(objective)
+                optim.step()
+                optim.zero_grad(set_to_none=True)
+                # The prox step on every weight after every optimiser step (paper Alg. 1).
+                lam = cfg.lam if cfg.lambda_scale == "raw" else cfg.lam * lr
+                with torch.no_grad():
+                    for w in weights.values():
+                        w.copy_(prox_2of4(w, lam))
+                step += 1
+                if step % cfg.log_every == 0 or step == total or step == 1:
+                    shares = nonzero_shares(weights)
+                    log["steps"].append(step)
+                    log["loss"].append(float(accelerator.reduce(loss.detach(), "mean")))
+                    log["lr"].append(lr)
+                    log["prox_lambda"].append(lam)
+                    log["nonzero_shares"].append(shares)
+                    bar.set_postfix(loss=f"{log['loss'][-1]:.3f}", two_of_four=f"{sum(shares[:3]):.3f}")
+                bar.update(1)
+    finally:
+        bar.close()
+        for n, p in model.named_parameters():
+            p.requires_grad_(requires[n])
+    model.eval()
+    # Top 2 of each group of 4 of the LEARNED weights, applied to the ORIGINAL weights.
+    masks = {}
+    with torch.no_grad():
+        for name, w in weights.items():
+            masks[name] = nm_mask(w.detach().abs(), 2, 4)
+            w.copy_(originals[name] * masks[name])
+    log.update({"config": asdict(cfg), "optimizer_steps": total,
+                "train_seconds": time.perf_counter() - start,
+                "lambda_enters": "raw: prox(w, lambda)" if cfg.lambda_scale == "raw"
+                else "times lr: prox(w, lr_t * lambda)"})
+    return masks, log

@@ -1,0 +1,204 @@
+"""``prune``: one N:M pruning run from a model to a checkpoint folder, checked before any work.
+
+The folder (written atomically) holds a checkpoint that loads in plain transformers (zeros in
+the weights; ``config.json`` gains ``prosparse_pruning`` with the method, pattern, lambda and
+samples), ``masks.safetensors`` and ``pruning.json`` (the result below).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from prosparse.errors import UsageError
+from prosparse.pruning.masks import (
+    MASKS_FILE,
+    parse_pattern,
+    prunable_linears,
+    save_masks,
+    split_divisible,
+    weight_sparsity,
+)
+from prosparse.pruning.proxsparse import ProxConfig
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "proxsparse")
+RESULT_FILE = "pruning.json"
+
+
+@dataclass
+class PruneConfig:
+    """One ``prosparse prune`` run."""
+
+    model: str = "smollm2-135m"
+    """HF directory, .gguf file or embedded name."""
+    method: str = "wanda"
+    """magnitude, wanda, sparsegpt or proxsparse."""
+    pattern: str = "2:4"
+    """N:M: keep N of every M weights along the input dimension."""
+    data: str = "wiki"
+    """Calibration source (its train split)."""
+    samples: int = 64
+    """Calibration blocks (not used by magnitude)."""
+    seq_len: int = 256
+    """Tokens per calibration block."""
+    batch_size: int = 8
+    """Blocks per forward pass of the layer-by-layer baselines."""
+    blocksize: int = 128
+    """SparseGPT: columns per lazy-update block."""
+    damp: float = 0.01
+    """SparseGPT: dampening, a share of the mean Hessian diagonal."""
+    eval_data: str = "wiki"
+    """Held-out perplexity source (its heldout split)."""
+    eval_tokens: int = 8192
+    """Held-out tokens for perplexity before and after (0: skip)."""
+    eval_seq_len: int = 256
+    """Tokens per held-out block."""
+    dtype: str = "float32"
+    """Weights dtype."""
+    device: str = "cpu"
+    """Torch device for the one-shot baselines (ProxSparse uses Accelerate's)."""
+    seed: int = 0
+    """Calibration packing and shuffling seed."""
+    prox: ProxConfig = field(default_factory=ProxConfig)
+    """ProxSparse settings."""
+
+    def check(self) -> tuple[int, int]:
+        if self.method not in METHODS:
+            raise UsageError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
+        n, m = parse_pattern(self.pattern)
+        if self.method == "proxsparse" and (n, m) != (2, 4):
+            raise UsageError(f"--pattern {self.pattern}: proxsparse learns 2:4 masks only; "
+                             "use --pattern 2:4 or another method")
+        if self.method == "sparsegpt" and self.blocksize % m:
+            raise UsageError(f"--blocksize ({self.blocksize}) must be a multiple of M={m}")
+        if self.method != "magnitude" and self.samples < 1:
+            raise UsageError(f"--samples ({self.samples}) must be at least 1")
+        if self.eval_tokens < 0:
+            raise UsageError(f"--eval-tokens ({self.eval_tokens}) must be >= 0")
+        if self.method == "proxsparse":
+            self.prox.check()
+        return n, m
+
+
+def config_from_mapping(values: dict) -> PruneConfig:
+    """A :class:`PruneConfig` from flat keys (a recipe YAML, CLI flags): ProxSparse keys
+    (``lambda``, ``lr``, ...) go to ``prox``. Unknown keys list the valid ones."""
+    top = {f.name for f in fields(PruneConfig)} - {"prox"}
+    prox = {f.name for f in fields(ProxConfig)}
+    cfg, pcfg = {}, {}
+    for key, value in values.items():
+        k = key.replace("-", "_")
+        k = "lam" if k == "lambda" else k
+        if k in top:
+            cfg[k] = value
+        elif k in prox:
+            pcfg[k] = value
+        else:
+            valid = sorted(top | (prox - {"lam"}) | {"lambda"})
+            raise UsageError(f"unknown setting {key!r}; choose from {', '.join(valid)}")
+    return PruneConfig(**cfg, prox=ProxConfig(**pcfg))
+
+
+def prune(cfg: PruneConfig, out: str | Path, overwrite: bool = False,
+          progress: bool = True) -> dict:
+    """Prune ``cfg.model`` to ``cfg.pattern`` with ``cfg.method``; write ``out``; return the
+    result (also ``out/pruning.json``)."""
+    from prosparse.data import load_texts, pack_blocks
+    from prosparse.models.loading import load_model
+    from prosparse.pruning.calibration import calibration_blocks
+
+    n, m = cfg.check()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UsageError(f"--out {out} already exists; choose another or pass --overwrite")
+    wall = time.perf_counter()
+    device = "cpu" if cfg.method == "proxsparse" else cfg.device
+    model, tok = load_model(cfg.model, dtype=cfg.dtype, device=device)
+    linears = prunable_linears(model)
+    if not linears:
+        raise UsageError(f"{cfg.model} has no linear layers to prune inside its decoder blocks")
+    linears, skipped = split_divisible(linears, m)
+    if not linears:
+        raise UsageError(f"no linear of {cfg.model} has in_features divisible by M={m}; "
+                         "choose another --pattern")
+    blocks = None
+    if cfg.method != "magnitude":
+        blocks = calibration_blocks(tok, cfg.data, cfg.samples, cfg.seq_len, seed=cfg.seed)
+    heldout = None
+    if cfg.eval_tokens:
+        heldout = pack_blocks(tok, load_texts(cfg.eval_data, "heldout"), cfg.eval_seq_len,
+                              cfg.eval_tokens)
+
+    result = {"method": cfg.method, "pattern": f"{n}:{m}", "model": cfg.model,
+              "data": cfg.data, "samples": 0 if blocks is None else len(blocks),
+              "seq_len": cfg.seq_len,
+              "lambda": cfg.prox.lam if cfg.method == "proxsparse" else None}
+    result["perplexity"] = {"before": _perplexity(model, heldout), "after": None}
+    start = time.perf_counter()
+    masks, extra = run_method(model, linears, blocks, cfg, n, m, progress)
+    result["prune_seconds"] = time.perf_counter() - start
+    result["perplexity"]["after"] = _perplexity(model, heldout)
+    result["eval"] = {"data": cfg.eval_data, "tokens": 0 if heldout is None else heldout.numel(),
+                      "seq_len": cfg.eval_seq_len}
+    sparsity = weight_sparsity(model, f"{n}:{m}")
+    result.update({"zeros": sparsity["zeros"], "compliance": sparsity["compliance"],
+                   "layers": sparsity["layers"], "skipped": skipped})
+    result.update(extra)
+    result["config"] = _plain(cfg)
+    _save(model, tok, masks, result, out, overwrite)
+    result["wall_seconds"] = time.perf_counter() - wall
+    from prosparse.io import write_json
+
+    write_json(out / RESULT_FILE, result)
+    return result
+
+
+def run_method(model, linears, blocks, cfg: PruneConfig, n: int, m: int, progress: bool
+               ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Prune ``linears`` in place by ``cfg.method``: (keep-masks, method-specific result)."""
+    from prosparse.pruning import baselines
+
+    if cfg.method == "magnitude":
+        return baselines.magnitude_prune_(linears, n, m), {}
+    if cfg.method == "wanda":
+        return baselines.wanda_prune_(model, linears, blocks, n, m, cfg.batch_size,
+                                      progress), {}
+    if cfg.method == "sparsegpt":
+        return baselines.sparsegpt_prune_(model, linears, blocks, n, m, cfg.blocksize,
+                                          cfg.damp, cfg.batch_size, progress), {}
+    from prosparse.pruning.proxsparse import learn_masks
+
+    masks, log = learn_masks(model, linears, blocks, cfg.prox, progress=progress)
+    return masks, {"lambda_scale": cfg.prox.lambda_scale,
+                   "lambda_enters": log.pop("lambda_enters"), "proxsparse": log}
+
+
+def _perplexity(model, blocks) -> float | None:
+    if blocks is None:
+        return None
+    from prosparse.sparsity.measure import measure_blocks
+
+    return measure_blocks(model, blocks).perplexity
+
+
+def _plain(cfg: PruneConfig) -> dict:
+    d = asdict(cfg)
+    d["prox"] = asdict(cfg.prox)
+    return d
+
+
+def _save(model, tok, masks, result: dict, out: Path, overwrite: bool) -> None:
+    from prosparse.io import atomic_dir, write_json
+    from prosparse.models.saving import save_model
+
+    model.config.prosparse_pruning = {k: result[k] for k in
+                                      ("method", "pattern", "lambda", "samples", "seq_len",
+                                       "data")}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        # save_model writes atomically itself: into our temporary folder, replaced whole.
+        save_model(model, tok, tmp, overwrite=True)
+        save_masks(masks, tmp / MASKS_FILE)
+        write_json(tmp / RESULT_FILE, result)
