@@ -101,7 +101,8 @@ def test_fatrelu_boundary_kept_exactly(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("act,param", [("relu", 0.0), ("fatrelu", 0.01), ("shifted_relu", 0.3)])
+@pytest.mark.parametrize("act,param", [("relu", 0.0), ("fatrelu", 0.01), ("shifted_relu", 0.3),
+                                       ("cats", 0.15)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_every_activation(backend, act, param, dtype):
     gen = torch.Generator().manual_seed(1)
@@ -185,7 +186,8 @@ def test_predicted_ffn_matches_reference(backend, dtype, share, bias):
 
 
 @pytest.mark.parametrize("backend", ["reference", *backends()])
-@pytest.mark.parametrize("act,param", [("relu", 0.0), ("fatrelu", 0.25), ("shifted_relu", 0.1)])
+@pytest.mark.parametrize("act,param", [("relu", 0.0), ("fatrelu", 0.25), ("shifted_relu", 0.1),
+                                       ("cats", 0.1)])
 def test_nan_gate_gives_nan_like_the_dense_module(backend, act, param):
     # IEEE semantics on every path: a NaN gate is NaN in x1 (as act(g) * u is in the dense
     # FFN), never an exact zero that would hide it

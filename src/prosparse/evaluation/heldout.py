@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from prosparse.models.teal import count_teal
 from prosparse.sparsity.hooks import ZeroCounter, capture_x1
 
 
@@ -38,13 +39,24 @@ class HeldoutResult:
     """Number of predicted tokens in ``nll_sum``."""
     argmax: torch.Tensor | None = None
     """Teacher-forced argmax predictions (n, seq_len - 1), when asked for."""
+    input_sparsity: dict[str, float] = field(default_factory=dict)
+    """TEAL models: the fraction of each block linear's input entries skipped, by name."""
 
     def public(self) -> dict:
-        """The JSON keys: tokens, perplexity, average_sparsity, layer_sparsity."""
+        """The JSON keys: tokens, perplexity, average_sparsity, layer_sparsity, and for TEAL
+        models input_sparsity (per linear) and average_input_sparsity."""
         d = asdict(self)
-        for k in ("nll_sum", "nll_count", "argmax"):
+        for k in ("nll_sum", "nll_count", "argmax", "input_sparsity"):
             d.pop(k)
+        if self.input_sparsity:
+            d["input_sparsity"] = dict(self.input_sparsity)
+            d["average_input_sparsity"] = _mean(self.input_sparsity.values())
         return d
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / max(len(values), 1)
 
 
 @torch.no_grad()
@@ -77,7 +89,8 @@ def evaluate_blocks(
     predictions = []
     counter = None
     try:
-        with capture_x1(model, lambda i, x1: counter(i, x1)) as n_layers:
+        with capture_x1(model, lambda i, x1: counter(i, x1)) as n_layers, \
+                count_teal(model) as teal:
             counter = ZeroCounter(n_layers)
             for start in tqdm(range(0, len(mine), batch_size), desc=desc, leave=False,
                               disable=desc is None):
@@ -95,10 +108,13 @@ def evaluate_blocks(
                     predictions.append(logits.argmax(-1).cpu())
     finally:
         model.train(was_training)
-    counts = torch.cat([counter.zeros, counter.total, nll])
+    teal_counts = torch.tensor([[m.skipped, m.seen] for m in teal.values()],
+                               dtype=torch.float64).reshape(-1)
+    counts = torch.cat([counter.zeros, counter.total, teal_counts, nll])
     if accelerator is not None and world > 1:
         counts = accelerator.reduce(counts.to(accelerator.device), reduction="sum").cpu()
     zeros, total = counts[:n_layers], counts[n_layers:2 * n_layers]
+    skipped = counts[2 * n_layers:2 * n_layers + teal_counts.numel()].view(-1, 2)
     layer = (zeros / total.clamp(min=1)).tolist()
     nll_sum, nll_count = float(counts[-2]), int(counts[-1])
     return HeldoutResult(
@@ -109,6 +125,8 @@ def evaluate_blocks(
         nll_sum=nll_sum,
         nll_count=nll_count,
         argmax=torch.cat(predictions) if argmax and predictions else None,
+        input_sparsity={name: float(k / max(n, 1)) for name, (k, n) in
+                        zip(teal, skipped.tolist())},
     )
 
 
@@ -124,9 +142,14 @@ def combine(results: dict[str, HeldoutResult]) -> dict:
              for i in range(n_layers)]
     nll = sum(r.nll_sum for r in results.values())
     count = sum(r.nll_count for r in results.values())
-    return {"perplexity": math.exp(nll / max(count, 1)),
-            "average_sparsity": sum(layer) / max(n_layers, 1), "layer_sparsity": layer,
-            "datasets": {k: r.public() for k, r in results.items()}}
+    out = {"perplexity": math.exp(nll / max(count, 1)),
+           "average_sparsity": sum(layer) / max(n_layers, 1), "layer_sparsity": layer}
+    first = next(iter(results.values()))
+    if first.input_sparsity:
+        per = {n: sum(r.input_sparsity[n] * r.tokens for r in results.values()) / tokens
+               for n in first.input_sparsity}
+        out.update(input_sparsity=per, average_input_sparsity=_mean(per.values()))
+    return {**out, "datasets": {k: r.public() for k, r in results.items()}}
 
 
 def evaluate_heldout(

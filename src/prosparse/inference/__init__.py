@@ -8,11 +8,18 @@ from prosparse.inference.predicted import (
     mean_predicted_sparsity,
     reset_predicted_counts,
 )
-from prosparse.inference.sparse_mlp import SparseFFN, SparseMLP, sparsify_, swap_ffns_
+from prosparse.inference.sparse_mlp import (
+    SparseFFN,
+    SparseInputLinear,
+    SparseMLP,
+    sparsify_,
+    swap_ffns_,
+)
 
 __all__ = [
     "PredictedSparseMLP",
     "SparseFFN",
+    "SparseInputLinear",
     "SparseMLP",
     "attach_predictors_",
     "calibrate_thresholds_",

@@ -27,6 +27,7 @@ from torch import nn
 from prosparse.kernels import dispatch
 from prosparse.models.activations import activation_params
 from prosparse.models.relufy import GatedFFN, find_gated_ffns
+from prosparse.models.teal import teal_linears, teal_mask
 
 
 class SparseFFN(nn.Module):
@@ -162,18 +163,68 @@ class SparseMLP(SparseFFN):
         return f"act={self.act}, param={self.param:g}, backend={self.backend or 'auto'}"
 
 
+class SparseInputLinear(nn.Module):
+    """A :class:`~prosparse.models.teal.TEALLinear` for decoding: up to ``max_tokens`` tokens,
+    ``y = x_masked W^T + b`` reads only the columns of W (rows of W^T) whose input entry is
+    non-zero, which is step (3)'s input-side sparse operator (:func:`dispatch.down_step`).
+    ``weight`` is re-stored as a contiguous W^T with the parameter its transposed view, and
+    keeps its name, so state dicts keep their keys."""
+
+    def __init__(self, linear: nn.Module, backend: str | None = None,
+                 dense_below: float = dispatch.DENSE_BELOW_SPARSITY,
+                 max_tokens: int = dispatch.MAX_SPARSE_TOKENS):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.threshold = float(linear.threshold)
+        w = linear.weight
+        self.weight = (w if w.t().is_contiguous() else
+                       nn.Parameter(w.detach().t().contiguous().t(), requires_grad=w.requires_grad))
+        self.bias = linear.bias
+        self.backend, self.dense_below, self.max_tokens = backend, dense_below, max_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xm = teal_mask(x, self.threshold)
+        x2 = xm.reshape(-1, self.in_features)  # (tokens, in)
+        if x2.shape[0] > self.max_tokens:
+            return F.linear(xm, self.weight, self.bias)
+        y = dispatch.down_step(x2, self.weight.t(), backend=self.backend,
+                               dense_below=self.dense_below, max_tokens=self.max_tokens)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"threshold={self.threshold:g}, backend={self.backend or 'auto'}")
+
+
 def sparsify_(
     model: nn.Module,
     backend: str | None = None,
     filter: Callable[[GatedFFN], bool] | None = None,
     **kwargs,
 ) -> list[str]:
-    """Swap every (ReLUfied) gated FFN of ``model`` for a :class:`SparseMLP`, in place.
+    """Swap every (ReLU-family) gated FFN of ``model`` for a :class:`SparseMLP`, and every TEAL
+    linear for a :class:`SparseInputLinear`, in place.
 
-    Returns the names of the FFNs swapped. ``kwargs`` go to :class:`SparseMLP`
-    (``dense_below``, ``max_tokens``).
+    Returns the names swapped. ``kwargs`` go to both (``dense_below``, ``max_tokens``). In a
+    TEAL model the FFNs keep their SiLU (their linears are the sparse ones); anywhere else a
+    gated FFN without a ReLU-family activation is an error.
     """
-    names, _ = swap_ffns_(model, lambda f: SparseMLP(f.module, act_attr=f.act_attr,
-                                                     fused=f.fused, backend=backend, **kwargs),
-                          filter)
-    return names
+    names = []
+    for name, lin in teal_linears(model):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, SparseInputLinear(lin, backend=backend, **kwargs))
+        names.append(name)
+    teal = bool(names)
+
+    def keep(f: GatedFFN) -> bool:
+        if teal and activation_params(f.act) is None:
+            return False
+        return filter is None or filter(f)
+
+    swapped, _ = swap_ffns_(model, lambda f: SparseMLP(f.module, act_attr=f.act_attr,
+                                                       fused=f.fused, backend=backend, **kwargs),
+                            keep)
+    return names + swapped

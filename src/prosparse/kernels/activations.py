@@ -7,6 +7,8 @@ from :data:`ACTS`, so a new activation is added here once.
 - ``fatrelu``: ``g`` where ``g >= t``, exact zero elsewhere (paper Eq. (3); the released Hugging
   Face code keeps ``g >= t`` too: ``docs/conventions.md``).
 - ``shifted_relu``: ``relu(g - b)`` (the "ReLU Strikes Back" baseline, paper Table 4).
+- ``cats``: ``silu(g)`` where ``|silu(g)| >= t``, exact zero elsewhere (CATS, Lee et al. 2024: a
+  training-free threshold on the original SiLU model's gate activation).
 
 The scalar (threshold ``t`` or shift ``b``) is rounded to ``g``'s dtype before use, so every
 backend compares the same numbers. NaN follows IEEE semantics on every path: a NaN gate gives
@@ -17,8 +19,9 @@ as ``torch.relu`` and the dense SiLU model do.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-ACTS = ("relu", "fatrelu", "shifted_relu")
+ACTS = ("relu", "fatrelu", "shifted_relu", "cats")
 """Activation names every kernel, module, config and checkpoint understands."""
 
 
@@ -38,10 +41,18 @@ def shifted_relu(g: torch.Tensor, shift: float | torch.Tensor) -> torch.Tensor:
     return torch.relu(g - shift)
 
 
+def cats(g: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """``silu(g)`` where ``|silu(g)| >= threshold``, exact zero elsewhere (NaN stays NaN)."""
+    a = F.silu(g)
+    return torch.where(a.abs() < threshold, torch.zeros((), dtype=g.dtype, device=g.device), a)
+
+
 def activate(g: torch.Tensor, act: str = "relu", param: float = 0.0) -> torch.Tensor:
     """``act(g)`` in ``g``'s dtype, with the scalar ``param`` first rounded to that dtype."""
     check_act(act)
     if act == "relu":
         return torch.relu(g)
     p = torch.tensor(float(param), dtype=g.dtype, device=g.device)
-    return fatrelu(g, p) if act == "fatrelu" else shifted_relu(g, p)
+    if act == "fatrelu":
+        return fatrelu(g, p)
+    return shifted_relu(g, p) if act == "shifted_relu" else cats(g, p)

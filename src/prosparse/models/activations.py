@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prosparse.kernels.activations import ACTS, check_act, fatrelu, shifted_relu
+from prosparse.kernels.activations import ACTS, cats, check_act, fatrelu, shifted_relu
 
-__all__ = ["ACTS", "FATReLU", "ShiftedReLU", "activation_params", "fatrelu", "make_activation",
+__all__ = ["ACTS", "CATS", "FATReLU", "ShiftedReLU", "activation_params", "fatrelu", "make_activation",
            "parse_hidden_act", "register_with_transformers", "shifted_relu", "shortest_float"]
 
 
@@ -89,6 +89,21 @@ class ShiftedReLU(_ScalarActivation):
         return shifted_relu(g, self.scalar(g.dtype))
 
 
+class CATS(_ScalarActivation):
+    """``silu(g)`` where ``|silu(g)| >= threshold``, exact zero elsewhere (CATS, Lee et al. 2024:
+    training-free sparsity on the original SiLU model); buffer ``threshold``."""
+
+    buffer_name = "threshold"
+
+    def __init__(self, threshold: float | None = 0.0):
+        if threshold is not None and threshold < 0:
+            raise ValueError(f"CATS threshold ({threshold}) must be >= 0")
+        super().__init__(threshold)
+
+    def forward(self, g: torch.Tensor) -> torch.Tensor:
+        return cats(g, self.scalar(g.dtype))
+
+
 def make_activation(act: str, param: float = 0.0) -> nn.Module:
     """Build the activation module named ``act`` (one of :data:`ACTS`) with its one scalar:
     FATReLU's threshold or shifted ReLU's shift."""
@@ -99,6 +114,8 @@ def make_activation(act: str, param: float = 0.0) -> nn.Module:
         return nn.ReLU()
     if act == "fatrelu":
         return FATReLU(param)
+    if act == "cats":
+        return CATS(param)
     return ShiftedReLU(param)
 
 
@@ -119,6 +136,8 @@ def activation_params(module: nn.Module) -> tuple[str, float] | None:
         return ("relu", 0.0) if module.param == 0.0 else ("fatrelu", module.param)
     if isinstance(module, ShiftedReLU):
         return ("shifted_relu", module.param)
+    if isinstance(module, CATS):
+        return ("cats", module.param)
     if isinstance(module, nn.ReLU):
         return ("relu", 0.0)
     return None
@@ -133,7 +152,9 @@ def parse_hidden_act(name: str, param: float | None = None) -> tuple[str, float]
         return None
     if name == "relu":
         return ("relu", 0.0)
-    if name in ("fatrelu", "shifted_relu"):
+    if name in ("fatrelu", "shifted_relu", "cats"):  # one number, or one per layer
+        if isinstance(param, (list, tuple)):
+            return (name, [float(p) for p in param])
         return (name, float(param or 0.0))
     for prefix in ("fatrelu_", "shifted_relu_"):
         if name.startswith(prefix):
@@ -158,6 +179,7 @@ def register_with_transformers() -> None:
     acts = activations.ACT2FN
     acts["fatrelu"] = (FATReLU, {"threshold": None})
     acts["shifted_relu"] = (ShiftedReLU, {"shift": None})
+    acts["cats"] = (CATS, {"threshold": None})
     base = type(acts)
     if getattr(base, "_prosparse_legacy", False):
         return
