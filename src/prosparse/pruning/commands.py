@@ -27,6 +27,7 @@ _FLAGS = [
                           "(ProxSparse, default 1)"),
     ("--blocksize", int, "SparseGPT: columns per block (default 128)"),
     ("--damp", float, "SparseGPT: dampening, share of mean diag(H) (default 0.01)"),
+    ("--eval-data", str, "held-out perplexity source, its heldout split (default wiki)"),
     ("--eval-tokens", int, "held-out tokens for perplexity before/after, 0 = skip "
                            "(default 8192)"),
     ("--eval-seq-len", int, "tokens per held-out block (default 256)"),

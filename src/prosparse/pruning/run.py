@@ -110,10 +110,14 @@ def prune(cfg: PruneConfig, out: str | Path, overwrite: bool = False,
     from prosparse.models.loading import load_model
     from prosparse.pruning.calibration import calibration_blocks
 
+    from prosparse.data.sources import check_data
+
     n, m = cfg.check()
+    from prosparse.io import check_output
+
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UsageError(f"--out {out} already exists; choose another or pass --overwrite")
+    check_output(out, kind="dir", overwrite=overwrite)  # before any work, as atomic_dir will
+    check_data([cfg.data, cfg.eval_data])
     wall = time.perf_counter()
     device = "cpu" if cfg.method == "proxsparse" else cfg.device
     model, tok = load_model(cfg.model, dtype=cfg.dtype, device=device)

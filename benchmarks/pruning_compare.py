@@ -1,0 +1,119 @@
+"""Dense / magnitude / Wanda / SparseGPT / ProxSparse at 2:4 on one model, equal calibration data.
+
+    flock /tmp/prosparse-cpu.lock .venv/bin/python benchmarks/pruning_compare.py \
+        --json benchmarks/results/pruning_compare.json --md benchmarks/results/pruning_compare.md
+
+Held-out ``wiki`` perplexity, the small lm-eval set and wall time per method; every method sees
+the same calibration blocks (``--samples`` x ``--seq-len`` from the train split). The JSON is
+rewritten after each method, so an interrupted run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from prosparse.tables import format_table
+
+TASKS = ["piqa", "hellaswag", "arc_easy", "boolq", "winogrande"]
+METHODS = ["dense", "magnitude", "wanda", "sparsegpt", "proxsparse"]
+
+
+def run(args) -> dict:
+    from prosparse.data import load_texts, pack_blocks
+    from prosparse.evaluation import evaluate
+    from prosparse.io import write_json
+    from prosparse.models.loading import load_model
+    from prosparse.pruning import prunable_linears, weight_sparsity
+    from prosparse.pruning.calibration import calibration_blocks
+    from prosparse.pruning.proxsparse import ProxConfig
+    from prosparse.pruning.run import PruneConfig, run_method
+    from prosparse.sparsity.measure import measure_blocks
+
+    prox = ProxConfig(lam=args.lam, lr=args.lr, epochs=args.epochs, log_every=args.log_every)
+    cfg = PruneConfig(model=args.model, samples=args.samples, seq_len=args.seq_len, prox=prox)
+    _, tok = load_model(args.model)
+    blocks = calibration_blocks(tok, "wiki", args.samples, args.seq_len)
+    heldout = pack_blocks(tok, load_texts("wiki", "heldout"), args.eval_seq_len,
+                          args.eval_tokens)
+    result = {"model": args.model, "pattern": "2:4", "calibration": {
+        "data": "wiki (train split)", "samples": args.samples, "seq_len": args.seq_len},
+        "heldout": {"data": "wiki (heldout split)", "tokens": int(heldout.numel()),
+                    "seq_len": args.eval_seq_len},
+        "lm_eval": {"tasks": TASKS, "limit": args.limit}, "proxsparse": {
+            "lambda": args.lam, "lambda_enters": "raw: prox(w, lambda)", "lr": args.lr,
+            "epochs": args.epochs}, "methods": {}}
+    for method in args.methods:
+        model, tok = load_model(args.model)
+        start = time.perf_counter()
+        extra = {}
+        if method != "dense":
+            cfg.method = method
+            linears = prunable_linears(model)
+            _, extra = run_method(model, linears, blocks, cfg, 2, 4, progress=True)
+        seconds = time.perf_counter() - start
+        entry = {"prune_seconds": seconds,
+                 "perplexity": measure_blocks(model, heldout, desc=f"ppl {method}").perplexity,
+                 "compliance": weight_sparsity(model)["compliance"],
+                 "zeros": weight_sparsity(model)["zeros"]}
+        if "proxsparse" in extra:
+            log = extra["proxsparse"]
+            entry["proxsparse"] = {k: log[k] for k in ("steps", "loss", "nonzero_shares",
+                                                       "optimizer_steps")}
+        if args.limit:
+            ev = evaluate(model, tok, TASKS, limit=args.limit)
+            entry["lm_eval"] = {t: ev["tasks"][t]["value"] for t in TASKS}
+            entry["lm_eval_average"] = sum(entry["lm_eval"].values()) / len(TASKS)
+            entry["lm_eval_seconds"] = ev["seconds"]
+        result["methods"][method] = entry
+        print(f"{method}: ppl {entry['perplexity']:.2f}, {seconds:.0f} s", flush=True)
+        if args.json:
+            write_json(args.json, result)
+    return result
+
+
+def table(result: dict) -> str:
+    rows = []
+    for method, e in result["methods"].items():
+        ev = e.get("lm_eval", {})
+        rows.append([method, f"{e['perplexity']:.2f}",
+                     *[f"{100 * ev[t]:.1f}" if t in ev else "-" for t in TASKS],
+                     f"{100 * e['lm_eval_average']:.1f}" if ev else "-",
+                     f"{100 * (e['compliance'] or 0):.0f}", f"{e['prune_seconds']:.0f}"])
+    return format_table(["method", "held-out ppl", "PIQA", "HellaSwag", "ARC-e", "BoolQ",
+                         "WinoGrande", "avg", "2:4 %", "prune s"], rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   type=lambda s: [m for m in s.split(",") if m])
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lambda", dest="lam", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--log-every", type=int, default=8)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--eval-seq-len", type=int, default=256)
+    p.add_argument("--limit", type=int, default=50, help="lm-eval documents per task (0: skip)")
+    p.add_argument("--json", help="write the results here (after each method)")
+    p.add_argument("--md", help="write the table as markdown here")
+    args = p.parse_args()
+    result = run(args)
+    text = table(result)
+    print(text)
+    if args.md:
+        from pathlib import Path
+
+        c = result["calibration"]
+        Path(args.md).write_text(
+            f"# 2:4 weight pruning on {result['model']}\n\n"
+            f"Calibration: {c['samples']} x {c['seq_len']} tokens of {c['data']} for every "
+            f"method; held-out perplexity on {result['heldout']['tokens']} tokens; lm-eval "
+            f"first {args.limit} documents per task.\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()
