@@ -87,3 +87,45 @@ def plot_predictor_layers(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, out)
+
+
+def plot_frontier(series: dict[str, list[tuple[float, float]]], out: str | os.PathLike,
+                  baseline: float | None = None,
+                  title: str = "Held-out perplexity against activation sparsity") -> Path:
+    """One series per method of (sparsity %, perplexity) points, lowest sparsity first, with
+    the original model's perplexity as a dashed line (paper Tables 4, 9; CATS, TEAL)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    markers = "osD^v<>phX*"
+    for i, (name, points) in enumerate(series.items()):
+        pts = sorted(points)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)],
+                ms=4, label=name)
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", ls="--", lw=1, label="original (dense)")
+    ax.set_xlabel("activation sparsity (%)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def plot_lambda_fit(points: list[tuple[float, float]], fit, out: str | os.PathLike,
+                    title: str = "Final sparsity against lambda_S (paper Fig. 3)") -> Path:
+    """Measured (lambda_S, sparsity %) points and the negative-exponential fit
+    ``100 - exp(-a lambda^alpha + b)`` drawn through them."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    lo, hi = min(p[0] for p in points), max(p[0] for p in points)
+    xs = [lo * 0.8 + (hi * 1.2 - lo * 0.8) * k / 100 for k in range(101)]
+    ax.plot(xs, [fit.sparsity(x) for x in xs], "-",
+            label=f"100 - exp(-{fit.a:.3g} lambda^{fit.alpha:.2g} + {fit.b:.3g})")
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o", label="measured")
+    ax.set_xlabel("lambda_S (last stage)")
+    ax.set_ylabel("final sparsity (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)

@@ -1,0 +1,194 @@
+"""The sparsity-quality frontier on one model and one budget: ProSparse against its own
+baselines (paper Tables 4, 5, 9, Fig. 3) and the training-free peers (CATS, TEAL).
+
+    flock /tmp/prosparse-cpu.lock .venv/bin/python benchmarks/frontier.py            # every row
+    .venv/bin/python benchmarks/frontier.py --only cats,teal                          # a family
+    .venv/bin/python benchmarks/frontier.py --report                                  # table + plots
+
+Every row is one entry of ``ENTRIES``: a name, a method (its series in the plot), and the
+``prosparse`` command that makes the model. Trained rows run ``configs/demo.yaml`` (the
+``make demo`` budget: data, steps, batch, LR, distillation) with overrides, and contribute the
+trained model (t = 0) and every threshold of its sweep (Table 9); training-free rows convert the
+original model and measure it. Each row's JSON (``benchmarks/results/frontier/NAME.json``) keeps
+its command, recipe and figures, and a row whose JSON exists is not rerun: adding a study is
+adding an entry. ``--budget 4`` multiplies every trained row's steps (the 4x budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+RUNS = ROOT / "runs" / "frontier"
+MODEL = "smollm2-135m"
+EVAL_TASKS = "piqa,hellaswag,arc_easy,boolq,winogrande"
+
+
+@dataclass
+class Entry:
+    name: str
+    """Row name (file name of its JSON and run folder)."""
+    method: str
+    """The series it belongs to in the table and plot."""
+    kind: str
+    """``trained`` (configs/demo.yaml + overrides) or ``free`` (convert the original)."""
+    args: list[str] = field(default_factory=list)
+    """Recipe overrides (trained) or ``prosparse convert`` flags (free)."""
+    lambda_s: float | None = None
+    """Last-stage lambda of a progressive run (Fig. 3's x axis)."""
+
+
+DEMO_STEPS = (70, 95, 210, 260)  # configs/demo.yaml's cumulative stage ends
+
+
+def _stages(lams: tuple[float, ...], budget: int) -> str:
+    """One stage over the whole budget, or demo.yaml's four stages with these lambdas."""
+    steps = DEMO_STEPS if len(lams) == 4 else DEMO_STEPS[-1:]
+    items = ", ".join(f"{{lambda: {lam}, steps: {st * budget}}}" for lam, st in zip(lams, steps))
+    return f"stages=[{items}]"
+
+
+def entries(budget: int = 1) -> list[Entry]:
+    e = [
+        Entry("vanilla-relu", "vanilla ReLU (lambda 0)", "trained", [_stages((0.0,), budget)]),
+        Entry("shifted-relu", "shifted ReLU (b = 0.1)", "trained",
+              [_stages((0.0,), budget), "activation=shifted_relu", "activation_param=0.1"]),
+        Entry("fixed-l1-0.5", "fixed L1", "trained",
+              [f"stages=[{{lambda: 0.0, steps: {70 * budget}}}, "
+               f"{{lambda: 0.5, steps: {260 * budget}}}]"]),
+        Entry("fixed-l1-1.5", "fixed L1", "trained",
+              [f"stages=[{{lambda: 0.0, steps: {70 * budget}}}, "
+               f"{{lambda: 1.5, steps: {260 * budget}}}]"]),
+    ]
+    for lam in (0.75, 1.5, 3.0, 6.0):  # ProSparse progressive; lambda_S = 1.5 is make demo's
+        e.append(Entry(f"prosparse-{lam:g}", "ProSparse (progressive)", "trained",
+                       [_stages((0.0, lam / 3, lam, lam), budget)], lambda_s=lam))
+    for s in (0.4, 0.5, 0.6, 0.7, 0.8):
+        for m in ("cats", "teal"):
+            e.append(Entry(f"{m}-{s:g}", m.upper() + " (training-free)", "free",
+                           ["--act", m, "--sparsity", str(s), "--data", "wiki"]))
+    return e
+
+
+def _run(cmd: list[str], log: Path) -> float:
+    t0 = time.time()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        f.write("$ " + shlex.join(cmd) + "\n")
+        f.flush()
+        subprocess.run(cmd, check=True, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    return time.time() - t0
+
+
+def run_entry(e: Entry, prosparse: str, limit: int, budget: int) -> dict:
+    """Make the row's model, measure it, and return the row's JSON."""
+    out = RUNS / e.name
+    row: dict = {"name": e.name, "method": e.method, "kind": e.kind, "budget": budget}
+    if e.kind == "trained":
+        cmd = [prosparse, "train", "configs/demo.yaml", *e.args, "eval.tasks=[]",
+               "--out", str(out), "--overwrite"]
+        row["wall_seconds"] = _run(cmd, out.with_suffix(".log"))
+        report = json.loads((out / "report.json").read_text())
+        row["recipe"] = (out / "recipe.yaml").read_text()
+        model = out / "final"
+        row["points"] = [{"t": 0.0, "sparsity": report["trained"]["average_sparsity"],
+                          "perplexity": report["trained"]["perplexity"]}]
+        row["points"] += [{"t": r["t"], "sparsity": r["average_sparsity"],
+                           "perplexity": r["perplexity"]}
+                          for r in report.get("threshold_sweep", {}).get("thresholds", [])]
+        row["final"] = {"threshold": report["threshold"],
+                        "sparsity": report["final"]["average_sparsity"],
+                        "perplexity": report["final"]["perplexity"]}
+        row["original_perplexity"] = report.get("original", {}).get("perplexity")
+    else:
+        cmd = [prosparse, "convert", MODEL, *e.args, "--out", str(out), "--overwrite"]
+        row["wall_seconds"] = _run(cmd, out.with_suffix(".log"))
+        model = out
+        sp_json = out.with_suffix(".sparsity.json")
+        _run([prosparse, "sparsity", str(model), "--data", "wiki", "--tokens", "8192",
+              "--json", str(sp_json)], out.with_suffix(".sparsity.log"))
+        sp = json.loads(sp_json.read_text())
+        measured = sp.get("average_input_sparsity", sp["average_sparsity"])
+        row["final"] = {"sparsity": measured, "perplexity": sp["perplexity"]}
+        row["points"] = [{"sparsity": measured, "perplexity": sp["perplexity"]}]
+    row["command"] = shlex.join(["prosparse", *cmd[1:]])
+    if limit:
+        ev_json = out.with_suffix(".eval.json")
+        _run([prosparse, "eval", str(model), "--tasks", EVAL_TASKS, "--limit", str(limit),
+              "--json", str(ev_json)], out.with_suffix(".eval.log"))
+        ev = json.loads(ev_json.read_text())
+        row["lm_eval"] = {"limit": limit, "average": ev.get("average"),
+                          "tasks": {k: v["value"] for k, v in ev.get("tasks", {}).items()}}
+    return row
+
+
+def report(rows: list[dict], out_dir: Path) -> str:
+    """The frontier table (markdown) and plots from the rows' JSON."""
+    from prosparse.plots import plot_frontier, plot_lambda_fit
+    from prosparse.sparsity.fit import fit_points
+    from prosparse.tables import format_table
+
+    table = []
+    series: dict[str, list[tuple[float, float]]] = {}
+    original = next((r["original_perplexity"] for r in rows if r.get("original_perplexity")),
+                    None)
+    for r in sorted(rows, key=lambda r: (r["method"], r["final"]["sparsity"])):
+        f = r["final"]
+        ev = r.get("lm_eval", {}).get("average")
+        table.append([r["method"], r["name"], f"{100 * f['sparsity']:.2f}",
+                      f"{f['perplexity']:.2f}", "" if ev is None else f"{ev:.2f}",
+                      f"{r['wall_seconds'] / 60:.1f}", f"`{r['command']}`"])
+        series.setdefault(r["method"], []).extend(
+            (100 * p["sparsity"], p["perplexity"]) for p in r["points"])
+    md = format_table(["method", "row", "sparsity %", "held-out ppl", "lm-eval avg",
+                       "wall min", "command"], table)
+    plot_frontier(series, out_dir / "frontier.png", baseline=original)
+    fig3 = [(r["lambda_s"], 100 * r["points"][0]["sparsity"]) for r in rows
+            if r.get("lambda_s") is not None]
+    if len(fig3) >= 2:
+        fit = fit_points([p[0] for p in fig3], [p[1] for p in fig3])
+        plot_lambda_fit(fig3, fit, out_dir / "frontier_lambda_fit.png")
+        md += (f"\n\nFig. 3 analogue: sparsity(%) = 100 - exp(-{fit.a:.4g} * lambda^{fit.alpha:.3g}"
+               f" + {fit.b:.4g}) over {len(fig3)} ProSparse runs")
+    return md
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default=None, help="comma-separated row names or name prefixes")
+    ap.add_argument("--budget", type=int, default=1, help="multiply trained rows' steps")
+    ap.add_argument("--limit", type=int, default=0,
+                    help="lm-eval documents per task (0: no lm-eval; 200 in the README table)")
+    ap.add_argument("--report", action="store_true", help="only rebuild the table and plots")
+    ap.add_argument("--prosparse", default=str(Path(sys.executable).parent / "prosparse"))
+    args = ap.parse_args()
+    row_dir = RESULTS / ("frontier" if args.budget == 1 else f"frontier_x{args.budget}")
+    row_dir.mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        wanted = args.only.split(",") if args.only else None
+        for e in entries(args.budget):
+            if wanted and not any(e.name.startswith(w) for w in wanted):
+                continue
+            path = row_dir / f"{e.name}.json"
+            if path.exists():
+                continue
+            print(f"frontier: {e.name}", flush=True)
+            row = run_entry(e, args.prosparse, args.limit, args.budget)
+            path.write_text(json.dumps(row, indent=2) + "\n")
+    rows = [json.loads(p.read_text()) for p in sorted(row_dir.glob("*.json"))]
+    if rows:
+        md = report(rows, row_dir)
+        (row_dir / "frontier.md").write_text(md + "\n")
+        print(md)
+
+
+if __name__ == "__main__":
+    main()
