@@ -119,8 +119,8 @@ def test_model_without_linears_is_an_error(monkeypatch, tmp_path):
 
 
 def test_config_yaml_and_flags(tmp_path):
-    from prosparse.pruning.commands import resolve_config
     from prosparse.cli import build_parser
+    from prosparse.pruning.commands import resolve_config
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("method: proxsparse\nlambda: 0.2\nlr: 2.0e-4\nsamples: 16\n")

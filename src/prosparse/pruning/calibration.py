@@ -7,7 +7,7 @@ outputs of the blocks below it, already pruned, so each block corrects for the e
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -107,7 +107,3 @@ def _observer(name: str, observe: Callable[[str, torch.Tensor], None]):
 
     return hook
 
-
-def batches(blocks: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    for start in range(0, len(blocks), batch_size):
-        yield blocks[start:start + batch_size]

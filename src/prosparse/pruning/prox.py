@@ -80,9 +80,9 @@ def _descend(a: torch.Tensor, w: torch.Tensor, support: torch.Tensor, lam: float
     e2, tmp, prev = torch.empty_like(cols[0]), torch.empty_like(cols[0]), torch.empty_like(w)
     for _ in range(max_sweeps):
         prev.copy_(w)
-        for i, (j, k, l) in enumerate(others):
-            torch.add(cols[k], cols[l], out=tmp)
-            torch.mul(cols[j], tmp, out=e2).addcmul_(cols[k], cols[l])  # e2 of the other three
+        for i, (j, k, h) in enumerate(others):
+            torch.add(cols[k], cols[h], out=tmp)
+            torch.mul(cols[j], tmp, out=e2).addcmul_(cols[k], cols[h])  # e2 of the other three
             torch.add(a_cols[i], e2, alpha=-lam, out=tmp)
             cols[i].copy_(tmp.clamp_(min=0).mul_(s_cols[i]))
         if prev.sub_(w).abs_().max().item() <= tol:

@@ -107,10 +107,9 @@ def prune(cfg: PruneConfig, out: str | Path, overwrite: bool = False,
     """Prune ``cfg.model`` to ``cfg.pattern`` with ``cfg.method``; write ``out``; return the
     result (also ``out/pruning.json``)."""
     from prosparse.data import load_texts, pack_blocks
+    from prosparse.data.sources import check_data
     from prosparse.models.loading import load_model
     from prosparse.pruning.calibration import calibration_blocks
-
-    from prosparse.data.sources import check_data
 
     n, m = cfg.check()
     from prosparse.io import check_output
