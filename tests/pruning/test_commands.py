@@ -33,7 +33,7 @@ def test_prune_writes_a_2of4_checkpoint(method, model_dir, text_file, tmp_path, 
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / f"out-{method}"
-    extra = ["--lambda", "0.5", "--lr", "1e-3", "--log-every", "1"] if method == "proxsparse" \
+    extra = ["--lambda", "0.5", "--epochs", "1", "--log-every", "1"] if method == "proxsparse" \
         else []
     assert main(_args(model_dir, text_file, out, "--method", method, "--json",
                       str(tmp_path / "r.json"), *extra)) == 0
