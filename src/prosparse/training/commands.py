@@ -44,7 +44,7 @@ def _train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     out = args.out or str(Path("runs") / Path(args.recipe).stem)
-    result = train(recipe, out, resume=args.resume)
+    result = train(recipe, out, resume=args.resume, overwrite=args.overwrite)
     if result.report:
         print(result.report["table"])
         print(json.dumps({k: result.report[k] for k in ("threshold", "tokens_trained",
@@ -83,7 +83,10 @@ def register(sub) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.4.lambda=0.1")
     p.add_argument("--out", default=None, help="run folder (default runs/<recipe name>)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in the run folder")
+                   help="continue from the latest checkpoint in the run folder (refused when "
+                        "the model or recipe changed, beyond logging and checkpoint cadence)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in the run folder (only a folder prosparse wrote)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("schedule", help="print / save / plot a recipe's lambda curve")

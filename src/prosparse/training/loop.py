@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,16 +20,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from prosparse.config import Recipe, dump_recipe
+from prosparse.config import Recipe
+from prosparse.errors import UsageError
 from prosparse.evaluation.heldout import evaluate_heldout
 from prosparse.models.relufy import find_gated_ffns
 from prosparse.sparsity.hooks import capture_x1
 from prosparse.sparsity.penalty import PenaltyCollector
 from prosparse.sparsity.schedule import l1_factor, stage_index
-from prosparse.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from prosparse.io import reserve
+from prosparse.training.checkpoint import load_checkpoint, save_checkpoint
 from prosparse.training.data import build_blocks, heldout_blocks, micro_batch
 from prosparse.training.metrics import MetricsLog
 from prosparse.training.report import benchmark, finish_run
+from prosparse.training.runs import check_run_folder, start_run_folder
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
@@ -85,35 +89,65 @@ def _mixed_precision(recipe: Recipe) -> str:
 
 
 def train(recipe: Recipe, out: str | Path, resume: bool = False, stop_after: int | None = None,
-          progress: bool = True, accelerator=None) -> TrainResult:
+          progress: bool = True, accelerator=None, overwrite: bool = False) -> TrainResult:
     """Run ``recipe`` into the run folder ``out``.
 
-    ``resume`` continues from the latest checkpoint in ``out``; ``stop_after`` stops after that
-    many optimiser steps (an interruption, for tests) without the final threshold shift.
+    ``resume`` continues from the latest checkpoint in ``out`` (refused when the model, the
+    number of processes or the recipe changed, beyond
+    :data:`~prosparse.training.runs.RESUME_MAY_CHANGE`); ``overwrite`` replaces a run already in
+    ``out`` (without it, that is refused); ``stop_after`` stops after that many optimiser steps
+    (an interruption, for tests) without the final threshold shift. The run folder is reserved
+    for the whole run: a second ``train`` into it is refused.
     """
     from accelerate import Accelerator
+
+    wall_start = time.time()
+    recipe.validate()
+    if recipe.activation == "shifted_relu" and recipe.activation_param and recipe.threshold.value:
+        raise UsageError(
+            f"threshold.value ({recipe.threshold.value:g}) would put a FATReLU threshold on a "
+            f"shifted ReLU (shift {recipe.activation_param:g}), an activation prosparse does not "
+            "have; set threshold.value to 0 or null (the final model keeps relu(g - shift))")
+    run = Path(out)
+    if accelerator is None:
+        accelerator = Accelerator(gradient_accumulation_steps=recipe.grad_accum,
+                                  mixed_precision=_mixed_precision(recipe))
+    ckpt, fingerprint = check_run_folder(run, recipe, resume=resume, overwrite=overwrite,
+                                         world_size=accelerator.num_processes)
+    with ExitStack() as stack:
+        busy = None
+        if accelerator.is_main_process:
+            try:
+                run.parent.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(reserve(run))
+            except UsageError as e:
+                busy = e
+        if _on_any_rank(accelerator, busy is not None):  # every rank stops, none waits forever
+            raise busy or UsageError(f"{run} is being written by another prosparse process; "
+                                     "wait for it to finish or choose another --out")
+        if accelerator.is_main_process:
+            step = 0 if ckpt is None else int(ckpt.name.split("-")[1])
+            start_run_folder(run, recipe, fingerprint, resume=resume, overwrite=overwrite,
+                             step=step)
+        accelerator.wait_for_everyone()
+        return _train(recipe, run, ckpt, accelerator, stop_after, progress, wall_start)
+
+
+def _on_any_rank(accelerator, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after: int | None,
+           progress: bool, wall_start: float) -> TrainResult:
     from accelerate.utils import set_seed
 
     from prosparse.models.loading import load_model
     from prosparse.models.relufy import relufy_
 
-    wall_start = time.time()
-    recipe.validate()
-    run = Path(out)
-    if accelerator is None:
-        accelerator = Accelerator(gradient_accumulation_steps=recipe.grad_accum,
-                                  mixed_precision=_mixed_precision(recipe))
     main = accelerator.is_main_process
-    ckpt = latest_checkpoint(run) if resume else None
-    if resume and ckpt is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {run}/checkpoints; "
-                                "run without --resume to start")
-    if not resume and latest_checkpoint(run) is not None:
-        raise FileExistsError(f"{run} holds checkpoints of an earlier run; pass --resume to "
-                              "continue it, or choose another --out")
-    if main:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "recipe.yaml").write_text(dump_recipe(recipe))
     set_seed(recipe.seed)
 
     # --- model, teacher, activation swap -------------------------------------------------------
@@ -141,7 +175,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, stop_after: int
                           any(k in name for k in ("gate_proj", "up_proj", "down_proj")))
                          and not any(k in name for k in recipe.optim.freeze))
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"optim.freeze {recipe.optim.freeze} with optim.train_params "
+        raise UsageError(f"optim.freeze {recipe.optim.freeze} with optim.train_params "
                          f"{recipe.optim.train_params!r} leaves nothing to train")
     model.train()
     o = recipe.optim

@@ -3,18 +3,23 @@
 ``report.json`` keys: ``original``, ``relu_swap``, ``trained``, ``final`` (each
 ``{"average_sparsity", "perplexity", "layer_sparsity", "datasets"}``, held-out, fractions in
 [0, 1]), ``threshold``, ``threshold_sweep``, ``tokens_trained``, ``wall_seconds``, ``recipe``.
+A shifted ReLU run keeps its shift: ``threshold`` is null, ``shift`` holds b and
+``threshold_skipped`` says why no threshold was applied.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
 from prosparse.evaluation.heldout import evaluate_heldout
 from prosparse.io import atomic_dir, write_json
-from prosparse.models.relufy import relufy_
+from prosparse.models.relufy import current_activation, relufy_
 from prosparse.tables import format_table, pct
 from prosparse.training.metrics import read_metrics
+
+log = logging.getLogger(__name__)
 
 ROWS = (("original", "original (SiLU)"), ("relu_swap", "bare ReLU swap"),
         ("trained", "after training"), ("final", "after threshold shift"))
@@ -37,7 +42,9 @@ def before_after_table(report: dict) -> str:
         r = report.get(key)
         if r is None:
             continue
-        if key == "final":
+        if key == "final" and report.get("threshold") is None and "shift" in report:
+            label = f"final, shifted ReLU kept (b={report['shift']:g}, no threshold)"
+        elif key == "final":
             label = f"{label} (t={report.get('threshold', 0):g})"
         rows.append([label, pct(r["average_sparsity"]), f"{r['perplexity']:.2f}"])
     return format_table(["model", "sparsity %", "held-out ppl"], rows)
@@ -83,27 +90,37 @@ def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, 
     """Measure the trained model, shift the threshold, save ``final/``, write the report."""
     report["trained"] = evaluate_heldout(model, heldout, accelerator=accelerator)
     th = recipe.threshold
-    if th.value is None:
-        from prosparse.sparsity.threshold import threshold_sweep
-
-        unwrapped = accelerator.unwrap_model(model)
-        sweep = threshold_sweep(unwrapped, tokenizer, list(th.sweep), data=recipe.data.heldout,
-                                tolerance=th.tolerance, tokens=recipe.data.heldout_tokens,
-                                seq_len=recipe.data.heldout_seq_len or recipe.data.seq_len,
-                                progress=False)
-        report["threshold_sweep"] = sweep
-        t = float(sweep["recommended"])
-    else:
-        t = float(th.value)
-    report["threshold"] = t
     # The unwrapped model: a DDP/FSDP wrapper has no .config, which must name the activation.
-    relufy_(accelerator.unwrap_model(model), "fatrelu", t)
+    act, param = current_activation(accelerator.unwrap_model(model))
+    if act == "shifted_relu":
+        # A threshold on top of relu(g - b) is not an activation we have (nor the paper's):
+        # the shifted baseline (Section 4.4) ends as it trained.
+        reason = (f"the model runs shifted ReLU relu(g - {param:g}); a FATReLU threshold on top "
+                  "of the shift is not an activation prosparse has, so the final model keeps its "
+                  "shift and no threshold is applied")
+        log.warning("threshold shift skipped: %s", reason)
+        report.update(threshold=None, shift=param, threshold_skipped=reason)
+    else:
+        if th.value is None:
+            from prosparse.sparsity.threshold import threshold_sweep
+
+            sweep = threshold_sweep(accelerator.unwrap_model(model), tokenizer, list(th.sweep),
+                                    data=recipe.data.heldout, tolerance=th.tolerance,
+                                    tokens=recipe.data.heldout_tokens,
+                                    seq_len=recipe.data.heldout_seq_len or recipe.data.seq_len,
+                                    progress=False)
+            report["threshold_sweep"] = sweep
+            t = float(sweep["recommended"])
+        else:
+            t = float(th.value)
+        report["threshold"] = t
+        relufy_(accelerator.unwrap_model(model), "fatrelu", t)
     report["final"] = evaluate_heldout(model, heldout, accelerator=accelerator)
     final = run / "final"
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        with atomic_dir(final, overwrite=True) as tmp:
+        with atomic_dir(final, overwrite=True, kind="model") as tmp:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
     accelerator.wait_for_everyone()
