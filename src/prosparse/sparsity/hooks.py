@@ -37,11 +37,14 @@ def capture_x1(
 class ZeroCounter:
     """Counts exact zeros of x1 per layer on the fly: memory does not grow with tokens.
 
+    The zero counts accumulate on x1's device and are read back once, when :attr:`zeros` is
+    asked for: counting adds no host-device synchronisation to a training or evaluation step.
     ``mask`` (set per batch with :meth:`set_mask`, shape (batch, seq)) excludes padding.
     """
 
     def __init__(self, n_layers: int):
-        self.zeros = torch.zeros(n_layers, dtype=torch.float64)
+        self.n_layers = n_layers
+        self._zeros: torch.Tensor | None = None  # (n_layers,) int64 on x1's device
         self.total = torch.zeros(n_layers, dtype=torch.float64)
         self.tokens = torch.zeros(n_layers, dtype=torch.long)
         self._mask: torch.Tensor | None = None
@@ -55,9 +58,20 @@ class ZeroCounter:
         if self._mask is not None:
             x1 = x1[self._mask.to(x1.device).bool()]
         x1 = x1.reshape(-1, x1.shape[-1])  # (tokens, d_ff)
-        self.zeros[layer] += (x1 == 0).sum().item()
+        if self._zeros is None or self._zeros.device != x1.device:
+            start = None if self._zeros is None else self._zeros.to(x1.device)
+            self._zeros = start if start is not None else torch.zeros(
+                self.n_layers, dtype=torch.long, device=x1.device)
+        self._zeros[layer] += (x1 == 0).sum()
         self.total[layer] += x1.numel()
         self.tokens[layer] += x1.shape[0]
+
+    @property
+    def zeros(self) -> torch.Tensor:
+        """Exact zeros of x1 per layer (float64, on the CPU)."""
+        if self._zeros is None:
+            return torch.zeros(self.n_layers, dtype=torch.float64)
+        return self._zeros.double().cpu()
 
     def layer_sparsity(self) -> list[float]:
         """Fraction of exact zeros of x1, per layer."""

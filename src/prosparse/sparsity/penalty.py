@@ -70,5 +70,5 @@ class PenaltyCollector:
     def reset_counts(self) -> ZeroCounter:
         """Return the zero counts since the last reset and start new ones."""
         counts = self.zeros
-        self.zeros = ZeroCounter(len(counts.zeros))
+        self.zeros = ZeroCounter(counts.n_layers)
         return counts
