@@ -155,7 +155,7 @@ def test_the_export_reproduces_what_powerinfer_computes(setup):
     assert r["layers"][0]["recall"] == r["layers"][0]["effective_recall"]
     readme = (tmp_path / "out" / "README.md").read_text()
     assert r["commands"]["perplexity"] in readme and "-t 1" in r["commands"]["perplexity"]
-    assert f"--ppl-stride {N_CTX - 1}" in r["commands"]["perplexity"]
+    assert f"-c 17 -b 17 --ppl-stride {N_CTX - 1}" in r["commands"]["perplexity"]
     assert f"{p['powerinfer']:.3f}" in readme and "not FATReLU" in readme
 
 
@@ -218,19 +218,26 @@ def test_a_failure_midway_leaves_no_folder(setup, monkeypatch):
     assert not (tmp_path / "half").exists() and not list(tmp_path.glob(".half.tmp-*"))
 
 
-@pytest.mark.parametrize("n", [64, 65, 93, 94, 95, 200])
-def test_stride_blocks_are_the_chunks_powerinfer_scores(n):
-    """perplexity_v2 with --ppl-stride n_ctx - 1: n_chunk = ceil((N - n_ctx) / stride), chunk i
-    at i * stride, every prediction j -> j + 1 of a chunk scored."""
-    n_ctx, stride = N_CTX, N_CTX - 1
-    ids = list(range(n))
-    blocks = pi.stride_blocks(ids, n_ctx)
+def powerinfer_scored(n: int, c: int, stride: int) -> list[tuple[int, int]]:
+    """(context start, predicted token) pairs PowerInfer's perplexity_v2 scores on n tokens:
+    main() widens n_ctx by stride / 2, chunk i starts at i * stride, and predictions j -> j + 1
+    for j in [n_ctx - stride - 1, n_ctx - 1) are scored."""
+    n_ctx = c + stride // 2
     n_chunk = (n - n_ctx + stride - 1) // stride
-    fit = (n - n_ctx) // stride + 1
-    assert len(blocks) == min(n_chunk, fit)
-    scored = [int(b[j + 1]) for b in blocks for j in range(n_ctx - 1)]
-    assert scored == list(range(1, len(scored) + 1))  # each token once, in order
-    assert all(int(b[0]) == i * stride for i, b in enumerate(blocks))
+    return [(i * stride, i * stride + j + 1) for i in range(n_chunk)
+            for j in range(n_ctx - stride - 1, n_ctx - 1)]
+
+
+@pytest.mark.parametrize("n", [64, 65, 93, 94, 95, 200])
+@pytest.mark.parametrize("n_ctx", [32, 33, 256])
+def test_stride_blocks_are_the_chunks_powerinfer_scores(n, n_ctx):
+    args = pi.perplexity_args(n_ctx)
+    c, stride = int(args[args.index("-c") + 1]), int(args[args.index("--ppl-stride") + 1])
+    ids = list(range(n + 4 * n_ctx))
+    blocks = pi.stride_blocks(ids, n_ctx)
+    ours = [(int(b[0]), int(b[j + 1])) for b in blocks for j in range(n_ctx - 1)]
+    assert ours == powerinfer_scored(len(ids), c, stride)
+    assert [t for _, t in ours] == list(range(1, len(ours) + 1))  # each token once, in order
 
 
 def test_rope_theta_is_found_wherever_the_config_keeps_it(llama):

@@ -81,11 +81,12 @@ def powerinfer_speed(powerinfer: Path, gguf: Path, threads: int = 2, repeats: in
 
 def powerinfer_perplexity(powerinfer: Path, gguf: Path, text: Path, n_ctx: int, chunks: int,
                           threads: int = 1, all_neurons: bool = False) -> dict:
-    """PowerInfer's perplexity on ``text``, every token of each chunk scored (``--ppl-stride
-    n_ctx - 1``); ``all_neurons`` overrides the threshold so every neuron is kept."""
+    """PowerInfer's perplexity on ``text`` over the chunks :func:`~prosparse.deploy.powerinfer.
+    stride_blocks` cuts; ``all_neurons`` overrides the threshold so every neuron is kept."""
+    from prosparse.deploy.powerinfer import perplexity_args
+
     cmd = [str(powerinfer / "build" / "bin" / "perplexity"), "-m", str(gguf), "-f", str(text),
-           "-c", str(n_ctx), "-b", str(n_ctx), "--ppl-stride", str(n_ctx - 1), "--chunks",
-           str(chunks), "-t", str(threads)]
+           *perplexity_args(n_ctx), "--chunks", str(chunks), "-t", str(threads)]
     env = {"LLAMA_SPARSE_PRED_THRESHOLD": "-1e30"} if all_neurons else None
     t = time.perf_counter()
     ppl, n, tokens = parse_perplexity(_run(cmd, env))
@@ -181,9 +182,9 @@ def make_7b_shaped(out: str | os.PathLike, layers: int = 4, predicted_sparsity: 
     text = " ".join(load_texts("wiki", "heldout")[:20])
     ids = tok(text, return_tensors="pt").input_ids[:, :512]
     torch.manual_seed(seed + 1)
-    pset = PredictorSet(4096, 11008, layers, hidden).to(torch.bfloat16).eval()
+    pset = PredictorSet(4096, 11008, layers, hidden).eval()  # fp32; attached in the model's dtype
     calibrate_thresholds_(model, pset, ids, predicted_sparsity)
-    pred = save_predictors(pset.float(), out / "pred", overwrite=True,
+    pred = save_predictors(pset, out / "pred", overwrite=True,
                            extra={"model": str(ckpt), "calibrated_sparsity": predicted_sparsity})
     (out / "made.json").write_text(json.dumps({"layers": layers, "thresholds":
                                                pset.thresholds.tolist()}) + "\n")

@@ -30,10 +30,13 @@ loads is defined by that converter and its loader, not by a document: the q/k ro
 handling. A copy of those here would be checked only against our own reading of them, and would
 drift from the engine; the converter's input is a plain checkpoint that our tests can check.
 
-Perplexity in PowerInfer's own terms: ``perplexity --ppl-stride (n_ctx - 1)`` scores every
-next-token prediction of chunks of ``n_ctx`` tokens starting ``n_ctx - 1`` apart. :func:`stride_blocks`
-cuts the same chunks, so :func:`~prosparse.evaluation.heldout.evaluate_blocks` on them gives the
-same number on the same tokens.
+Perplexity in PowerInfer's own terms: its strided mode (``perplexity -c c --ppl-stride s``)
+widens the context to ``C = c + s // 2``, cuts chunks of ``C`` tokens starting ``s`` apart and
+scores each chunk's last ``s`` predictions. With ``s = C - 1`` and ``c = C - s // 2``
+(:func:`perplexity_args`) it scores every prediction of chunks of ``C`` tokens that overlap by
+one; :func:`stride_blocks` cuts the same chunks, so
+:func:`~prosparse.evaluation.heldout.evaluate_blocks` on them gives the same number on the same
+tokens.
 """
 
 from __future__ import annotations
@@ -355,9 +358,18 @@ def heldout_text(tokenizer, data: str, split: str, tokens: int, n_ctx: int,
     return text, ids
 
 
+def perplexity_args(n_ctx: int) -> list[str]:
+    """PowerInfer ``perplexity`` flags that score every prediction of chunks of ``n_ctx`` tokens
+    starting ``n_ctx - 1`` apart: it adds ``stride // 2`` to ``-c``, and scores the last
+    ``stride`` predictions of each chunk (its ``perplexity_v2``)."""
+    stride = n_ctx - 1
+    c = n_ctx - stride // 2
+    return ["-c", str(c), "-b", str(c), "--ppl-stride", str(stride)]
+
+
 def stride_blocks(ids: list[int] | torch.Tensor, n_ctx: int) -> torch.Tensor:
-    """The chunks ``perplexity --ppl-stride (n_ctx - 1) -c n_ctx`` scores, as ``(chunks, n_ctx)``:
-    starts ``n_ctx - 1`` apart, so every next-token prediction of a chunk is scored once.
+    """The chunks PowerInfer's ``perplexity`` with :func:`perplexity_args` scores, as
+    ``(chunks, n_ctx)``: starts ``n_ctx - 1`` apart, every next-token prediction scored once.
 
     PowerInfer counts ``ceil((N - n_ctx) / stride)`` chunks, one fewer than fit when
     ``N - n_ctx`` is a multiple of the stride: the same count is taken here."""
@@ -381,7 +393,7 @@ def commands(out: Path, n_ctx: int, chunks: int, vocabtype: str) -> dict[str, st
         "run": f"$POWERINFER/build/bin/main -m {gguf} -t 2 -n 64 --temp 0 "
                "-p 'The history of'",
         "perplexity": f"$POWERINFER/build/bin/perplexity -m {gguf} -f {out / 'heldout.txt'} "
-                      f"-c {n_ctx} -b {n_ctx} --ppl-stride {n_ctx - 1} --chunks {chunks} -t 1",
+                      f"{' '.join(perplexity_args(n_ctx))} --chunks {chunks} -t 1",
         "convert_dense": f"python $POWERINFER/convert-dense.py --vocabtype {vocabtype} "
                          f"--outtype f16 --outfile {out / 'model.dense.gguf'} {out / 'model'}",
     }
@@ -514,8 +526,9 @@ def readme(report: dict) -> str:
         "",
         "Run the perplexity with one thread (`-t 1`): PowerInfer's multi-threaded sparse down "
         "projection adds the threads' partial sums without a lock, so its result varies from run "
-        "to run above one thread. `--ppl-stride` makes it score every token of each chunk, as "
-        "prosparse does; the chunks are the ones measured here.",
+        "to run above one thread. With `--ppl-stride` it widens `-c` by half the stride and "
+        f"scores the last stride predictions of each chunk: these flags make it score every "
+        f"prediction of the {e['chunks']} chunks of {e['n_ctx']} tokens measured here.",
         "",
         "## What PowerInfer computes",
         "",
