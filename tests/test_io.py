@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import sys
 
 import pytest
 
@@ -46,7 +45,6 @@ from contextlib import contextmanager  # noqa: E402
 
 from prosparse.errors import UsageError  # noqa: E402
 from prosparse.io import (  # noqa: E402
-    MARKER,
     OutputExistsError,
     WriteError,
     atomic_write,

@@ -9,17 +9,6 @@ from prosparse.config import load_recipe
 from prosparse.training import read_metrics, train
 
 
-@pytest.fixture
-def tiny_dir(tmp_path):
-    from tests.conftest import char_tokenizer, tiny_llama
-
-    path = tmp_path / "tiny"
-    model, tok = tiny_llama(), char_tokenizer()
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def tiny_recipe(model_dir, text_file, *extra):
     return load_recipe(None, [
         f"model={model_dir}", f"data.sources=[{text_file}]", f"data.heldout=[{text_file}]",

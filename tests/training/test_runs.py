@@ -14,7 +14,7 @@ import pytest
 from prosparse.errors import UsageError
 from prosparse.training import read_metrics, train
 from prosparse.training.runs import RESUME_MAY_CHANGE, model_fingerprint, recipe_diff
-from tests.training.test_loop import _reset_accelerate, tiny_dir, tiny_recipe  # noqa: F401
+from tests.training.test_loop import _reset_accelerate, tiny_recipe
 
 LOSS_KEYS = ("lambda", "lr", "lm_loss", "penalty", "kd_loss", "loss", "train_sparsity")
 

@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 from prosparse.config import Recipe
 from prosparse.errors import UsageError
 from prosparse.evaluation.heldout import evaluate_heldout
+from prosparse.io import reserve
 from prosparse.models.relufy import find_gated_ffns
 from prosparse.sparsity.hooks import capture_x1
 from prosparse.sparsity.penalty import PenaltyCollector
 from prosparse.sparsity.schedule import l1_factor, stage_index
-from prosparse.io import reserve
 from prosparse.training.checkpoint import load_checkpoint, save_checkpoint
 from prosparse.training.data import build_blocks, heldout_blocks, micro_batch
 from prosparse.training.metrics import MetricsLog
