@@ -48,16 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    _name_commands(parser)
     return parser
 
 
-def _command_prog(parser: argparse.ArgumentParser, args) -> str:
-    """``prosparse bench ops``: the prog of the subcommand that ``args`` chose."""
-    while parser._subparsers is not None:
-        action = next(a for a in parser._subparsers._group_actions
-                      if isinstance(a, argparse._SubParsersAction))
-        parser = action.choices[getattr(args, action.dest)]
-    return parser.prog
+def _name_commands(parser: argparse.ArgumentParser) -> None:
+    """Give every (sub)command's namespace its prog (``prosparse bench ops``) as ``_prog``, for
+    error lines; the innermost parser that runs sets it last."""
+    parser.set_defaults(_prog=parser.prog)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                _name_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except UsageError as e:  # a user mistake: one line; anything else is a bug (traceback)
         message = " ".join(str(e.args[0] if e.args else e).split())
-        print(f"{_command_prog(parser, args)}: error: {message}", file=sys.stderr)
+        print(f"{args._prog}: error: {message}", file=sys.stderr)
         return 2
 
 

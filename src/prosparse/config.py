@@ -334,6 +334,9 @@ def _coerce(tp, value, where: str):
         if not math.isfinite(value):
             raise UsageError(f"{where} must be a finite number, got {value!r}")
         return float(value)
+    if tp in (int, float, str, bool) and isinstance(value, dict):  # e.g. optim.lr.foo=1
+        raise UsageError(f"{where} is a single value ({tp.__name__}), it has no keys "
+                         f"{', '.join(map(str, value))}; set {where}=VALUE instead")
     # bool is an int in Python; `batch_size: true` is a mistake, not 1
     if tp in (int, float, str, bool) and (not isinstance(value, tp) or (
             tp is not bool and isinstance(value, bool))):

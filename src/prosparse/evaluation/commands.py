@@ -28,10 +28,11 @@ def _eval(args) -> int:
         parse_variant,
     )
     from prosparse.io import write_json
-    from prosparse.models.commands import apply_activation_args
+    from prosparse.models.commands import activation_from_args, apply_activation_args
     from prosparse.models.loading import load_model
 
     # Fail on a bad task name or missing data before spending time on loading the model.
+    activation_from_args(args)
     if args.sparsity:
         check_data(args.data or ["wiki"])
     elif args.data:

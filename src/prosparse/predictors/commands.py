@@ -8,7 +8,12 @@ from pathlib import Path
 from prosparse import checks
 from prosparse.data import DEFAULT_DATA, check_data
 from prosparse.errors import UsageError
-from prosparse.models.commands import add_activation_args, add_model_args, apply_activation_args
+from prosparse.models.commands import (
+    activation_from_args,
+    add_activation_args,
+    add_model_args,
+    apply_activation_args,
+)
 from prosparse.sparsity.commands import add_data_args
 from prosparse.tables import pct
 
@@ -52,6 +57,7 @@ def _collect(args) -> int:
     specs = args.data or [DEFAULT_DATA]
     check_data(specs)
     checks.check_output_dir(args.out, args.overwrite)
+    activation_from_args(args)  # conflicting flags fail before the model loads
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     apply_activation_args(model, args)
     info = collect_from_data(model, tok, specs, args.out, tokens=args.tokens,

@@ -6,7 +6,12 @@ import argparse
 
 from prosparse import checks
 from prosparse.data import DEFAULT_DATA, check_data
-from prosparse.models.commands import add_activation_args, add_model_args, apply_activation_args
+from prosparse.models.commands import (
+    activation_from_args,
+    add_activation_args,
+    add_model_args,
+    apply_activation_args,
+)
 from prosparse.tables import format_table, pct
 
 
@@ -42,6 +47,7 @@ def _sparsity(args) -> int:
     from prosparse.sparsity.measure import measure_sparsity
 
     check_data(args.data or [DEFAULT_DATA])
+    activation_from_args(args)  # conflicting flags fail before the model loads
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     apply_activation_args(model, args)
     result = measure_sparsity(model, tok, args.data or [DEFAULT_DATA], tokens=args.tokens,
@@ -68,6 +74,7 @@ def _threshold(args) -> int:
     from prosparse.sparsity.threshold import threshold_sweep
 
     check_data(args.data or [DEFAULT_DATA])
+    activation_from_args(args)  # conflicting flags fail before the model loads
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     apply_activation_args(model, args)
     result = threshold_sweep(model, tok, args.thresholds, data=args.data or [DEFAULT_DATA],
