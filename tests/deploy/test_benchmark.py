@@ -40,11 +40,15 @@ def test_readme_section_has_one_row_per_model():
         "prosparse_decode": run,
         "powerinfer": {"speed": {"dense": {"tokens_per_s": 170.0},
                                  "sparse": {"tokens_per_s": 110.0}},
-                       "perplexity_sparse": {"perplexity": 40.4}},
-        "export": {"perplexity": {"powerinfer": 40.0},
+                       "perplexity_sparse": {"perplexity": 40.4},
+                       "perplexity_all_neurons": {"perplexity": 38.0}},
+        "export": {"perplexity": {"powerinfer": 40.0, "relu_all_neurons": 38.0},
+                   "eval": {"scored_tokens": 8160},
                    "average": {"effective_predicted_sparsity": 0.8}},
     }
     text = b.readme_section({"demo": report, "7b": report})
-    lines = text.strip().splitlines()
-    assert len(lines) == 4 and all(line.count("|") == 11 for line in lines)
-    assert "| demo | 30.0 | 31.0 | 33.0 | 170.0 | 110.0 | 80.00 | 40.000 | 40.400 | +1.00 |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| demo") or
+            line.startswith("| 7b")]
+    assert len(rows) == 4
+    assert "| demo | 30.0 | 31.0 | 33.0 | 170.0 | 110.0 | 80.00 |" in text
+    assert "| demo | 8160 | 40.000 | 40.400 | +1.00 | 38.000 | 38.000 | +0.00 |" in text
