@@ -171,6 +171,7 @@ CASES = [
     ("demo optim.lr=nan --out {tmp}/run", "optim.lr must be a finite number"),
     ("demo batch_size=0 --out {tmp}/run", "batch_size: 0 is not a positive integer"),
     ("demo --recipe {tmp}/bad.yaml --out {tmp}/run", "is not valid YAML"),
+    ("demo --resume --overwrite --out {tmp}/run", "pass one of them"),
 ]
 if NO_CUDA:
     CASES += [

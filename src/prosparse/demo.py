@@ -17,8 +17,9 @@ DEMO_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
 
 def run_demo(out: str = "runs/demo", recipe: str | Path | None = None,
-             overrides: list[str] = ()) -> dict:
-    """Train the demo recipe into ``out``; returns the report (report.json)."""
+             overrides: list[str] = (), resume: bool = False, overwrite: bool = False) -> dict:
+    """Train the demo recipe into ``out`` (``resume`` it, or ``overwrite`` a finished one);
+    returns the report (report.json)."""
     from prosparse.config import load_recipe
     from prosparse.training.loop import train
 
@@ -27,7 +28,7 @@ def run_demo(out: str = "runs/demo", recipe: str | Path | None = None,
         raise UsageError(f"demo recipe {str(path)!r} not found; pass --recipe "
                          "configs/demo.yaml from a checkout of prosparse")
     start = time.time()
-    result = train(load_recipe(path, list(overrides)), out)
+    result = train(load_recipe(path, list(overrides)), out, resume=resume, overwrite=overwrite)
     report = result.report
     print(report["table"])
     if "benchmark_table" in report:
@@ -40,7 +41,8 @@ def run_demo(out: str = "runs/demo", recipe: str | Path | None = None,
 
 
 def _demo(args) -> int:
-    run_demo(out=args.out, recipe=args.recipe, overrides=args.overrides)
+    run_demo(out=args.out, recipe=args.recipe, overrides=args.overrides, resume=args.resume,
+             overwrite=args.overwrite)
     return 0
 
 
@@ -50,4 +52,8 @@ def register(sub) -> None:
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. stages.2.lambda=4")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--recipe", default=None, help="recipe (default configs/demo.yaml)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted demo from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished demo run in --out")
     p.set_defaults(func=_demo)
