@@ -554,9 +554,10 @@ def readme(report: dict) -> str:
     ]
     if fat:
         lines += ["A kept neuron gets ReLU, not FATReLU: a neuron with 0 < g < t that the "
-                  "predictor keeps contributes in PowerInfer. The predictors were trained on the "
-                  "FATReLU model's own labels, so most kept neurons are ones whose gate passed t.",
-                  ""]
+                  "predictor keeps contributes in PowerInfer. Predictors trained on this FATReLU "
+                  "model's own labels (`prosparse predictors collect CKPT` with no `--act`) keep "
+                  "mostly neurons whose gate passed t, which is why the last row stays near the "
+                  "second.", ""]
     folded = report["folded_layers"]
     a = report["average"]
     if folded:
