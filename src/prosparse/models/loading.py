@@ -88,7 +88,7 @@ def cache_dir() -> Path:
 
 
 CHECKSUMS = "checksums.json"
-"""Inside a cached model folder: ``{file name: sha256}`` of every file, written with it."""
+"""Inside a cached model folder: ``{file name: {"sha256", "size", "mtime_ns"}}`` of every file."""
 
 
 def _sha256(path: Path) -> str:
@@ -96,14 +96,28 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _file_sum(path: Path) -> dict:
+    st = path.stat()
+    return {"sha256": _sha256(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def _cache_is_intact(folder: Path) -> bool:
-    """Every file listed in the folder's checksums is there with the same sha256 (about 0.5 s
-    for the 540 MB SmolLM2 copy); a folder without checksums is not trusted."""
+    """Every file listed in the folder's checksums is there with the same sha256. A file whose
+    size and mtime are as recorded is not hashed again (0.7 s for the 540 MB SmolLM2 copy on
+    every load): any write changes them, so only corruption below the file system goes unseen.
+    A folder without checksums is not trusted."""
     try:
         sums = json.loads((folder / CHECKSUMS).read_text())
-        return bool(sums) and all(_sha256(folder / name) == digest
-                                  for name, digest in sums.items())
-    except (OSError, ValueError, AttributeError):
+        if not sums:
+            return False
+        for name, want in sums.items():
+            st = (folder / name).stat()
+            if (st.st_size, st.st_mtime_ns) != (want["size"], want["mtime_ns"]) and \
+                    _sha256(folder / name) != want["sha256"]:
+                return False
+        check_checkpoint(folder)
+        return True
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 
@@ -121,7 +135,12 @@ def _embedded_cached(name: str) -> Path:
         if _cache_is_intact(target):
             return target
         log.warning("cached copy %s failed its checksum; rebuilding it from %s", target, gguf)
-        shutil.rmtree(target, ignore_errors=True)
+        bad = target.with_name(f".{target.name}.bad-{os.getpid()}")
+        try:  # renamed first: a process reading the old copy keeps its open files
+            os.replace(target, bad)
+        except OSError:
+            pass
+        shutil.rmtree(bad, ignore_errors=True)
     if os.environ.get("PROSPARSE_NO_CACHE"):
         return gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -136,7 +155,8 @@ def _embedded_cached(name: str) -> Path:
         with atomic_dir(target) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            sums = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            sums = {p.name: _file_sum(p) for p in sorted(tmp.iterdir())
+                    if p.is_file() and not p.name.startswith(".")}
             (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1) + "\n")
     except OSError:
         if not (target / "config.json").is_file():
