@@ -235,9 +235,14 @@ def start_run_folder(run: Path, recipe: Recipe, fingerprint: dict, *, resume: bo
         changed = [f"{k}: {a!r} -> {b!r}" for k, a, b in
                    recipe_diff(_saved_recipe(saved), to_dict(recipe)) if may_change_on_resume(k)]
         marker.setdefault("resumes", []).append({"step": step, "changed": changed})
-        (run / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        _replace_text(run / MARKER, json.dumps(marker, indent=2) + "\n")
     else:
         write_marker(run, "run", model=fingerprint)
-    tmp = saved.with_name(f".recipe.yaml.tmp-{os.getpid()}")
-    tmp.write_text(dump_recipe(recipe))
-    os.replace(tmp, saved)
+    _replace_text(saved, dump_recipe(recipe))
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write ``text`` beside ``path``, then rename: a kill never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
