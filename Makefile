@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/prosparse demo
+	$(VENV)/bin/prosparse demo --overwrite
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
