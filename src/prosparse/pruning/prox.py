@@ -118,7 +118,7 @@ def _enum_alm(a: torch.Tensor, lam: float, max_sweeps: int, tol: float) -> torch
 
 
 @torch.no_grad()
-def prox_2of4(z: torch.Tensor, lam: float, max_sweeps: int = 500, tol: float = 1e-7
+def prox_2of4(z: torch.Tensor, lam: float, max_sweeps: int = 500, tol: float = 1e-5
               ) -> torch.Tensor:
     """``argmin_w 0.5 ||w - z||^2 + lam R(w)`` per group of 4 along the last dim (EnumALM).
 
