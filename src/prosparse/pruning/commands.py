@@ -89,6 +89,8 @@ def _prune(args) -> int:
 
     cfg = resolve_config(args)
     result = prune(cfg, args.out, overwrite=args.overwrite)
+    if "compliance" not in result:  # a non-main process under accelerate launch
+        return 0
     print(result_table(result))
     if result["skipped"]:
         print(f"skipped {len(result['skipped'])} linear(s) (in_features not divisible by M): "

@@ -7,6 +7,7 @@ samples), ``masks.safetensors`` and ``pruning.json`` (the result below).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -112,6 +113,10 @@ def prune(cfg: PruneConfig, out: str | Path, overwrite: bool = False,
     from prosparse.pruning.calibration import calibration_blocks
 
     n, m = cfg.check()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and cfg.method != "proxsparse":
+        raise UsageError(f"--method {cfg.method} runs in one process; drop accelerate launch "
+                         "(only proxsparse trains data-parallel)")
     from prosparse.io import check_output
 
     out = Path(out)
@@ -139,10 +144,20 @@ def prune(cfg: PruneConfig, out: str | Path, overwrite: bool = False,
               "data": cfg.data, "samples": 0 if blocks is None else len(blocks),
               "seq_len": cfg.seq_len,
               "lambda": cfg.prox.lam if cfg.method == "proxsparse" else None}
-    result["perplexity"] = {"before": _perplexity(model, heldout), "after": None}
+    accelerator = None
+    if cfg.method == "proxsparse":
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+    main = accelerator is None or accelerator.is_main_process
+    result["perplexity"] = {"before": _perplexity(model, heldout) if main else None,
+                            "after": None}
     start = time.perf_counter()
-    masks, extra = run_method(model, linears, blocks, cfg, n, m, progress)
+    masks, extra = run_method(model, linears, blocks, cfg, n, m, progress, accelerator)
     result["prune_seconds"] = time.perf_counter() - start
+    if not main:  # under accelerate launch, the main process evaluates and writes
+        accelerator.wait_for_everyone()
+        return result
     result["perplexity"]["after"] = _perplexity(model, heldout)
     result["eval"] = {"data": cfg.eval_data, "tokens": 0 if heldout is None else heldout.numel(),
                       "seq_len": cfg.eval_seq_len}
@@ -156,11 +171,13 @@ def prune(cfg: PruneConfig, out: str | Path, overwrite: bool = False,
     from prosparse.io import write_json
 
     write_json(out / RESULT_FILE, result)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return result
 
 
-def run_method(model, linears, blocks, cfg: PruneConfig, n: int, m: int, progress: bool
-               ) -> tuple[dict[str, torch.Tensor], dict]:
+def run_method(model, linears, blocks, cfg: PruneConfig, n: int, m: int, progress: bool,
+               accelerator=None) -> tuple[dict[str, torch.Tensor], dict]:
     """Prune ``linears`` in place by ``cfg.method``: (keep-masks, method-specific result)."""
     from prosparse.pruning import baselines
 
@@ -174,7 +191,7 @@ def run_method(model, linears, blocks, cfg: PruneConfig, n: int, m: int, progres
                                           cfg.damp, cfg.batch_size, progress), {}
     from prosparse.pruning.proxsparse import learn_masks
 
-    masks, log = learn_masks(model, linears, blocks, cfg.prox, progress=progress)
+    masks, log = learn_masks(model, linears, blocks, cfg.prox, accelerator, progress=progress)
     return masks, {"lambda_scale": cfg.prox.lambda_scale,
                    "lambda_enters": log.pop("lambda_enters"), "proxsparse": log}
 
