@@ -149,3 +149,25 @@ def test_recipes_parse():
         cfg = config_from_mapping(yaml.safe_load(path.read_text()))
         cfg.check()
         assert cfg.method == "proxsparse"
+
+
+@pytest.mark.slow  # two accelerate processes on gloo: about 30 s
+def test_proxsparse_under_accelerate_launch(model_dir, text_file, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ddp"
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    # --multi_gpu runs torchrun; with no CUDA the processes come up as MULTI_CPU on gloo.
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prosparse.cli",
+           *_args(model_dir, text_file, out, "--method", "proxsparse", "--samples", "8",
+                  "--epochs", "1")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29641"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "pruning.json").read_text())
+    assert result["proxsparse"]["optimizer_steps"] == 4  # 8 blocks over 2 ranks, batch 1
+    assert result["compliance"] == 1.0

@@ -148,7 +148,8 @@ def prune(cfg: PruneConfig, out: str | Path, overwrite: bool = False,
     if cfg.method == "proxsparse":
         from accelerate import Accelerator
 
-        accelerator = Accelerator()
+        # cpu=True without CUDA: under accelerate launch that is MULTI_CPU (gloo), not N copies.
+        accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main = accelerator is None or accelerator.is_main_process
     result["perplexity"] = {"before": _perplexity(model, heldout) if main else None,
                             "after": None}
