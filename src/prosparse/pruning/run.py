@@ -150,6 +150,7 @@ def prune(cfg: PruneConfig, out: str | Path, overwrite: bool = False,
 
         # cpu=True without CUDA: under accelerate launch that is MULTI_CPU (gloo), not N copies.
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        model.to(accelerator.device)  # perplexity before, too, on the training device
     main = accelerator is None or accelerator.is_main_process
     result["perplexity"] = {"before": _perplexity(model, heldout) if main else None,
                             "after": None}
