@@ -4,8 +4,9 @@ exact sparse and predictor-driven (on a real model, or a LLaMA2-7B-shaped one).
 Operator timings measure memory, not cache, as real decoding does: every call draws a fresh
 active set, and calls cycle through enough weight copies ("layers") that their total exceeds the
 last-level cache at least twice, so no call finds its rows still cached from the previous one.
-Dense and sparse are timed in the same run, interleaved call by call; medians after warm-up;
-CUDA times come from device events.
+Dense and sparse are timed in the same run, interleaved call by call; medians after warm-up.
+On CUDA each timed call is captured in a CUDA graph and its replay timed with device events, so
+launch overhead (which a host clock around single launches counts) is left out of both sides.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from prosparse.inference.predicted import (
     reset_predicted_counts,
 )
 from prosparse.inference.sparse_mlp import sparsify_
-from prosparse.kernels import activate, dense, dispatch, reference
+from prosparse.kernels import activate, dense, dispatch, fused, reference
 from prosparse.predictors.export import load_predictors
 from prosparse.predictors.model import PredictorSet
 
@@ -50,16 +51,26 @@ def last_level_cache_bytes(device: torch.device) -> int:
 
 
 def _timer(device: torch.device):
+    """``run(fn, warm=False)`` -> microseconds; on CUDA a warm call (compiles kernels) runs
+    eagerly, a timed one is captured in a CUDA graph first and its replay timed."""
     if device.type == "cuda":
-        def run(fn):
+        def run(fn, warm=False):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            graph = None
+            if not warm:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    fn()
             start.record()
-            fn()
+            if graph is None:
+                fn()
+            else:
+                graph.replay()
             end.record()
             end.synchronize()
             return start.elapsed_time(end) * 1e3
     else:
-        def run(fn):
+        def run(fn, warm=False):
             t = time.perf_counter()
             fn()
             return (time.perf_counter() - t) * 1e6
@@ -76,6 +87,28 @@ def _random_gate(tokens: int, d_ff: int, active: int, dtype, device, gen) -> tor
     return g.to(dtype=dtype, device=device)
 
 
+# The paper's GPU operators at 89.32% sparsity (host clock around single launches):
+# (d_model, d_ff, step) -> speedup over dense (docs/kernels.md).
+PAPER_SPEEDUP = {(4096, 11008, 2): 2.00, (4096, 11008, 3): 1.51,
+                 (5120, 13824, 2): 2.44, (5120, 13824, 3): 1.70}
+
+
+def _pure_torch(fn, *args, **kwargs):
+    """``fn`` with the CPU backend's pure-torch kernels (the compiled ones off)."""
+    with fused.disabled():
+        return fn(*args, **kwargs)
+
+
+def sparse_paths(dev: torch.device, backend: str) -> list[str]:
+    """What ``bench ops`` and ``bench decode`` time beside dense: the backend's own path, plus
+    the pure-torch CPU kernels when the backend's path is the compiled one."""
+    if backend == "fused":
+        return ["fused"]
+    if dev.type == "cpu" and backend == "cpu":
+        return ["fused", "torch"] if fused.available() else ["torch"]
+    return [backend]
+
+
 @torch.inference_mode()
 def bench_ops(
     d_model: int = 4096,
@@ -89,14 +122,20 @@ def bench_ops(
     backend: str | None = None,
     seed: int = 0,
 ) -> dict:
-    """Time dense vs sparse steps (2) and (3); returns the ``bench ops`` JSON as a dict."""
+    """Time dense vs sparse steps (2) and (3); returns the ``bench ops`` JSON as a dict.
+
+    ``sparse_*`` keys time the backend's path (on CPU the compiled kernels when they build);
+    where that is the compiled one, ``torch_*`` keys time the pure-torch kernels in the same run.
+    """
     dev = torch.device(device)
     name = dispatch.resolve_backend(dev, backend)
+    paths = sparse_paths(dev, name)
     gen = torch.Generator().manual_seed(seed)
     elem = torch.empty((), dtype=dtype).element_size()
     matrix = d_ff * d_model * elem
     llc = last_level_cache_bytes(dev)
-    copies = max(2, math.ceil(2 * llc / matrix) + 1)
+    # One copy per path timed (dense, sparse, pure torch), so consecutive calls never share one.
+    copies = max(len(paths) + 1, math.ceil(2 * llc / matrix) + 1)
     w1s = [torch.randn(d_ff, d_model, generator=gen).to(dtype=dtype, device=dev) * 0.02
            for _ in range(copies)]
     w2ts = [torch.randn(d_ff, d_model, generator=gen).to(dtype=dtype, device=dev) * 0.02
@@ -110,12 +149,14 @@ def bench_ops(
     cases = [(b, s) for b in batches for s in sparsities]
     for batch, s in tqdm(cases, desc=f"bench ops {d_model}x{d_ff} {dtype} {dev.type}"):
         active = round((1 - s) * d_ff)
-        times = {k: [] for k in ("d2", "s2", "d3", "s3")}
+        times = {k: [] for k in ("d2", "s2", "d3", "s3", "t2", "t3")}
         n_union = []
         for i in range(warmup + reps):
-            # Sparse reads copy i, dense copy i + copies/2: neither finds the other's rows cached.
+            # Sparse reads copy i, dense copy i + copies/2, pure torch copy i - 1: none finds
+            # another's rows cached.
             j = (i + copies // 2) % copies
             w1, w2t = w1s[i % copies], w2ts[i % copies]
+            k = (i - 1) % copies
             x = torch.randn(batch, d_model, generator=gen).to(dtype=dtype, device=dev)
             g = _random_gate(batch, d_ff, active, dtype, dev, gen)
             u = torch.randn(batch, d_ff, generator=gen).to(dtype=dtype, device=dev)
@@ -125,10 +166,13 @@ def bench_ops(
                      ("s2", partial(dispatch.up_step, x, g, w1, **force)),
                      ("d3", partial(dense.down_step, x1, w2ts_dense[j])),
                      ("s3", partial(dispatch.down_step, x1, w2t, **force))]
+            if "torch" in paths and len(paths) > 1:
+                pairs += [("t2", partial(_pure_torch, dispatch.up_step, x, g, w1s[k], **force)),
+                          ("t3", partial(_pure_torch, dispatch.down_step, x1, w2ts[k], **force))]
             if i % 2:
                 pairs.reverse()
             for key, fn in pairs:
-                t = timer(fn)
+                t = timer(fn, warm=i < warmup)
                 if i >= warmup:
                     times[key].append(t)
         union = statistics.median(n_union)
@@ -147,10 +191,18 @@ def bench_ops(
                 "dense_gbps": matrix / dense_us / 1e3,
                 "bound": 1 / (1 - s) if s < 1 else math.inf,
             })
+            paper = PAPER_SPEEDUP.get((d_model, d_ff, step))
+            if dev.type == "cuda" and paper is not None and abs(s - 0.8932) < 1e-9:
+                results[-1]["paper_speedup"] = paper
+            if times[f"t{step}"]:
+                torch_us = statistics.median(times[f"t{step}"])
+                results[-1].update(torch_us=torch_us, torch_speedup=dense_us / torch_us,
+                                   torch_gbps=union * d_model * elem / torch_us / 1e3)
     return {
         "device": _device_name(dev),
         "dtype": str(dtype).removeprefix("torch."),
         "backend": name,
+        "sparse_path": paths[0],
         "d_model": d_model,
         "d_ff": d_ff,
         "threads": torch.get_num_threads() if dev.type == "cpu" else None,
@@ -161,7 +213,8 @@ def bench_ops(
             f"every call; calls cycle through {copies} copies of each weight matrix "
             f"({copies * matrix / 2**20:.0f} MiB per step, last-level cache {llc / 2**20:.0f} MiB) "
             "so active rows come from memory, not cache; dense and sparse interleaved"
-            + ("; CUDA events" if dev.type == "cuda" else "; host perf_counter per call")
+            + ("; each call captured in a CUDA graph, its replay timed by CUDA events"
+               if dev.type == "cuda" else "; host perf_counter per call")
         ),
         "results": results,
     }
@@ -183,17 +236,22 @@ def _device_name(dev: torch.device) -> str:
 
 def ops_table(report: dict) -> str:
     """The ``bench ops`` report as a table for people."""
+    twin = any("torch_us" in r for r in report["results"])
     lines = [
-        f"{report['device']}  {report['dtype']}  backend={report['backend']}  "
+        f"{report['device']}  {report['dtype']}  backend={report['backend']} "
+        f"({report.get('sparse_path', report['backend'])})  "
         f"d_model={report['d_model']} d_ff={report['d_ff']}",
         f"{'step':>4} {'batch':>5} {'sparsity':>8} {'union':>6} {'dense us':>9} {'sparse us':>9} "
-        f"{'speedup':>7} {'bound':>6} {'GB/s':>6} {'dense GB/s':>10}",
+        f"{'speedup':>7} {'bound':>6} {'GB/s':>6} {'dense GB/s':>10}"
+        + (f" {'torch us':>9} {'torch x':>7} {'torch GB/s':>10}" if twin else ""),
     ]
     for r in report["results"]:
         lines.append(
             f"{r['step']:>4} {r['batch']:>5} {r['sparsity']:>8.4f} {r['union_sparsity']:>6.3f} "
             f"{r['dense_us']:>9.1f} {r['sparse_us']:>9.1f} {r['speedup']:>6.2f}x "
             f"{r['bound']:>5.2f}x {r['gbps']:>6.1f} {r['dense_gbps']:>10.1f}"
+            + (f" {r['torch_us']:>9.1f} {r['torch_speedup']:>6.2f}x {r['torch_gbps']:>10.1f}"
+               if "torch_us" in r else "")
         )
     lines.append(f"method: {report['method']}")
     return "\n".join(lines)
@@ -218,7 +276,19 @@ def bench_decode(
     sparse = greedy_decode(model, input_ids, new_tokens, desc="sparse decode")
     first_diff = next((i for i, (a, b) in enumerate(zip(dense.tokens, sparse.tokens)) if a != b),
                       None)
+    extra = {}
+    dev = input_ids.device
+    paths = sparse_paths(dev, dispatch.resolve_backend(dev, backend))
+    extra["sparse_path"] = paths[0]
+    if len(paths) > 1:  # the compiled kernels ran above: the pure-torch ones too, same model
+        with fused.disabled():
+            greedy_decode(model, input_ids, 4)
+            twin = greedy_decode(model, input_ids, new_tokens, desc="sparse decode, pure torch")
+        extra.update(torch_tokens_per_s=twin.tokens_per_s,
+                     torch_speedup=twin.tokens_per_s / dense.tokens_per_s,
+                     torch_identical=twin.tokens == sparse.tokens)
     return {
+        **extra,
         "dense_tokens_per_s": dense.tokens_per_s,
         "sparse_tokens_per_s": sparse.tokens_per_s,
         "speedup": sparse.tokens_per_s / dense.tokens_per_s,
@@ -412,6 +482,73 @@ def exact_decode_7b_shape(layers: int = 2, dtype: torch.dtype = torch.bfloat16,
             "device": device}
 
 
+@torch.inference_mode()
+def compiled_decode_7b_shape(layers: int = 2, dtype: torch.dtype = torch.bfloat16,
+                             device: str = "cuda", sparsity: float = 0.8932,
+                             new_tokens: int = 64, backend: str | None = None,
+                             mode: str = "reduce-overhead", repeats: int = 3) -> dict:
+    """Dense vs exact sparse greedy decode of a LLaMA2-7B-shaped model, both with a static KV
+    cache and the decode step under ``torch.compile(mode=mode, fullgraph=True)`` (CUDA graphs
+    with ``"reduce-overhead"``; the sparse step must be sync-free to be captured).
+
+    Timed by wall clock around whole ``generate`` calls, synchronised, with no per-step hook;
+    tokens/s = ``new_tokens`` / (median time of ``new_tokens + 8`` tokens - median time of 8),
+    so prefill and the first steps cancel.
+    """
+    from transformers import CompileConfig
+
+    model = llama2_7b_shaped(layers, dtype).to(device).eval()
+    gen = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, model.config.vocab_size, (1, 64), generator=gen)
+    thresholds = calibrate_fatrelu_(model, calib.to(device), sparsity)
+    input_ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=gen).to(device)
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.compile_config = CompileConfig(mode=mode, fullgraph=True)
+
+    def sync():
+        if input_ids.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def generate(n: int) -> tuple[float, list[int]]:
+        sync()
+        t = time.perf_counter()
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                             max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=0)
+        sync()
+        return time.perf_counter() - t, out[0, input_ids.shape[1]:].tolist()
+
+    def rate() -> tuple[float, list[int]]:
+        for n in (8, new_tokens + 8):  # compile and record both cache lengths first
+            generate(n)
+        short = statistics.median(generate(8)[0] for _ in range(repeats))
+        runs = [generate(new_tokens + 8) for _ in range(repeats)]
+        return new_tokens / (statistics.median(t for t, _ in runs) - short), runs[0][1]
+
+    dense_rate, dense_tokens = rate()
+    torch._dynamo.reset()
+    model.__dict__.pop("_compiled_call", None)  # compile the sparse model afresh
+    swapped = sparsify_(model, backend=backend)
+    sparse_rate, sparse_tokens = rate()
+    first_diff = next((i for i, (a, b) in enumerate(zip(dense_tokens, sparse_tokens)) if a != b),
+                      None)
+    return {
+        "dense_tokens_per_s": dense_rate, "sparse_tokens_per_s": sparse_rate,
+        "speedup": sparse_rate / dense_rate, "identical": dense_tokens == sparse_tokens,
+        "first_difference": first_diff, "new_tokens": new_tokens, "ffns_swapped": len(swapped),
+        "compile_mode": mode, "static_cache": True, "repeats": repeats,
+        "sparse_path": sparse_paths(input_ids.device,
+                                    dispatch.resolve_backend(input_ids.device, backend))[0],
+        "model": f"random LLaMA2-7B shape, {layers} of 32 layers, vocab "
+                 f"{model.config.vocab_size} (scaled by layers/32)",
+        "layers": layers, "thresholds": thresholds, "dtype": str(dtype).removeprefix("torch."),
+        "device": _device_name(input_ids.device),
+        "method": "wall clock around synchronised generate calls (no per-step hook); "
+                  f"tokens/s = {new_tokens} / (median of {repeats} runs of {new_tokens + 8} "
+                  f"tokens - median of {repeats} runs of 8)",
+    }
+
+
 def decode_model(model_spec: str, *, threshold: float | None = None, dtype: str = "float32",
                  device: str = "cpu", prompt: str = "The capital of France is",
                  new_tokens: int = 64, backend: str | None = None,
@@ -438,8 +575,11 @@ def decode_model(model_spec: str, *, threshold: float | None = None, dtype: str 
 
 def decode_table(report: dict) -> str:
     """The exact ``bench decode`` report for people."""
+    twin = (f"{'torch':>8} {report['torch_tokens_per_s']:>9.2f}  ({report['torch_speedup']:.2f}x, "
+            "pure-torch kernels)\n" if "torch_tokens_per_s" in report else "")
     return (f"{'':>8} {'tokens/s':>9}\n{'dense':>8} {report['dense_tokens_per_s']:>9.2f}\n"
-            f"{'sparse':>8} {report['sparse_tokens_per_s']:>9.2f}\n"
+            f"{'sparse':>8} {report['sparse_tokens_per_s']:>9.2f}  "
+            f"({report.get('sparse_path', 'sparse')})\n{twin}"
             f"speedup {report['speedup']:.2f}x  identical tokens: {report['identical']}  "
             f"FFN sparsity {report['ffn_sparsity']:.4f}  ({report['new_tokens']} new tokens, "
             f"{report['ffns_swapped']} FFNs swapped)")

@@ -8,7 +8,7 @@ from prosparse import checks
 from prosparse.errors import UsageError
 from prosparse.models.loading import DTYPES
 
-_BACKENDS = ("auto", "reference", "cpu", "triton")  # kernels.dispatch.BACKENDS, plus auto
+_BACKENDS = ("auto", "reference", "cpu", "triton", "fused")  # kernels.dispatch.BACKENDS + auto
 _sparsities = checks.comma_list(checks.fraction, "0.5,0.7,0.8932")
 _batches = checks.comma_list(checks.positive_int, "1,4,16")
 
@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     ops.add_argument("--batch", type=_batches, default=(1,),
                      help="tokens per call; comma-separated for a sweep (default 1)")
     ops.add_argument("--backend", default=None, choices=_BACKENDS,
-                     help="auto (default), cpu, triton or reference")
+                     help="auto (default), cpu, fused, triton or reference")
     ops.add_argument("--reps", type=checks.positive_int, default=30,
                      help="timed calls per case (default 30)")
     ops.add_argument("--warmup", type=checks.nonneg_int, default=5,
@@ -58,7 +58,7 @@ def register(subparsers) -> None:
                      help="tokens to generate (default 64)")
     dec.add_argument("--prompt", default="The capital of France is", help="prompt text")
     dec.add_argument("--backend", default=None, choices=_BACKENDS,
-                     help="auto (default), cpu, triton or reference")
+                     help="auto (default), cpu, fused, triton or reference")
     dec.add_argument("--threads", type=checks.positive_int, default=None,
                      help="CPU threads (default: torch's)")
     dec.add_argument("--predictors", default=None, metavar="PRED",
@@ -72,6 +72,9 @@ def register(subparsers) -> None:
                           "(default 0.7875, ProSparse-7B's predicted sparsity in paper Table 2)")
     dec.add_argument("--predictor-hidden", type=checks.positive_int, default=1024,
                      help="hidden width of the 7B-shaped run's predictors (default 1024)")
+    dec.add_argument("--compile", default=None, metavar="MODE",
+                     help="with --llama2-7b-shape: decode dense and sparse with a static KV cache "
+                          "and torch.compile(mode=MODE), e.g. reduce-overhead (CUDA graphs)")
     dec.add_argument("--json", type=checks.output_file, default=None, metavar="OUT",
                      help="write results here")
     dec.set_defaults(func=run_decode)
@@ -133,13 +136,19 @@ def run_decode(args) -> int:
         from prosparse.predictors.commands import check_predictor_dir
 
         check_predictor_dir(args.predictors)
+    if args.compile is not None and not args.llama2_7b_shape:
+        raise UsageError("--compile needs --llama2-7b-shape")
     _check_backend(args.device, args.backend)
     _threads(args.threads)
     common = dict(new_tokens=args.new_tokens, backend=args.backend)
     if args.llama2_7b_shape:
         shape = dict(layers=args.layers, dtype=resolve_dtype(args.dtype or "bf16"),
                      device=args.device, sparsity=args.sparsity, **common)
-        if args.predictors is not None:
+        if args.compile is not None:
+            if args.predictors is not None:
+                raise UsageError("--compile times exact sparse decode; drop --predictors")
+            report = b.compiled_decode_7b_shape(mode=args.compile, repeats=args.repeats, **shape)
+        elif args.predictors is not None:
             report = b.predicted_decode_7b_shape(
                 predicted_sparsity=args.predicted_sparsity,
                 predictor_hidden=args.predictor_hidden, repeats=args.repeats, **shape)

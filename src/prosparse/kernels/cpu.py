@@ -15,6 +15,11 @@ which is what makes the naive gather swing (``prosparse bench ops``). Here
 
 Small batches use the union of the tokens' active neurons; tokens for which a union neuron is
 inactive get an exact zero from the activation.
+
+Each entry point (:func:`up_step`, :func:`down_step`, :func:`predicted_ffn`) runs the compiled
+kernels of :mod:`.fused` when they are built and take the tensors (float32 or bfloat16, rows
+contiguous), and the pure-torch code below otherwise: that code is their twin, the fallback
+where no compiler is present, and what runs inside ``fused.disabled()``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from prosparse.kernels import fused
 from prosparse.kernels.activations import activate
 from prosparse.kernels.dense import matvec
 
@@ -72,6 +78,8 @@ def up_step(
     param: float = 0.0,
 ) -> torch.Tensor:
     """Step (2) over the active neurons ``idx`` only; x (tokens, d_model), g (tokens, d_ff)."""
+    if fused.usable(x, w1):
+        return fused.up_step(x, g, w1, idx, act, param)
     tokens, d_ff = g.shape
     x1 = torch.zeros(tokens, d_ff, dtype=x.dtype, device=x.device)  # (tokens, d_ff)
     if idx.numel() == 0:
@@ -84,6 +92,8 @@ def up_step(
 
 def down_step(x1: torch.Tensor, w2t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Step (3) reading only rows ``idx`` of w2t (d_ff, d_model); x1 (tokens, d_ff)."""
+    if fused.usable(x1, w2t):
+        return fused.down_step(x1, w2t, idx)
     tokens = x1.shape[0]
     if idx.numel() == 0:
         return torch.zeros(tokens, w2t.shape[1], dtype=x1.dtype, device=x1.device)
@@ -109,6 +119,8 @@ def predicted_ffn(
 ) -> torch.Tensor:
     """:func:`.reference.predicted_ffn` token by token, touching only the predicted rows of every
     matrix: x (tokens, d_model), mask (tokens, d_ff) -> (tokens, d_model)."""
+    if act in fused.NATIVE_ACTS and fused.usable(x, w_gate, w_up, w2t, b_gate, b_up):
+        return fused.predicted_ffn(x, mask, w_gate, w_up, w2t, act, param, b_gate, b_up)
     out = torch.zeros(x.shape[0], w2t.shape[1], dtype=x.dtype, device=x.device)
     for t in range(x.shape[0]):
         idx = mask[t].nonzero().flatten()  # (n,)

@@ -1,8 +1,9 @@
 """Pick a backend once, fall back to dense where sparsity does not pay, and run steps (2)-(3)
 or the predictor-driven FFN.
 
-Backends: ``reference`` (plain torch, dense, the truth), ``cpu``
-(:mod:`.cpu`) and ``triton`` (:mod:`.triton`, CUDA tensors, or CPU tensors when
+Backends: ``reference`` (plain torch, dense, the truth), ``cpu`` (:mod:`.cpu`: the compiled
+kernels of :mod:`.fused` where they build, its pure-torch twin otherwise), ``fused``
+(:mod:`.fused` only) and ``triton`` (:mod:`.triton`, CUDA tensors, or CPU tensors when
 ``TRITON_INTERPRET=1`` was set before the first use). ``backend=None`` picks ``triton`` for
 CUDA tensors when Triton is installed, ``cpu`` for CPU tensors, ``reference`` otherwise. A
 backend asked for by name that cannot run is an error, never a silent fallback.
@@ -13,6 +14,12 @@ neurons over the tokens is denser than ``1 - dense_below`` or there are more tha
 of the machine). Both defaults were measured with
 ``prosparse bench ops --sparsity 0,0.1,0.2,0.3,0.4,0.5 --batch 1,2,4,8,16``
 (``benchmarks/results/crossover_cpu_*.json``).
+
+On ``triton`` the steps run sync-free (:func:`.triton.up_step_fixed`, a grid fixed by the
+shapes that skips inactive rows in-kernel): no active list is compacted and the data-driven
+dense fallback does not apply (the host would have to wait for the active count; at sparsity 0
+the fixed grid reads every row, as dense does), so a decode step can be captured in a CUDA
+graph. Only the token count, a shape, still sends a call to dense.
 
 Every entry point checks shapes, dtypes and devices first (:func:`check_ffn_args`): a
 mismatch is a ``ValueError`` naming the tensors, never an out-of-bounds read in a kernel.
@@ -25,12 +32,12 @@ import os
 
 import torch
 
-from prosparse.kernels import cpu, dense, reference
+from prosparse.kernels import cpu, dense, fused, reference
 from prosparse.kernels.activations import activate, check_act
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-BACKENDS = ("reference", "cpu", "triton")
+BACKENDS = ("reference", "cpu", "triton", "fused")
 
 # Crossovers at LLaMA2-7B shapes, 1 thread (benchmarks/results/crossover_cpu_*.json): steps
 # (2)+(3) together break even with dense at about 50% sparsity (step 2 alone at ~0.45). With
@@ -53,8 +60,12 @@ def resolve_backend(device: torch.device | str, backend: str | None = None) -> s
         return "cpu" if device.type == "cpu" else "reference"
     if backend not in BACKENDS:
         raise KeyError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend 'cpu' needs CPU tensors, got {device.type}; use backend='auto'")
+    if backend in ("cpu", "fused") and device.type != "cpu":
+        raise ValueError(f"backend {backend!r} needs CPU tensors, got {device.type}; "
+                         "use backend='auto'")
+    if backend == "fused" and not fused.available():
+        raise ValueError(f"backend 'fused' asked for but the compiled CPU kernels did not "
+                         f"build ({fused.unavailable_reason()}); use backend='cpu'")
     if backend == "triton":
         if not HAS_TRITON:
             raise ValueError("backend 'triton' asked for but triton is not installed; "
@@ -70,7 +81,7 @@ def _impl(backend: str):
         from prosparse.kernels import triton as triton_impl
 
         return triton_impl
-    return cpu
+    return fused if backend == "fused" else cpu
 
 
 def check_ffn_args(x: torch.Tensor, g: torch.Tensor | None, *weights: torch.Tensor | None,
@@ -146,6 +157,8 @@ def down_step(
     name = resolve_backend(x1.device, backend)
     if name == "reference":
         return reference.down_step(x1, w2t)
+    if name == "triton" and x1.shape[0] <= max_tokens:
+        return _impl(name).down_step_fixed(x1, w2t)  # sync-free
     idx = reference.active_neurons(x1)
     if use_dense(idx.numel(), x1.shape[1], x1.shape[0], dense_below, max_tokens):
         return dense.down_step(x1, w2t)
@@ -176,6 +189,8 @@ def sparse_ffn(
         return x1 if w2t is None else reference.down_step(x1, w2t)
     tokens, d_ff = g.shape
     run_dense = tokens > max_tokens
+    if name == "triton" and not run_dense:
+        return _impl(name).sparse_ffn_fixed(x, g, w1, w2t, act, param)  # sync-free
     if not run_dense:
         idx = reference.active_neurons(activate(g, act, param))  # (n_active,)
         run_dense = use_dense(idx.numel(), d_ff, tokens, dense_below, max_tokens)

@@ -1,0 +1,447 @@
+// Fused CPU kernels of the sparse FFN at batch 1-2 (docs/kernels.md), registered as torch ops
+// prosparse::up_step, prosparse::down_step and prosparse::predicted_ffn. Built and loaded by
+// prosparse/kernels/fused.py; prosparse/kernels/cpu.py is their pure-torch twin and fallback.
+//
+// - up_step, step (2): one gather-dot per active row of W1, read in place (no gathered copy),
+//   rows split across threads; each row is dotted with x while the next active row is
+//   prefetched line by line, so the scattered 8-16 KB rows stream like one long one.
+// - down_step, step (3): an axpy over the active rows of W2^T, four rows at a time, into fp32
+//   accumulators; threads split d_model's columns, so every output element is summed in the
+//   same order whatever the thread count (bit-identical results at 1 and 2 threads).
+// - predicted_ffn: per token, the gate and up rows of each predicted neuron (both dotted in
+//   one pass), the activation, then the down axpy over the neurons whose x1 is non-zero.
+//
+// Vectors are GCC/Clang vector extensions of 16 floats: the compiler lowers them to one zmm
+// register under -mavx512f, two ymm under -mavx2, four xmm otherwise, so one source serves
+// every ISA that fused.py chooses flags for from what the CPU reports. bf16 widens to fp32 by
+// a 16-bit shift; accumulation is fp32. Rounding follows the reference (reference.py): the dot
+// is rounded to the input dtype before act(g) * u, which is rounded again, exactly as torch
+// computes `act(g) * (x @ W1^T)` in bf16. NaN follows IEEE semantics (a NaN gate is active).
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace prosparse_fused {
+
+constexpr int W = 16;  // floats per vector
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef uint16_t vh __attribute__((vector_size(W * 2)));
+typedef uint32_t vu __attribute__((vector_size(W * 4)));
+using bf16 = uint16_t;  // bf16 storage: the upper half of an fp32
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline vf load(const bf16* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  vu u = __builtin_convertvector(h, vu) << 16;
+  vf v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf splat(float s) { return vf{} + s; }
+
+inline float scalar(float v) { return v; }
+inline float scalar(bf16 b) {
+  uint32_t u = uint32_t(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+// Round an fp32 value to T's precision (round to nearest even, as torch does), and store it.
+template <typename T> inline float rounded(float v);
+template <> inline float rounded<float>(float v) { return v; }
+template <> inline float rounded<bf16>(float v) { return static_cast<float>(c10::BFloat16(v)); }
+inline void put(float* p, float v) { *p = v; }
+inline void put(bf16* p, float v) {
+  c10::BFloat16 b(v);
+  std::memcpy(p, &b, 2);
+}
+
+inline float hsum(vf v) {  // fixed order: deterministic
+  float s = 0.f;
+  for (int j = 0; j < W; ++j) s += v[j];
+  return s;
+}
+
+// The cache lines one 2W-element step of a T row spans, prefetched into L2 for the next row.
+template <typename T>
+inline void prefetch_step(const T* p) {
+  constexpr int lines = (2 * W * sizeof(T) + 63) / 64;
+  for (int l = 0; l < lines; ++l) __builtin_prefetch(reinterpret_cast<const char*>(p) + 64 * l, 0, 2);
+}
+
+// dot(w, x) over n elements in fp32; `next` (or nullptr) is the row to prefetch meanwhile.
+template <typename T>
+inline float dot(const T* __restrict w, const float* __restrict x, int64_t n, const T* next) {
+  vf a0 = {}, a1 = {};
+  int64_t k = 0;
+  for (; k + 2 * W <= n; k += 2 * W) {
+    if (next) prefetch_step(next + k);
+    a0 += load(w + k) * load(x + k);
+    a1 += load(w + k + W) * load(x + k + W);
+  }
+  float s = hsum(a0 + a1);
+  for (; k < n; ++k) s += scalar(w[k]) * x[k];
+  return s;
+}
+
+// Two rows against one x in a single pass (the predictor-driven FFN's gate and up rows).
+template <typename T>
+inline void dot2(const T* __restrict wa, const T* __restrict wb, const float* __restrict x,
+                 int64_t n, const T* next_a, const T* next_b, float& sa, float& sb) {
+  vf a0 = {}, a1 = {}, b0 = {}, b1 = {};
+  int64_t k = 0;
+  for (; k + 2 * W <= n; k += 2 * W) {
+    if (next_a) {
+      prefetch_step(next_a + k);
+      prefetch_step(next_b + k);
+    }
+    vf x0 = load(x + k), x1 = load(x + k + W);
+    a0 += load(wa + k) * x0;
+    a1 += load(wa + k + W) * x1;
+    b0 += load(wb + k) * x0;
+    b1 += load(wb + k + W) * x1;
+  }
+  sa = hsum(a0 + a1);
+  sb = hsum(b0 + b1);
+  for (; k < n; ++k) {
+    sa += scalar(wa[k]) * x[k];
+    sb += scalar(wb[k]) * x[k];
+  }
+}
+
+// The activations computed in-kernel, and PRE: `g` already holds act(g) (fused.py passes any
+// other activation that way, computed by torch).
+enum Act { RELU = 0, FATRELU = 1, SHIFTED_RELU = 2, PRE = 3 };
+
+// act(g) in T's precision; `p` is already rounded to T (fused.py does it). "Zero where below"
+// keeps a NaN gate NaN, as torch.relu and the reference's torch.where do.
+template <typename T>
+inline float activate(float g, int act, float p) {
+  if (act == PRE) return g;
+  if (act == RELU) return g < 0.f ? 0.f : g;
+  if (act == FATRELU) return g < p ? 0.f : g;
+  float d = rounded<T>(g - p);
+  return d < 0.f ? 0.f : d;
+}
+
+// Run f(begin, end) over [0, n) split into at most torch.get_num_threads() contiguous chunks
+// of at least `min_chunk` items; the split depends only on n and the thread count.
+template <typename F>
+void parallel_chunks(int64_t n, int64_t min_chunk, const F& f) {
+  int64_t nt = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, n / min_chunk));
+  if (nt <= 1 || omp_in_parallel()) {
+    f(int64_t(0), n);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    int64_t t = omp_get_thread_num(), m = omp_get_num_threads();
+    int64_t chunk = (n + m - 1) / m;
+    int64_t b = std::min(n, t * chunk), e = std::min(n, b + chunk);
+    if (b < e) f(b, e);
+  }
+}
+
+std::vector<float> to_f32(const at::Tensor& t) {
+  std::vector<float> out(t.numel());
+  if (t.scalar_type() == at::kFloat) {
+    std::memcpy(out.data(), t.data_ptr<float>(), out.size() * sizeof(float));
+  } else {
+    const bf16* p = reinterpret_cast<const bf16*>(t.data_ptr<at::BFloat16>());
+    for (size_t i = 0; i < out.size(); ++i) out[i] = scalar(p[i]);
+  }
+  return out;
+}
+
+// ---- step (2) ---------------------------------------------------------------------------
+
+template <typename T>
+void up_kernel(const float* xf, int64_t tokens, int64_t d_model, const T* g, int64_t d_ff,
+               const T* w1, int64_t ld, const int64_t* idx, int64_t n, int act, float p,
+               T* out) {
+  parallel_chunks(n, 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t r = idx[i];
+      const T* row = w1 + r * ld;
+      const T* next = i + 1 < e ? w1 + idx[i + 1] * ld : nullptr;
+      for (int64_t t = 0; t < tokens; ++t) {
+        float a = activate<T>(scalar(g[t * d_ff + r]), act, p);
+        if (a == 0.f) continue;  // inactive for this token: its x1 stays an exact zero
+        float u = rounded<T>(dot(row, xf + t * d_model, d_model, next));
+        next = nullptr;  // prefetched once per row
+        put(out + t * d_ff + r, rounded<T>(a * u));
+      }
+    }
+  });
+}
+
+// ---- step (3) ---------------------------------------------------------------------------
+
+constexpr int R = 4;  // rows of W2^T per pass over the accumulators
+
+// acc[c0:c1] += sum_r v[r] * rows[r][c0:c1] for R rows (or fewer: `nr`), prefetching `next`.
+template <typename T>
+inline void axpy_rows(float* __restrict acc, const T* const* rows, const float* v, int nr,
+                      int64_t c0, int64_t c1, const T* const* next, int nn) {
+  int64_t c = c0;
+  if (nr == R) {
+    const vf v0 = splat(v[0]), v1 = splat(v[1]), v2 = splat(v[2]), v3 = splat(v[3]);
+    for (; c + 2 * W <= c1; c += 2 * W) {
+      for (int q = 0; q < nn; ++q) prefetch_step(next[q] + c);
+      for (int h = 0; h < 2 * W; h += W) {
+        vf a = load(acc + c + h);
+        a += v0 * load(rows[0] + c + h);
+        a += v1 * load(rows[1] + c + h);
+        a += v2 * load(rows[2] + c + h);
+        a += v3 * load(rows[3] + c + h);
+        store(acc + c + h, a);
+      }
+    }
+  } else {
+    for (; c + 2 * W <= c1; c += 2 * W) {
+      for (int q = 0; q < nn; ++q) prefetch_step(next[q] + c);
+      for (int h = 0; h < 2 * W; h += W) {
+        vf a = load(acc + c + h);
+        for (int r = 0; r < nr; ++r) a += splat(v[r]) * load(rows[r] + c + h);
+        store(acc + c + h, a);
+      }
+    }
+  }
+  for (; c < c1; ++c) {
+    float a = acc[c];
+    for (int r = 0; r < nr; ++r) a += v[r] * scalar(rows[r][c]);
+    acc[c] = a;
+  }
+}
+
+// out[t, :] = sum_i v[t * n + i] * w2t[idx[i], :], columns split across threads.
+template <typename T>
+void down_kernel(const float* v, int64_t tokens, const T* w2t, int64_t ld, int64_t d_model,
+                 const int64_t* idx, int64_t n, T* out, int64_t out_ld) {
+  const int64_t block = 2 * W;  // columns per unit of the thread split
+  const int64_t blocks = (d_model + block - 1) / block;
+  parallel_chunks(blocks, 8, [&](int64_t b, int64_t e) {
+    const int64_t c0 = b * block, c1 = std::min(d_model, e * block);
+    std::vector<float> acc(tokens * d_model, 0.f);  // only [c0, c1) of each token is used
+    const T* rows[R];
+    const T* next[R];
+    float vv[R];
+    for (int64_t i = 0; i < n; i += R) {
+      const int nr = static_cast<int>(std::min<int64_t>(R, n - i));
+      const int nn = static_cast<int>(std::clamp<int64_t>(n - i - nr, 0, R));
+      for (int r = 0; r < nr; ++r) rows[r] = w2t + idx[i + r] * ld;
+      for (int q = 0; q < nn; ++q) next[q] = w2t + idx[i + nr + q] * ld;
+      for (int64_t t = 0; t < tokens; ++t) {
+        for (int r = 0; r < nr; ++r) vv[r] = v[t * n + i + r];
+        axpy_rows(acc.data() + t * d_model, rows, vv, nr, c0, c1, next, t == 0 ? nn : 0);
+      }
+    }
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t c = c0; c < c1; ++c) put(out + t * out_ld + c, acc[t * d_model + c]);
+  });
+}
+
+// ---- ops ----------------------------------------------------------------------------------
+
+void check_rows(const at::Tensor& w, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(w.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1, name, " must be 2-D with contiguous rows");
+  TORCH_CHECK(w.scalar_type() == dtype, name, " is ", w.scalar_type(), ", expected ", dtype);
+}
+
+void check_dtype(at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
+              "prosparse fused kernels take float32 or bfloat16, got ", dtype);
+}
+
+at::Tensor checked_idx(const at::Tensor& idx, int64_t d_ff) {
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 1, "idx must be 1-D int64");
+  at::Tensor c = idx.contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  for (int64_t i = 0; i < c.numel(); ++i)
+    TORCH_CHECK(p[i] >= 0 && p[i] < d_ff, "idx[", i, "] = ", p[i], " is outside [0, ", d_ff, ")");
+  return c;
+}
+
+template <typename T, typename S>
+T* ptr(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr<S>());
+}
+
+at::Tensor up_step(const at::Tensor& x_, const at::Tensor& g_, const at::Tensor& w1,
+                   const at::Tensor& idx_, int64_t act, double param) {
+  const auto dtype = x_.scalar_type();
+  check_dtype(dtype);
+  check_rows(w1, "w1", dtype);
+  at::Tensor x = x_.contiguous(), g = g_.contiguous();
+  TORCH_CHECK(x.dim() == 2 && g.dim() == 2 && g.size(0) == x.size(0) &&
+              x.size(1) == w1.size(1) && g.size(1) == w1.size(0),
+              "x (tokens, d_model), g (tokens, d_ff) and w1 (d_ff, d_model) disagree");
+  TORCH_CHECK(g.scalar_type() == dtype, "g must have x's dtype");
+  TORCH_CHECK(act >= 0 && act <= 3, "act must be 0 (relu), 1 (fatrelu), 2 (shifted_relu) or "
+              "3 (g holds act(g))");
+  const int64_t tokens = x.size(0), d_model = x.size(1), d_ff = w1.size(0);
+  at::Tensor idx = checked_idx(idx_, d_ff);
+  at::Tensor out = at::zeros({tokens, d_ff}, x.options());
+  std::vector<float> xf = to_f32(x);
+  const float p = static_cast<float>(param);
+  if (dtype == at::kFloat) {
+    up_kernel<float>(xf.data(), tokens, d_model, g.data_ptr<float>(), d_ff, w1.data_ptr<float>(),
+                     w1.stride(0), idx.data_ptr<int64_t>(), idx.numel(), act, p,
+                     out.data_ptr<float>());
+  } else {
+    up_kernel<bf16>(xf.data(), tokens, d_model, ptr<bf16, at::BFloat16>(g), d_ff,
+                    ptr<bf16, at::BFloat16>(w1), w1.stride(0), idx.data_ptr<int64_t>(),
+                    idx.numel(), act, p, ptr<bf16, at::BFloat16>(out));
+  }
+  return out;
+}
+
+at::Tensor down_step(const at::Tensor& x1_, const at::Tensor& w2t, const at::Tensor& idx_) {
+  const auto dtype = x1_.scalar_type();
+  check_dtype(dtype);
+  check_rows(w2t, "w2t", dtype);
+  at::Tensor x1 = x1_.contiguous();
+  TORCH_CHECK(x1.dim() == 2 && x1.size(1) == w2t.size(0),
+              "x1 (tokens, d_ff) and w2t (d_ff, d_model) disagree");
+  const int64_t tokens = x1.size(0), d_ff = x1.size(1), d_model = w2t.size(1);
+  at::Tensor idx = checked_idx(idx_, d_ff);
+  const int64_t n = idx.numel();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  std::vector<float> v(tokens * n);  // x1 at the active neurons, fp32
+  at::Tensor out = at::empty({tokens, d_model}, x1.options());
+  if (dtype == at::kFloat) {
+    const float* x = x1.data_ptr<float>();
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t i = 0; i < n; ++i) v[t * n + i] = x[t * d_ff + ip[i]];
+    down_kernel<float>(v.data(), tokens, w2t.data_ptr<float>(), w2t.stride(0), d_model, ip, n,
+                       out.data_ptr<float>(), d_model);
+  } else {
+    const bf16* x = ptr<bf16, at::BFloat16>(x1);
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t i = 0; i < n; ++i) v[t * n + i] = scalar(x[t * d_ff + ip[i]]);
+    down_kernel<bf16>(v.data(), tokens, ptr<bf16, at::BFloat16>(w2t), w2t.stride(0), d_model,
+                      ip, n, ptr<bf16, at::BFloat16>(out), d_model);
+  }
+  return out;
+}
+
+template <typename T>
+void predicted_kernel(const float* xf, int64_t tokens, int64_t d_model, const bool* mask,
+                      const T* wg, int64_t ldg, const T* wu, int64_t ldu, const T* w2t,
+                      int64_t ld2, const T* bg, const T* bu, int64_t d_ff, int act, float p,
+                      T* out) {
+  std::vector<int64_t> idx;
+  std::vector<float> vals;
+  std::vector<int64_t> keep;
+  std::vector<float> kept;
+  for (int64_t t = 0; t < tokens; ++t) {
+    idx.clear();
+    for (int64_t r = 0; r < d_ff; ++r)
+      if (mask[t * d_ff + r]) idx.push_back(r);  // the predicted neurons of this token
+    const int64_t n = static_cast<int64_t>(idx.size());
+    vals.assign(n, 0.f);
+    const float* x = xf + t * d_model;
+    parallel_chunks(n, 16, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t r = idx[i];
+        const bool more = i + 1 < e;
+        float sg, su;
+        dot2(wg + r * ldg, wu + r * ldu, x, d_model, more ? wg + idx[i + 1] * ldg : nullptr,
+             more ? wu + idx[i + 1] * ldu : nullptr, sg, su);
+        float gv = rounded<T>(sg), uv = rounded<T>(su);
+        if (bg) gv = rounded<T>(gv + scalar(bg[r]));
+        if (bu) uv = rounded<T>(uv + scalar(bu[r]));
+        vals[i] = rounded<T>(activate<T>(gv, act, p) * uv);  // x1 of neuron r
+      }
+    });
+    keep.clear();
+    kept.clear();
+    for (int64_t i = 0; i < n; ++i)
+      if (vals[i] != 0.f) {  // a zero x1 adds nothing: its W2^T row is not read (NaN is read)
+        keep.push_back(idx[i]);
+        kept.push_back(vals[i]);
+      }
+    down_kernel<T>(kept.data(), 1, w2t, ld2, d_model, keep.data(),
+                   static_cast<int64_t>(keep.size()), out + t * d_model, d_model);
+  }
+}
+
+at::Tensor predicted_ffn(const at::Tensor& x_, const at::Tensor& mask_, const at::Tensor& w_gate,
+                         const at::Tensor& w_up, const at::Tensor& w2t, int64_t act, double param,
+                         const std::optional<at::Tensor>& b_gate_,
+                         const std::optional<at::Tensor>& b_up_) {
+  const auto dtype = x_.scalar_type();
+  check_dtype(dtype);
+  check_rows(w_gate, "w_gate", dtype);
+  check_rows(w_up, "w_up", dtype);
+  check_rows(w2t, "w2t", dtype);
+  at::Tensor x = x_.contiguous(), mask = mask_.contiguous();
+  const int64_t tokens = x.size(0), d_model = x.size(1), d_ff = w_gate.size(0);
+  TORCH_CHECK(x.dim() == 2 && w_gate.size(1) == d_model && w_up.sizes() == w_gate.sizes() &&
+              w2t.size(0) == d_ff, "x, w_gate, w_up and w2t disagree in shape");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) == tokens &&
+              mask.size(1) == d_ff, "mask must be bool (tokens, d_ff)");
+  TORCH_CHECK(act >= 0 && act <= 2, "act must be 0 (relu), 1 (fatrelu) or 2 (shifted_relu)");
+  at::Tensor bg, bu;
+  if (b_gate_.has_value()) {
+    bg = b_gate_->contiguous();
+    TORCH_CHECK(bg.numel() == d_ff && bg.scalar_type() == dtype, "b_gate must be (d_ff,)");
+  }
+  if (b_up_.has_value()) {
+    bu = b_up_->contiguous();
+    TORCH_CHECK(bu.numel() == d_ff && bu.scalar_type() == dtype, "b_up must be (d_ff,)");
+  }
+  at::Tensor out = at::empty({tokens, w2t.size(1)}, x.options());
+  std::vector<float> xf = to_f32(x);
+  const float p = static_cast<float>(param);
+  const bool* m = mask.data_ptr<bool>();
+  if (dtype == at::kFloat) {
+    predicted_kernel<float>(xf.data(), tokens, d_model, m, w_gate.data_ptr<float>(),
+                            w_gate.stride(0), w_up.data_ptr<float>(), w_up.stride(0),
+                            w2t.data_ptr<float>(), w2t.stride(0),
+                            bg.defined() ? bg.data_ptr<float>() : nullptr,
+                            bu.defined() ? bu.data_ptr<float>() : nullptr, d_ff, act, p,
+                            out.data_ptr<float>());
+  } else {
+    using B = at::BFloat16;
+    predicted_kernel<bf16>(xf.data(), tokens, d_model, m, ptr<bf16, B>(w_gate), w_gate.stride(0),
+                           ptr<bf16, B>(w_up), w_up.stride(0), ptr<bf16, B>(w2t), w2t.stride(0),
+                           bg.defined() ? ptr<bf16, B>(bg) : nullptr,
+                           bu.defined() ? ptr<bf16, B>(bu) : nullptr, d_ff, act, p,
+                           ptr<bf16, B>(out));
+  }
+  return out;
+}
+
+}  // namespace prosparse_fused
+
+TORCH_LIBRARY(prosparse, m) {
+  m.def("up_step(Tensor x, Tensor g, Tensor w1, Tensor idx, int act, float param) -> Tensor");
+  m.def("down_step(Tensor x1, Tensor w2t, Tensor idx) -> Tensor");
+  m.def("predicted_ffn(Tensor x, Tensor mask, Tensor w_gate, Tensor w_up, Tensor w2t, int act, "
+        "float param, Tensor? b_gate, Tensor? b_up) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(prosparse, CPU, m) {
+  m.impl("up_step", &prosparse_fused::up_step);
+  m.impl("down_step", &prosparse_fused::down_step);
+  m.impl("predicted_ffn", &prosparse_fused::predicted_ffn);
+}

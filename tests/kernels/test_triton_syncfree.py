@@ -1,0 +1,164 @@
+"""The sync-free Triton decode step: fixed-grid kernels that skip inactive rows in-kernel,
+against the plain-torch reference (under TRITON_INTERPRET=1 on CPU), with no host sync and a
+grid that does not depend on the data; on a GPU, captured in a CUDA graph and compiled with
+``torch.compile(mode="reduce-overhead")``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from prosparse.kernels import dispatch, reference
+
+pytestmark = pytest.mark.skipif(
+    not (dispatch.HAS_TRITON and (dispatch.HAS_CUDA or dispatch.triton_interpreting())),
+    reason="needs triton, and CUDA or TRITON_INTERPRET=1",
+)
+DEV = "cuda" if dispatch.HAS_CUDA else "cpu"
+TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 2e-2), torch.bfloat16: (2e-2, 5e-2)}
+needs_cuda = pytest.mark.skipif(not dispatch.HAS_CUDA, reason="needs a CUDA device")
+
+
+def tk():
+    from prosparse.kernels import triton as triton_impl
+
+    return triton_impl
+
+
+def assert_close(out, ref, dtype, what):
+    atol, rtol = TOL[dtype]
+    diff = (out.float() - ref.float()).abs()
+    bad = diff > atol + rtol * ref.float().abs()
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} of {diff.numel()} entries off; max diff {diff.max():.3g}, "
+        f"mean diff {diff.mean():.3g}, max |ref| {ref.float().abs().max():.3g}"
+    )
+
+
+def inputs(tokens, d_model, d_ff, sparsity, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    active = round((1 - sparsity) * d_ff)
+    g = -torch.rand(tokens, d_ff, generator=gen) - 0.01
+    for t in range(tokens):
+        pick = torch.randperm(d_ff, generator=gen)[:active]
+        g[t, pick] = torch.rand(active, generator=gen) + 0.3
+    x = torch.randn(tokens, d_model, generator=gen)
+    w1 = torch.randn(d_ff, d_model, generator=gen) / d_model**0.5
+    w2t = torch.randn(d_ff, d_model, generator=gen) / d_ff**0.5
+    return [v.to(dtype).to(DEV) for v in (x, g, w1, w2t)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("sparsity", [0.0, 0.9, 1.0])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_fixed_grid_steps_match_reference(dtype, sparsity, tokens):
+    x, g, w1, w2t = inputs(tokens, 67, 173, sparsity, dtype)
+    ref1 = reference.up_step(x, g, w1, "fatrelu", 0.25)
+    x1 = tk().up_step_fixed(x, g, w1, "fatrelu", 0.25)
+    case = f"{dtype} s={sparsity} tokens={tokens}"
+    assert torch.equal(x1 != 0, ref1 != 0), f"step 2 active set differs [{case}]"
+    assert_close(x1, ref1, dtype, f"step 2 [{case}]")
+    ref3 = reference.down_step(ref1.float(), w2t.float())
+    # rows=128 over d_ff=173: two row splits, the second ragged
+    y = tk().down_step_fixed(ref1, w2t, rows=128, block_a=64, block_d=32)
+    assert y.dtype == dtype and y.shape == (tokens, 67)
+    assert_close(y, ref3, dtype, f"step 3 [{case}]")
+
+
+def test_grid_is_fixed_by_shapes_not_by_the_active_count(monkeypatch):
+    grids = []
+    for name in ("_up_fixed_kernel", "_down_fixed_kernel"):
+        kernel = getattr(tk(), name)
+
+        class Recorder:
+            def __init__(self, k, n):
+                self.k, self.n = k, n
+
+            def __getitem__(self, grid):
+                grids.append((self.n, grid))
+                return self.k[grid]
+
+        monkeypatch.setattr(tk(), name, Recorder(kernel, name))
+    for s in (0.0, 0.5, 0.99):
+        x, g, w1, w2t = inputs(1, 67, 173, s, torch.float32)
+        dispatch.sparse_ffn(x, g, w1, w2t, "relu", backend="triton")
+    assert len(grids) == 6 and len(set(grids)) == 2, grids
+
+
+def test_dispatch_triton_path_never_asks_the_host(monkeypatch):
+    """No nonzero, item or tolist anywhere in a decode step on the triton backend: each would
+    be a device-to-host copy per layer (what rules out CUDA graphs)."""
+    x, g, w1, w2t = inputs(1, 67, 173, 0.8, torch.float32)
+    mask = (torch.rand(1, 173) < 0.2).to(DEV)
+    ref_y = reference.down_step(reference.up_step(x, g, w1), w2t)
+    ref_p = reference.predicted_ffn(x, mask, w1, w1, w2t)
+
+    def host_sync(*a, **k):
+        raise AssertionError("host sync in the triton decode path")
+
+    for name in ("nonzero", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, host_sync)
+    monkeypatch.setattr(torch, "nonzero", host_sync)
+    y = dispatch.sparse_ffn(x, g, w1, w2t, "relu", backend="triton", dense_below=0.9)
+    y3 = dispatch.down_step(reference.up_step(x, g, w1), w2t, backend="triton")
+    p = dispatch.predicted_ffn(x, mask, w1, w1, w2t, backend="triton")
+    monkeypatch.undo()
+    assert_close(y, ref_y, torch.float32, "sparse_ffn")
+    assert_close(y3, ref_y, torch.float32, "down_step")
+    assert_close(p, ref_p, torch.float32, "predicted_ffn")
+
+
+@needs_cuda
+def test_no_device_to_host_sync_on_cuda():
+    x, g, w1, w2t = inputs(1, 4096, 11008, 0.8932, torch.bfloat16)
+    dispatch.sparse_ffn(x, g, w1, w2t, "relu", backend="triton")  # compile the kernels first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        dispatch.sparse_ffn(x, g, w1, w2t, "relu", backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+def test_decode_step_runs_captured_in_a_cuda_graph():
+    x, g, w1, w2t = inputs(1, 4096, 11008, 0.8932, torch.bfloat16)
+    static_x, static_g = x.clone(), g.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (compiles the kernels) outside the capture
+        dispatch.sparse_ffn(static_x, static_g, w1, w2t, "relu", backend="triton")
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = dispatch.sparse_ffn(static_x, static_g, w1, w2t, "relu", backend="triton")
+    for seed in (1, 2):  # new tokens with new active sets, replayed through the same graph
+        nx, ng, _, _ = inputs(1, 4096, 11008, 0.8932, torch.bfloat16, seed=seed)
+        static_x.copy_(nx)
+        static_g.copy_(ng)
+        graph.replay()
+        ref = reference.down_step(reference.up_step(nx, ng, w1).float(), w2t.float())
+        assert_close(static_y, ref, torch.bfloat16, f"graph replay {seed}")
+
+
+@needs_cuda
+def test_sparse_mlp_under_torch_compile_reduce_overhead():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import prosparse
+    from prosparse.inference import sparsify_
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=256, intermediate_size=691, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    prosparse.relufy_(model, "fatrelu", 0.05)
+    sparsify_(model, backend="triton")
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(1, 1, 256, device="cuda", dtype=torch.bfloat16)
+    eager = mlp(x)
+    compiled = torch.compile(mlp, mode="reduce-overhead", fullgraph=True)
+    with torch.inference_mode():
+        for _ in range(3):  # record, then replay the CUDA graph
+            out = compiled(x)
+    assert_close(out, eager, torch.bfloat16, "compiled vs eager SparseMLP")
