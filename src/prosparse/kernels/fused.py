@@ -116,8 +116,9 @@ def available() -> bool:
             _state["path"] = _build()
             _state["ok"] = True
         except Exception as e:  # no compiler, no ninja, a compile or load error: all fall back
-            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-            _state.update(ok=False, reason=f"{type(e).__name__}: {first}")
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+            why = lines[0][:160] + (f" ... {lines[-1][:160]}" if len(lines) > 1 else "")
+            _state.update(ok=False, reason=f"{type(e).__name__}: {why}")
             log.warning("prosparse: compiled CPU kernels unavailable (%s); using the pure-torch "
                         "kernels", _state["reason"])
     return _state["ok"]
