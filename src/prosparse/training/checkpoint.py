@@ -35,6 +35,15 @@ def latest_checkpoint(run: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def full_state_dict(accelerator, model) -> dict:
+    """The whole model's state dict on every process (a collective: call it on all of them).
+
+    Under FSDP2 on CPU, ``accelerator.get_state_dict`` hands back the sharded DTensors, which
+    ``save_pretrained`` cannot write (safetensors reads each tensor's storage): gather them."""
+    state_dict = accelerator.get_state_dict(model)
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state_dict.items()}
+
+
 def save_checkpoint(accelerator, model, tokenizer, run: str | Path, step: int, trainer: dict,
                     keep: int) -> Path:
     """Save on every process (state is per rank), publish atomically on the main one."""
@@ -44,7 +53,7 @@ def save_checkpoint(accelerator, model, tokenizer, run: str | Path, step: int, t
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = full_state_dict(accelerator, model)
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.save_pretrained(tmp / "model", state_dict=state_dict,
                               is_main_process=accelerator.is_main_process,

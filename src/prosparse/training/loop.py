@@ -112,8 +112,16 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, stop_after: int
     if accelerator is None:
         accelerator = Accelerator(gradient_accumulation_steps=recipe.grad_accum,
                                   mixed_precision=_mixed_precision(recipe))
-    ckpt, fingerprint = check_run_folder(run, recipe, resume=resume, overwrite=overwrite,
-                                         world_size=accelerator.num_processes)
+    refused = None
+    try:
+        ckpt, fingerprint = check_run_folder(run, recipe, resume=resume, overwrite=overwrite,
+                                             world_size=accelerator.num_processes)
+    except UsageError as e:
+        refused = e
+    # A collective, so every rank has checked before the main one reserves the folder below.
+    if _on_any_rank(accelerator, refused is not None):
+        raise refused or UsageError(f"{run}: another process of this launch refused the run "
+                                    "folder; see its message")
     with ExitStack() as stack:
         busy = None
         if accelerator.is_main_process:

@@ -17,6 +17,7 @@ from prosparse.evaluation.heldout import evaluate_heldout
 from prosparse.io import atomic_dir, write_json
 from prosparse.models.relufy import current_activation, relufy_
 from prosparse.tables import format_table, pct
+from prosparse.training.checkpoint import full_state_dict
 from prosparse.training.metrics import read_metrics
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, 
     report["final"] = evaluate_heldout(model, heldout, accelerator=accelerator)
     final = run / "final"
     unwrapped = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = full_state_dict(accelerator, model)
     if accelerator.is_main_process:
         with atomic_dir(final, overwrite=True, kind="model") as tmp:
             unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
