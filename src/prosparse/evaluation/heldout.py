@@ -72,7 +72,10 @@ def evaluate_blocks(
     """Run ``blocks`` (n, seq_len) through ``model``, counting zeros of x1 and token NLL.
 
     With ``accelerator`` each process runs every world-th block under its autocast and the
-    counts are summed over processes. ``argmax`` keeps the teacher-forced predictions (single
+    counts are summed over processes. Every process runs the same number of forward passes
+    (sharded models such as FSDP's communicate inside each one): a process with one block
+    fewer repeats a block whose tokens are left out of every count (TEAL's per-linear input
+    counts excepted, which see it). ``argmax`` keeps the teacher-forced predictions (single
     process only). The model's training mode is restored afterwards.
     """
     if batch_size < 1:
@@ -83,6 +86,10 @@ def evaluate_blocks(
                                                       accelerator.num_processes)
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     mine = blocks[rank::world]
+    real = len(mine)  # rows past this are padding, to give every process the same batches
+    per = -(-len(blocks) // world)
+    if real < per:
+        mine = torch.cat([mine, blocks[:per - real]])
     was_training = model.training
     model.eval()
     nll = torch.zeros(2, dtype=torch.float64)  # sum, count
@@ -95,15 +102,18 @@ def evaluate_blocks(
             for start in tqdm(range(0, len(mine), batch_size), desc=desc, leave=False,
                               disable=desc is None):
                 ids = mine[start:start + batch_size].to(device)
+                keep = torch.arange(start, start + len(ids)) < real  # (b,) real rows
+                counter.set_mask(None if keep.all() else keep[:, None].expand(ids.shape))
                 if accelerator is not None:
                     with accelerator.autocast():
                         logits = model(input_ids=ids, use_cache=False).logits
                 else:
                     logits = model(input_ids=ids, use_cache=False).logits
-                logits = logits[:, :-1].float()  # (b, seq - 1, vocab)
+                logits = logits[:, :-1].float()[keep.to(logits.device)]  # (real b, seq - 1, vocab)
+                targets = ids[:, 1:][keep.to(ids.device)]
                 nll[0] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                          ids[:, 1:].reshape(-1), reduction="sum").item()
-                nll[1] += ids[:, 1:].numel()
+                                          targets.reshape(-1), reduction="sum").item()
+                nll[1] += targets.numel()
                 if argmax:
                     predictions.append(logits.argmax(-1).cpu())
     finally:
