@@ -145,6 +145,27 @@ class CheckpointConfig:
 
 
 @dataclass
+class AnnealConfig:
+    """Activation annealing after the swap: ``act = (1 - a) * act0 + a * relu`` (not in the
+    paper), ``a`` a pure function of the step reaching exactly 1 at ``steps``."""
+
+    steps: int = 0
+    """Ramp length in steps; 0 = the bare swap at step 1 (the paper's recipe). Must end before
+    lambda first rises above 0."""
+    shape: str = "linear"
+    """``linear`` (a = step / steps) or ``cosine`` (a = (1 - cos(pi step / steps)) / 2)."""
+
+
+@dataclass
+class WeightsConfig:
+    """What training does with the weights themselves."""
+
+    keep_mask: bool | None = None
+    """Keep every zero weight of a pruned model (``prosparse prune``) exactly zero: true,
+    false, or null = true when the model carries a mask (``prosparse_pruning`` in its config)."""
+
+
+@dataclass
 class Recipe:
     """A ProSparse training run: swap, progressive L1 (Algorithm 1), threshold shift."""
 
@@ -154,6 +175,8 @@ class Recipe:
     """Activation swapped in before training: ``relu``, ``shifted_relu`` (baseline), ``fatrelu``."""
     activation_param: float = 0.0
     """Shift b of ``shifted_relu`` or threshold of ``fatrelu`` during training."""
+    anneal: AnnealConfig = field(default_factory=AnnealConfig)
+    """Optional blend from the original activation into ``activation`` over the first steps."""
     stages: list[Stage] = field(default_factory=lambda: [Stage(steps=100, lam=0.0)])
     """Algorithm 1 stages: ``{lambda, steps (cumulative T_i), fixed, name}``."""
     penalty: PenaltyConfig = field(default_factory=PenaltyConfig)
@@ -174,6 +197,8 @@ class Recipe:
     """Logging."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing."""
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    """Weight masks kept through training (ProxSparse/Wanda/SparseGPT-pruned models)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Small lm-eval benchmark of the original and final models in the report."""
     dtype: str = "auto"
@@ -207,6 +232,17 @@ class Recipe:
             raise UsageError(f"eval.limit ({self.eval.limit}) must be a positive number of "
                              "documents per task")
         _choice("activation", self.activation, ACTS)
+        _choice("anneal.shape", self.anneal.shape, ("linear", "cosine"))
+        first_l1, prev = None, 0  # the last step before lambda first leaves 0
+        for s in self.stages:
+            if s.lam > 0:
+                first_l1 = prev
+                break
+            prev = s.steps
+        if first_l1 is not None and self.anneal.steps > first_l1:
+            raise UsageError(f"anneal.steps ({self.anneal.steps}) must end before the L1 "
+                             f"stages start (lambda > 0 from step {first_l1 + 1}); shorten the "
+                             "ramp or lengthen stage 0")
         _choice("dtype", self.dtype, ("auto", "bf16", "fp32"))
         if self.data.weights is not None and len(self.data.weights) != len(self.data.sources):
             raise UsageError(
@@ -237,6 +273,7 @@ _FIELD_CHECKS = {
     "data.heldout_tokens": checks.positive_int,
     "data.heldout_seq_len": _seq_len,
     "optim.lr": checks.positive_float,
+    "anneal.steps": checks.nonneg_int,
     "optim.min_lr_ratio": checks.fraction,
     "optim.warmup_steps": checks.nonneg_int,
     "optim.weight_decay": checks.nonneg_float,

@@ -24,6 +24,7 @@ from prosparse.config import Recipe
 from prosparse.errors import UsageError
 from prosparse.evaluation.heldout import evaluate_heldout
 from prosparse.io import reserve
+from prosparse.models.anneal import anneal_factor, begin_anneal_, set_anneal_
 from prosparse.models.relufy import find_gated_ffns
 from prosparse.sparsity.hooks import capture_x1
 from prosparse.sparsity.penalty import PenaltyCollector
@@ -175,9 +176,25 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
     if recipe.distill.weight > 0:
         teacher = copy.deepcopy(model).eval()
         teacher.requires_grad_(False)
+    originals = [f.act for f in find_gated_ffns(model)]
     relufy_(model, recipe.activation, recipe.activation_param)
     if measure_before:
         report["relu_swap"] = evaluate_heldout(model, heldout, accelerator=accelerator)
+    an = recipe.anneal
+    if an.steps > 0:  # blend act0 into the swapped-in activation; exact from step an.steps on
+        begin_anneal_(model, originals)
+        resumed = 0 if ckpt is None else int(ckpt.name.split("-")[1])
+        set_anneal_(model, anneal_factor(resumed, an.steps, an.shape))  # the checkpoint's modules
+    keep = recipe.weights.keep_mask
+    if keep is None:
+        keep = bool(getattr(model.config, "prosparse_pruning", None))
+    if keep:  # a pruned model's zero weights stay exactly zero (gradient hooks)
+        from prosparse.pruning import keep_masks_
+
+        keeper = keep_masks_(model)
+        report["weights"] = {"keep_mask": True, "masked_linears": len(keeper.masks),
+                             "zero_weights": int(sum((~m.bool()).sum() for m in
+                                                     keeper.masks.values()))}
     for name, p in model.named_parameters():
         p.requires_grad_((recipe.optim.train_params == "all" or
                           any(k in name for k in ("gate_proj", "up_proj", "down_proj")))
@@ -203,6 +220,8 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
     start_step = 0
     if ckpt is not None:
         start_step = load_checkpoint(accelerator, ckpt)["step"]
+        if keep:
+            keeper.remask()  # moments restored from a checkpoint cannot move a masked weight
     log = MetricsLog(run, main, recipe.log.tensorboard, start_step)
     last = recipe.total_steps if stop_after is None else min(recipe.total_steps,
                                                              start_step + stop_after)
@@ -214,10 +233,13 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
     for step in bar:
         lam = l1_factor(step, recipe.stages)
         lambdas.append(lam)
+        alpha = anneal_factor(step, an.steps, an.shape) if an.steps > 0 else 1.0
+        if an.steps > 0:
+            set_anneal_(model, alpha)
         lr = lr_at(step, recipe)
         for group in opt.param_groups:
             group["lr"] = lr
-        sums = torch.zeros(4, dtype=torch.float64)  # lm, penalty, kd, loss
+        sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # lm, pen, kd, loss
         collector = PenaltyCollector(n_layers, recipe.penalty.normalization,
                                      recipe.penalty.scale, recipe.grad_accum, enabled=lam > 0)
         with capture_x1(model, collector):
@@ -244,17 +266,21 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
                             accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
                         opt.step()
                         opt.zero_grad(set_to_none=True)
-                sums += torch.tensor([lm.item(), penalty.item(), kd.item(), loss.item()],
-                                     dtype=torch.float64)
+                # on the device: the step's one read-back is the reduced stats below
+                sums += torch.stack([lm.detach(), penalty.detach(), kd.detach(),
+                                     loss.detach()]).to(sums)
         counts = collector.zeros
-        stats = torch.cat([sums / recipe.grad_accum, counts.zeros, counts.total])
-        stats = accelerator.reduce(stats.to(accelerator.device), reduction="sum").cpu()
+        stats = torch.cat([sums / recipe.grad_accum,
+                           counts.zeros.to(sums), counts.total.to(sums)])
+        stats = accelerator.reduce(stats, reduction="sum").cpu()
         lm_v, pen_v, kd_v, loss_v = (stats[:4] / world).tolist()
         zeros, total = stats[4:4 + n_layers], stats[4 + n_layers:]
         train_sparsity = float((zeros / total.clamp(min=1)).mean())
         record = {"step": step, "stage": stage_index(step, recipe.stages), "lambda": lam,
                   "lr": lr, "lm_loss": lm_v, "penalty": pen_v, "kd_loss": kd_v, "loss": loss_v,
                   "train_sparsity": train_sparsity, "tokens": step * per_step * recipe.data.seq_len}
+        if an.steps > 0:
+            record["anneal"] = alpha
         evaluate_now = (recipe.log.eval_every and step % recipe.log.eval_every == 0) or \
             step == recipe.total_steps
         if evaluate_now:

@@ -1,0 +1,69 @@
+"""Recipe options of the loop: activation annealing (a pure ramp, resumed exactly, the model
+exactly ReLU when it ends) and a pruned model's zero weights kept through training."""
+
+import pytest
+import torch
+
+from prosparse.errors import UsageError
+from prosparse.training import read_metrics, train
+from tests.training.test_loop import _reset_accelerate, tiny_recipe
+
+
+def test_anneal_ramp_is_logged_and_ends_exactly_relu(tiny_dir, text_file, tmp_path):
+    from prosparse import find_gated_ffns, load_model
+
+    recipe = tiny_recipe(tiny_dir, text_file, "anneal.steps=2", "threshold.value=0")
+    _reset_accelerate()
+    res = train(recipe, tmp_path / "run", progress=False)
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["anneal"] for m in metrics] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+    model, _ = load_model(str(res.run / "final"))
+    assert all(isinstance(f.act, torch.nn.ReLU) for f in find_gated_ffns(model))
+    assert model.config.hidden_act == "relu"
+
+
+def test_annealed_run_resumes_exactly(tiny_dir, text_file, tmp_path):
+    recipe = tiny_recipe(tiny_dir, text_file, "anneal.steps=2", "anneal.shape=cosine",
+                         "stages=[{lambda: 0, steps: 3}, {lambda: 0.5, steps: 5}]")
+    _reset_accelerate()
+    train(recipe, tmp_path / "full", progress=False)
+    _reset_accelerate()
+    train(recipe, tmp_path / "part", stop_after=1, progress=False)  # inside the ramp
+    _reset_accelerate()
+    train(recipe, tmp_path / "part", resume=True, progress=False)
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
+    for x, y in zip(a, b):
+        for key in ("anneal", "lm_loss", "loss", "train_sparsity"):
+            assert x[key] == y[key], f"step {x['step']} {key}: {x[key]} vs {y[key]}"
+
+
+def test_anneal_must_end_before_l1(tiny_dir, text_file):
+    with pytest.raises(UsageError, match="anneal.steps"):
+        tiny_recipe(tiny_dir, text_file, "anneal.steps=3")  # lambda > 0 from step 3
+
+
+@pytest.mark.parametrize("keep", [None, False])
+def test_pruned_zeros_stay_zero(tiny_dir, text_file, tmp_path, keep):
+    from transformers import AutoModelForCausalLM
+
+    from prosparse.pruning import nm_mask, prunable_linears
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        for lin in prunable_linears(model).values():
+            lin.weight.mul_(nm_mask(lin.weight.abs(), 2, 4))
+    model.config.prosparse_pruning = {"method": "magnitude", "pattern": "2:4"}
+    pruned = tmp_path / "pruned"
+    model.save_pretrained(pruned)
+    for f in tiny_dir.glob("*token*"):  # the tokenizer's files
+        (pruned / f.name).write_bytes(f.read_bytes())
+    extra = [] if keep is None else [f"weights.keep_mask={str(keep).lower()}"]
+    _reset_accelerate()
+    res = train(tiny_recipe(pruned, text_file, *extra), tmp_path / "run", progress=False)
+    after = AutoModelForCausalLM.from_pretrained(res.run / "final")
+    trained = prunable_linears(after)
+    kept = all(bool((trained[n].weight[lin.weight == 0] == 0).all())
+               for n, lin in prunable_linears(model).items())
+    assert kept == (keep is None)  # on by default for a model that carries a mask
+    if keep is None:
+        assert res.report["weights"]["keep_mask"] is True
