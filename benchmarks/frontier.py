@@ -39,7 +39,8 @@ class Entry:
     method: str
     """The series it belongs to in the table and plot."""
     kind: str
-    """``trained`` (configs/demo.yaml + overrides) or ``free`` (convert the original)."""
+    """``trained`` (configs/demo.yaml + overrides), ``free`` (convert the original) or
+    ``dense`` (the original as shipped, the reference line)."""
     args: list[str] = field(default_factory=list)
     """Recipe overrides (trained) or ``prosparse convert`` flags (free)."""
     lambda_s: float | None = None
@@ -58,6 +59,7 @@ def _stages(lams: tuple[float, ...], budget: int) -> str:
 
 def entries(budget: int = 1) -> list[Entry]:
     e = [
+        Entry("original", "original (dense)", "dense"),
         Entry("vanilla-relu", "vanilla ReLU (lambda 0)", "trained", [_stages((0.0,), budget)]),
         Entry("shifted-relu", "shifted ReLU (b = 0.1)", "trained",
               [_stages((0.0,), budget), "activation=shifted_relu", "activation_param=0.1"]),
@@ -109,9 +111,13 @@ def run_entry(e: Entry, prosparse: str, limit: int, budget: int) -> dict:
                         "perplexity": report["final"]["perplexity"]}
         row["original_perplexity"] = report.get("original", {}).get("perplexity")
     else:
-        cmd = [prosparse, "convert", MODEL, *e.args, "--out", str(out), "--overwrite"]
-        row["wall_seconds"] = _run(cmd, out.with_suffix(".log"))
-        model = out
+        if e.kind == "dense":
+            cmd, model = [prosparse, "sparsity", MODEL], MODEL
+            row["wall_seconds"] = 0.0
+        else:
+            cmd = [prosparse, "convert", MODEL, *e.args, "--out", str(out), "--overwrite"]
+            row["wall_seconds"] = _run(cmd, out.with_suffix(".log"))
+            model = out
         sp_json = out.with_suffix(".sparsity.json")
         _run([prosparse, "sparsity", str(model), "--data", "wiki", "--tokens", "8192",
               "--json", str(sp_json)], out.with_suffix(".sparsity.log"))
@@ -138,16 +144,18 @@ def report(rows: list[dict], out_dir: Path) -> str:
 
     table = []
     series: dict[str, list[tuple[float, float]]] = {}
-    original = next((r["original_perplexity"] for r in rows if r.get("original_perplexity")),
-                    None)
+    original = next((r["final"]["perplexity"] for r in rows if r["kind"] == "dense"),
+                    next((r["original_perplexity"] for r in rows
+                          if r.get("original_perplexity")), None))
     for r in sorted(rows, key=lambda r: (r["method"], r["final"]["sparsity"])):
         f = r["final"]
         ev = r.get("lm_eval", {}).get("average")
         table.append([r["method"], r["name"], f"{100 * f['sparsity']:.2f}",
                       f"{f['perplexity']:.2f}", "" if ev is None else f"{ev:.2f}",
                       f"{r['wall_seconds'] / 60:.1f}", f"`{r['command']}`"])
-        series.setdefault(r["method"], []).extend(
-            (100 * p["sparsity"], p["perplexity"]) for p in r["points"])
+        if r["kind"] != "dense":
+            series.setdefault(r["method"], []).extend(
+                (100 * p["sparsity"], p["perplexity"]) for p in r["points"])
     md = format_table(["method", "row", "sparsity %", "held-out ppl", "lm-eval avg",
                        "wall min", "command"], table)
     plot_frontier(series, out_dir / "frontier.png", baseline=original)
