@@ -67,3 +67,23 @@ def test_pruned_zeros_stay_zero(tiny_dir, text_file, tmp_path, keep):
     assert kept == (keep is None)  # on by default for a model that carries a mask
     if keep is None:
         assert res.report["weights"]["keep_mask"] is True
+
+
+def test_fit_lambda_reads_finished_runs(tiny_dir, text_file, tmp_path, capsys):
+    from prosparse.cli import main
+    from prosparse.training.commands import run_point
+
+    runs = []
+    for lam in (0.5, 2.0):
+        _reset_accelerate()
+        res = train(tiny_recipe(tiny_dir, text_file, f"stages.2.lambda={lam}"),
+                    tmp_path / f"r{lam}", progress=False)
+        runs.append(res)
+        point = run_point(res.run)
+        assert point == (lam, pytest.approx(100 * res.report["trained"]["average_sparsity"]))
+    assert main(["fit-lambda", "--run", str(runs[0].run), "--run", str(runs[1].run),
+                 "--target", "99"]) == 0
+    out = capsys.readouterr().out
+    assert "lambda_S 0.5" in out and "your points" in out and "target 99%" in out
+    assert main(["fit-lambda", "--run", str(tmp_path)]) == 2  # not a run folder
+    assert main(["fit-lambda", "--point", "abc"]) == 2

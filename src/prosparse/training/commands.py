@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from prosparse import checks
+from prosparse.errors import UsageError
+
 
 def _schedule(args) -> int:
     from prosparse.config import load_recipe
@@ -53,21 +56,42 @@ def _train(args) -> int:
     return 0
 
 
+def run_point(run: str | Path) -> tuple[float, float]:
+    """``(lambda_S, sparsity %)`` of a finished ``prosparse train`` run: the last stage's lambda
+    from its ``recipe.yaml`` and the held-out sparsity of the trained model before any
+    threshold shift (paper Fig. 3) from its ``report.json``."""
+    from prosparse.config import load_recipe
+
+    run = Path(run)
+    report, recipe = run / "report.json", run / "recipe.yaml"
+    if not report.is_file() or not recipe.is_file():
+        raise UsageError(f"--run {run}: no report.json and recipe.yaml there; give the folder of "
+                         "a finished `prosparse train` run")
+    trained = json.loads(report.read_text()).get("trained")
+    if not trained:
+        raise UsageError(f"--run {run}: report.json has no 'trained' measurement")
+    return load_recipe(recipe).stages[-1].lam, 100 * trained["average_sparsity"]
+
+
+def _point(item: str) -> tuple[float, float]:
+    try:
+        lam, sp = (float(v) for v in item.split(":"))
+    except ValueError:
+        raise UsageError(f"--point {item!r} must look like LAMBDA:SPARSITY_PERCENT "
+                         "(e.g. 0.05:85.9)") from None
+    return lam, sp
+
+
 def _fit_lambda(args) -> int:
     from prosparse.sparsity.fit import PAPER_7B, fit_points
 
     fit = PAPER_7B
-    if args.point:
-        pairs = []
-        for item in args.point:
-            try:
-                lam, sp = (float(v) for v in item.split(":"))
-            except ValueError:
-                raise ValueError(f"--point {item!r} must look like LAMBDA:SPARSITY_PERCENT "
-                                 "(e.g. 0.05:85.9)") from None
-            pairs.append((lam, sp))
+    pairs = [_point(p) for p in args.point] + [run_point(r) for r in args.run]
+    if pairs:
         fit = fit_points([p[0] for p in pairs], [p[1] for p in pairs])
-    source = "your points" if args.point else "the paper's ProSparse-7B fit"
+        for lam, sp in pairs:
+            print(f"  lambda_S {lam:g}: sparsity {sp:.2f}%")
+    source = "your points" if pairs else "the paper's ProSparse-7B fit"
     print(f"sparsity(%) = 100 - exp(-{fit.a:.4g} * lambda^{fit.alpha:.3g} + {fit.b:.4g})  "
           f"({source})")
     for target in args.target:
@@ -92,9 +116,12 @@ def register(sub) -> None:
     p = sub.add_parser("schedule", help="print / save / plot a recipe's lambda curve")
     p.add_argument("recipe", help="YAML recipe")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.4.lambda=0.1")
-    p.add_argument("--json", default=None, help='write {"steps": [...], "lambda": [...]}')
-    p.add_argument("--plot", default=None, help="write the curve as a PNG")
-    p.add_argument("--every", type=int, default=1, help="keep every k-th step (last kept)")
+    p.add_argument("--json", default=None, type=checks.output_file,
+                   help='write {"steps": [...], "lambda": [...]}')
+    p.add_argument("--plot", default=None, type=checks.output_file,
+                   help="write the curve as a PNG")
+    p.add_argument("--every", type=checks.positive_int, default=1,
+                   help="keep every k-th step (last kept)")
     p.set_defaults(func=_schedule)
 
     p = sub.add_parser("fit-lambda", help="lambda_S for a target sparsity (paper fit or yours)")
@@ -102,4 +129,7 @@ def register(sub) -> None:
     p.add_argument("--predict", type=float, nargs="*", default=[], help="lambda_S to predict")
     p.add_argument("--point", action="append", default=[],
                    help="a measured LAMBDA:SPARSITY_PERCENT of your model (repeat; >= 2)")
+    p.add_argument("--run", action="append", default=[], metavar="RUN",
+                   help="a finished `prosparse train` run folder: its last-stage lambda and "
+                        "trained sparsity are one point (repeat; mixes with --point)")
     p.set_defaults(func=_fit_lambda)
