@@ -14,11 +14,11 @@ _FLAGS = [
     ("--data", str, "calibration source, its train split (default wiki)"),
     ("--samples", int, "calibration blocks (default 64)"),
     ("--seq-len", int, "tokens per calibration block (default 256)"),
-    ("--lambda", float, "ProxSparse: weight of the 2:4 regulariser (default 0.03)"),
+    ("--lambda", float, "ProxSparse: weight of the 2:4 regulariser (default 0.05)"),
     ("--lambda-scale", str, "ProxSparse: raw (prox(w, lambda), the authors') or lr "
                             "(prox(w, lr * lambda)) (default raw)"),
     ("--lr", float, "ProxSparse: peak AdamW learning rate (default 1e-3)"),
-    ("--epochs", int, "ProxSparse: passes over the calibration blocks (default 2)"),
+    ("--epochs", int, "ProxSparse: passes over the calibration blocks (default 1)"),
     ("--warmup", float, "ProxSparse: share of steps warming up (default 0.1)"),
     ("--lambda2", float, "ProxSparse: frozen-weight term weight, 0 = off (default 0)"),
     ("--epsilon", float, "ProxSparse: frozen-weight term epsilon (default 0.1)"),

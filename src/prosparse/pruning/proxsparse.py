@@ -40,14 +40,14 @@ LAMBDA_SCALES = ("raw", "lr")
 class ProxConfig:
     """Settings of one ProxSparse mask-learning run."""
 
-    lam: float = 0.03
+    lam: float = 0.05
     """Weight of the 2:4 regulariser R in the prox step (the CPU recipe's; the paper: 0.25 on
     LLaMA-2-7B, whose weights are ~10x smaller)."""
     lambda_scale: str = "raw"
     """``raw``: prox(w, lam) as the authors' code; ``lr``: prox(w, lr_t * lam)."""
     lr: float = 1e-3
     """Peak AdamW learning rate (the paper: 1e-4)."""
-    epochs: int = 2
+    epochs: int = 1
     """Passes over the calibration blocks (the paper: 1)."""
     batch_size: int = 1
     """Blocks per optimiser step (the paper: 1)."""
