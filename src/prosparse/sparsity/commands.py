@@ -36,9 +36,14 @@ def seq_len_arg(text) -> int:
 
 
 def sparsity_table(result: dict) -> str:
+    """Per data source: tokens, perplexity, x1 sparsity, and for TEAL models the share of
+    block-linear inputs skipped."""
+    teal = "average_input_sparsity" in result
     rows = [[name, d["tokens"], f"{d['perplexity']:.2f}", pct(d["average_sparsity"])]
+            + ([pct(d["average_input_sparsity"])] if teal else [])
             for name, d in result["datasets"].items()]
-    return format_table(["data", "tokens", "perplexity", "sparsity %"], rows)
+    return format_table(["data", "tokens", "perplexity", "sparsity %"]
+                        + (["linear inputs skipped %"] if teal else []), rows)
 
 
 def _sparsity(args) -> int:
@@ -55,6 +60,10 @@ def _sparsity(args) -> int:
                               model_name=args.model)
     print(sparsity_table(result))
     print(f"average sparsity: {pct(result['average_sparsity'])}%")
+    if "input_sparsity" in result:  # TEAL: the fraction of each linear's input skipped
+        per = result["input_sparsity"]
+        print(f"linear inputs skipped (TEAL): average {pct(result['average_input_sparsity'])}% "
+              f"over {len(per)} linears ({pct(min(per.values()))}..{pct(max(per.values()))}%)")
     if args.json:
         write_json(args.json, result)
     if args.plot:
