@@ -29,8 +29,9 @@ _HAVE = re.compile(r"have (\d+) tokens")
 
 def _run(cmd: list[str], env: dict | None = None, timeout: float = 3600) -> str:
     """Run ``cmd``; its stdout and stderr together (raises with their tail when it fails)."""
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    # errors="replace": a model's generated text need not be valid UTF-8
+    done = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", timeout=timeout, env={**os.environ, **(env or {})})
     text = done.stdout + done.stderr
     if done.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} failed ({done.returncode}):\n{text[-3000:]}")
