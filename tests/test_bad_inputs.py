@@ -72,7 +72,7 @@ CASES = [
     ("schedule {recipe} optim.lr=nan", "optim.lr must be a finite number"),
     ("schedule {recipe} optim.lrr=1", "unknown recipe key 'optim.lrr'"),
     ("schedule {recipe} stages.1.steps=5", "stages[1].steps (5) must be greater than"),
-    ("schedule {recipe} --every 0", "--every (0) must be >= 1"),
+    ("schedule {recipe} --every 0", "is not a positive integer"),
     ("train {tmp}/bad.yaml --out {tmp}/run", "is not valid YAML"),
     ("train {tmp}/nosteps.yaml --out {tmp}/run", "stages.0 has no steps"),
     ("train {recipe} optim.lr.foo=1 --out {tmp}/run", "optim.lr is a single value (float)"),
