@@ -24,13 +24,13 @@ METHODS = ["dense", "magnitude", "wanda", "proxsparse", "sparsegpt"]
 def run(args) -> dict:
     from prosparse.data import load_texts, pack_blocks
     from prosparse.evaluation import evaluate
+    from prosparse.evaluation.heldout import evaluate_blocks
     from prosparse.io import write_json
     from prosparse.models.loading import load_model
     from prosparse.pruning import prunable_linears, weight_sparsity
     from prosparse.pruning.calibration import calibration_blocks
     from prosparse.pruning.proxsparse import ProxConfig
     from prosparse.pruning.run import PruneConfig, run_method
-    from prosparse.sparsity.measure import measure_blocks
 
     prox = ProxConfig(lam=args.lam, lr=args.lr, epochs=args.epochs, log_every=args.log_every)
     cfg = PruneConfig(model=args.model, samples=args.samples, seq_len=args.seq_len, prox=prox)
@@ -59,7 +59,7 @@ def run(args) -> dict:
         seconds = time.perf_counter() - start
         ws = weight_sparsity(model)
         entry = {"prune_seconds": seconds,
-                 "perplexity": measure_blocks(model, heldout, desc=f"ppl {method}").perplexity,
+                 "perplexity": evaluate_blocks(model, heldout, desc=f"ppl {method}").perplexity,
                  "compliance": ws["compliance"], "zeros": ws["zeros"]}
         if "proxsparse" in extra:
             log = extra["proxsparse"]

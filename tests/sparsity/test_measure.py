@@ -103,3 +103,20 @@ def test_threshold_sweep_recommends_within_tolerance_and_restores(llama, tokeniz
     assert out["recommended"] == max(ok)
     assert current_activation(llama) == before  # SiLU restored
     assert llama.config.hidden_act == "silu"
+
+
+def test_pruned_model_reports_weight_sparsity(llama, tokenizer, text_file):
+    from prosparse.pruning import nm_mask, prunable_linears
+
+    relufy_(llama)
+    out = measure_sparsity(llama, tokenizer, [f"mine={text_file}"], tokens=256, seq_len=32,
+                           progress=False)
+    assert "weight_sparsity" not in out  # dense weights: nothing to report
+    with torch.no_grad():
+        for lin in prunable_linears(llama).values():
+            lin.weight.mul_(nm_mask(lin.weight.abs(), 2, 4))
+    out = measure_sparsity(llama, tokenizer, [f"mine={text_file}"], tokens=256, seq_len=32,
+                           progress=False)
+    w = out["weight_sparsity"]
+    assert w["pattern"] == "2:4" and w["compliance"] == 1.0
+    assert w["zeros"] == pytest.approx(0.5, abs=0.01)

@@ -201,9 +201,9 @@ def run_method(model, linears, blocks, cfg: PruneConfig, n: int, m: int, progres
 def _perplexity(model, blocks) -> float | None:
     if blocks is None:
         return None
-    from prosparse.sparsity.measure import measure_blocks
+    from prosparse.evaluation.heldout import evaluate_blocks
 
-    return measure_blocks(model, blocks).perplexity
+    return evaluate_blocks(model, blocks).perplexity
 
 
 def _plain(cfg: PruneConfig) -> dict:

@@ -64,6 +64,11 @@ def _sparsity(args) -> int:
         per = result["input_sparsity"]
         print(f"linear inputs skipped (TEAL): average {pct(result['average_input_sparsity'])}% "
               f"over {len(per)} linears ({pct(min(per.values()))}..{pct(max(per.values()))}%)")
+    if "weight_sparsity" in result:  # a pruned model
+        w = result["weight_sparsity"]
+        comp = "n/a" if w["compliance"] is None else f"{pct(w['compliance'])}%"
+        print(f"weight sparsity: {pct(w['zeros'])}% zeros in {len(w['layers'])} block linears, "
+              f"{w['pattern']} compliance {comp}")
     if args.json:
         write_json(args.json, result)
     if args.plot:

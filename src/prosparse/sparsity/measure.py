@@ -6,11 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from prosparse.data import DEFAULT_DATA, load_texts, pack_blocks, parse_data_spec
-from prosparse.evaluation.heldout import HeldoutResult, combine, evaluate_blocks
-
-# Earlier names of the evaluator's pieces, kept while callers move over.
-DatasetSparsity = HeldoutResult
-measure_blocks = evaluate_blocks
+from prosparse.evaluation.heldout import combine, evaluate_blocks
 
 
 def heldout_sets(tokenizer, data, tokens: int, seq_len: int, split: str = "heldout") -> dict:
@@ -44,4 +40,18 @@ def measure_sparsity(
                                             desc=f"sparsity {name}" if progress else None)
                       for name, blocks in sets.items()})
     name = model_name or getattr(model, "prosparse_source", None) or type(model).__name__
-    return {"model": str(name), **result}
+    out = {"model": str(name), **result}
+    weights = _weight_sparsity(model)
+    if weights is not None:
+        out["weight_sparsity"] = weights
+    return out
+
+
+def _weight_sparsity(model: nn.Module) -> dict | None:
+    """Zeros per block linear and N:M compliance (the pattern ``prosparse prune`` recorded,
+    else 2:4) when the model's weights have any exact zeros (a pruned model); else None."""
+    from prosparse.pruning import weight_sparsity
+
+    recorded = getattr(getattr(model, "config", None), "prosparse_pruning", None) or {}
+    report = weight_sparsity(model, recorded.get("pattern", "2:4"))
+    return report if report["zeros"] > 0 else None
