@@ -12,6 +12,7 @@ import re
 import shlex
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,9 +30,12 @@ _HAVE = re.compile(r"have (\d+) tokens")
 
 def _run(cmd: list[str], env: dict | None = None, timeout: float = 3600) -> str:
     """Run ``cmd``; its stdout and stderr together (raises with their tail when it fails)."""
-    # errors="replace": a model's generated text need not be valid UTF-8
-    done = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8",
-                          errors="replace", timeout=timeout, env={**os.environ, **(env or {})})
+    # errors="replace": a model's generated text need not be valid UTF-8. PowerInfer writes
+    # llama.log / main.log into its working directory: a scratch one, not the caller's.
+    with tempfile.TemporaryDirectory(prefix="powerinfer-") as scratch:
+        done = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8",
+                              errors="replace", timeout=timeout, cwd=scratch,
+                              env={**os.environ, **(env or {})})
     text = done.stdout + done.stderr
     if done.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} failed ({done.returncode}):\n{text[-3000:]}")
@@ -72,7 +76,8 @@ def powerinfer_speed(powerinfer: Path, gguf: Path, threads: int = 2, repeats: in
                      new_tokens: int = 64, prompt: str = "The capital of France is") -> dict:
     """Greedy decode tokens/s of ``main`` (its own timing of the decode steps), median of
     ``repeats`` runs."""
-    cmd = [str(powerinfer / "build" / "bin" / "main"), "-m", str(gguf), "-t", str(threads),
+    cmd = [str(Path(powerinfer).resolve() / "build" / "bin" / "main"), "-m",
+           str(Path(gguf).resolve()), "-t", str(threads),
            "-n", str(new_tokens), "-c", "512", "--temp", "0", "--ignore-eos", "--seed", "0",
            "-p", prompt]
     runs = [parse_eval_rate(_run(cmd)) for _ in range(repeats)]
@@ -86,7 +91,8 @@ def powerinfer_perplexity(powerinfer: Path, gguf: Path, text: Path, n_ctx: int, 
     stride_blocks` cuts; ``all_neurons`` overrides the threshold so every neuron is kept."""
     from prosparse.deploy.powerinfer import perplexity_args
 
-    cmd = [str(powerinfer / "build" / "bin" / "perplexity"), "-m", str(gguf), "-f", str(text),
+    cmd = [str(Path(powerinfer).resolve() / "build" / "bin" / "perplexity"), "-m",
+           str(Path(gguf).resolve()), "-f", str(Path(text).resolve()),
            *perplexity_args(n_ctx), "--chunks", str(chunks), "-t", str(threads)]
     env = {"LLAMA_SPARSE_PRED_THRESHOLD": "-1e30"} if all_neurons else None
     t = time.perf_counter()
@@ -106,7 +112,7 @@ def benchmark(powerinfer: str | os.PathLike, ckpt: str, predictors: str, work: s
     from prosparse.inference.benchmark import predictor_decode_report
     from prosparse.models.loading import load_model
 
-    powerinfer, work = Path(powerinfer), Path(work)
+    powerinfer, work = Path(powerinfer).resolve(), Path(work).resolve()  # run from a scratch cwd
     for binary in ("main", "perplexity"):
         if not (powerinfer / "build" / "bin" / binary).is_file():
             raise UsageError(f"{powerinfer}/build/bin/{binary} is missing: build PowerInfer "
