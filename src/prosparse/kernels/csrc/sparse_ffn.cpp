@@ -11,9 +11,10 @@
 // - predicted_ffn: per token, the gate and up rows of each predicted neuron (both dotted in
 //   one pass), the activation, then the down axpy over the neurons whose x1 is non-zero.
 //
-// Vectors are GCC/Clang vector extensions of 16 floats: the compiler lowers them to one zmm
-// register under -mavx512f, two ymm under -mavx2, four xmm otherwise, so one source serves
-// every ISA that fused.py chooses flags for from what the CPU reports. bf16 widens to fp32 by
+// Vectors are GCC/Clang vector extensions as wide as the ISA compiled for (16 floats: one zmm
+// under -mavx512f, 8: one ymm under -mavx2, 4: one xmm otherwise; a wider generic vector would
+// be split and spilled), so one source serves every ISA that fused.py chooses flags for from
+// what the CPU reports. Loops step by E = 32 elements (one 64-byte line of bf16, two of fp32). bf16 widens to fp32 by
 // a 16-bit shift; accumulation is fp32. Rounding follows the reference (reference.py): the dot
 // is rounded to the input dtype before act(g) * u, which is rounded again, exactly as torch
 // computes `act(g) * (x @ W1^T)` in bf16. NaN follows IEEE semantics (a NaN gate is active).
@@ -34,7 +35,15 @@
 
 namespace prosparse_fused {
 
+#if defined(__AVX512F__)
 constexpr int W = 16;  // floats per vector
+#elif defined(__AVX2__)
+constexpr int W = 8;
+#else
+constexpr int W = 4;
+#endif
+constexpr int E = 32;       // elements per loop step
+constexpr int NV = E / W;   // vectors per loop step
 typedef float vf __attribute__((vector_size(W * 4)));
 typedef uint16_t vh __attribute__((vector_size(W * 2)));
 typedef uint32_t vu __attribute__((vector_size(W * 4)));
@@ -79,24 +88,26 @@ inline float hsum(vf v) {  // fixed order: deterministic
   return s;
 }
 
-// The cache lines one 2W-element step of a T row spans, prefetched into L2 for the next row.
+// The cache lines one E-element step of a T row spans, prefetched into L2 for the next row.
 template <typename T>
 inline void prefetch_step(const T* p) {
-  constexpr int lines = (2 * W * sizeof(T) + 63) / 64;
+  constexpr int lines = (E * sizeof(T) + 63) / 64;
   for (int l = 0; l < lines; ++l) __builtin_prefetch(reinterpret_cast<const char*>(p) + 64 * l, 0, 2);
 }
 
 // dot(w, x) over n elements in fp32; `next` (or nullptr) is the row to prefetch meanwhile.
 template <typename T>
 inline float dot(const T* __restrict w, const float* __restrict x, int64_t n, const T* next) {
-  vf a0 = {}, a1 = {};
+  vf a[NV] = {};
   int64_t k = 0;
-  for (; k + 2 * W <= n; k += 2 * W) {
+  for (; k + E <= n; k += E) {
     if (next) prefetch_step(next + k);
-    a0 += load(w + k) * load(x + k);
-    a1 += load(w + k + W) * load(x + k + W);
+#pragma GCC unroll 8
+    for (int q = 0; q < NV; ++q) a[q] += load(w + k + q * W) * load(x + k + q * W);
   }
-  float s = hsum(a0 + a1);
+#pragma GCC unroll 8
+  for (int q = 1; q < NV; ++q) a[0] += a[q];
+  float s = hsum(a[0]);
   for (; k < n; ++k) s += scalar(w[k]) * x[k];
   return s;
 }
@@ -105,21 +116,27 @@ inline float dot(const T* __restrict w, const float* __restrict x, int64_t n, co
 template <typename T>
 inline void dot2(const T* __restrict wa, const T* __restrict wb, const float* __restrict x,
                  int64_t n, const T* next_a, const T* next_b, float& sa, float& sb) {
-  vf a0 = {}, a1 = {}, b0 = {}, b1 = {};
+  vf a[NV] = {}, b[NV] = {};
   int64_t k = 0;
-  for (; k + 2 * W <= n; k += 2 * W) {
+  for (; k + E <= n; k += E) {
     if (next_a) {
       prefetch_step(next_a + k);
       prefetch_step(next_b + k);
     }
-    vf x0 = load(x + k), x1 = load(x + k + W);
-    a0 += load(wa + k) * x0;
-    a1 += load(wa + k + W) * x1;
-    b0 += load(wb + k) * x0;
-    b1 += load(wb + k + W) * x1;
+#pragma GCC unroll 8
+    for (int q = 0; q < NV; ++q) {
+      vf xv = load(x + k + q * W);
+      a[q] += load(wa + k + q * W) * xv;
+      b[q] += load(wb + k + q * W) * xv;
+    }
   }
-  sa = hsum(a0 + a1);
-  sb = hsum(b0 + b1);
+#pragma GCC unroll 8
+  for (int q = 1; q < NV; ++q) {
+    a[0] += a[q];
+    b[0] += b[q];
+  }
+  sa = hsum(a[0]);
+  sb = hsum(b[0]);
   for (; k < n; ++k) {
     sa += scalar(wa[k]) * x[k];
     sb += scalar(wb[k]) * x[k];
@@ -203,9 +220,10 @@ inline void axpy_rows(float* __restrict acc, const T* const* rows, const float* 
   int64_t c = c0;
   if (nr == R) {
     const vf v0 = splat(v[0]), v1 = splat(v[1]), v2 = splat(v[2]), v3 = splat(v[3]);
-    for (; c + 2 * W <= c1; c += 2 * W) {
+    for (; c + E <= c1; c += E) {
       for (int q = 0; q < nn; ++q) prefetch_step(next[q] + c);
-      for (int h = 0; h < 2 * W; h += W) {
+#pragma GCC unroll 8
+      for (int h = 0; h < E; h += W) {
         vf a = load(acc + c + h);
         a += v0 * load(rows[0] + c + h);
         a += v1 * load(rows[1] + c + h);
@@ -215,9 +233,10 @@ inline void axpy_rows(float* __restrict acc, const T* const* rows, const float* 
       }
     }
   } else {
-    for (; c + 2 * W <= c1; c += 2 * W) {
+    for (; c + E <= c1; c += E) {
       for (int q = 0; q < nn; ++q) prefetch_step(next[q] + c);
-      for (int h = 0; h < 2 * W; h += W) {
+#pragma GCC unroll 8
+      for (int h = 0; h < E; h += W) {
         vf a = load(acc + c + h);
         for (int r = 0; r < nr; ++r) a += splat(v[r]) * load(rows[r] + c + h);
         store(acc + c + h, a);
@@ -235,7 +254,7 @@ inline void axpy_rows(float* __restrict acc, const T* const* rows, const float* 
 template <typename T>
 void down_kernel(const float* v, int64_t tokens, const T* w2t, int64_t ld, int64_t d_model,
                  const int64_t* idx, int64_t n, T* out, int64_t out_ld) {
-  const int64_t block = 2 * W;  // columns per unit of the thread split
+  const int64_t block = E;  // columns per unit of the thread split
   const int64_t blocks = (d_model + block - 1) / block;
   parallel_chunks(blocks, 8, [&](int64_t b, int64_t e) {
     const int64_t c0 = b * block, c1 = std::min(d_model, e * block);
