@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from prosparse.kernels import cpu, dispatch, fused, reference
+from tests.kernels.test_operators import assert_close  # shared tolerances per dtype
 
 # |kernel - reference| <= atol + rtol * |reference|, per dtype (fp32 accumulation either way).
-TOL = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 5e-2)}
 DTYPES = [torch.float32, torch.bfloat16]
 # d_model off every vector width (16/32), one that is, and d_ff odd.
 SHAPES = [(67, 173), (4 * 32, 97), (300, 517)]
@@ -30,16 +30,6 @@ def threads():
     before = torch.get_num_threads()
     yield torch.set_num_threads
     torch.set_num_threads(before)
-
-
-def assert_close(out, ref, dtype, what):
-    atol, rtol = TOL[dtype]
-    diff = (out.float() - ref.float()).abs()
-    bad = diff > atol + rtol * ref.float().abs()
-    assert not bad.any(), (
-        f"{what}: {int(bad.sum())} of {diff.numel()} entries off; max diff {diff.max():.3g}, "
-        f"mean diff {diff.mean():.3g}, max |ref| {ref.float().abs().max():.3g}"
-    )
 
 
 def inputs(tokens, d_model, d_ff, sparsity, dtype, seed=0):

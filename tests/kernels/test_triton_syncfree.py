@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from prosparse.kernels import dispatch, reference
+from tests.kernels.test_operators import assert_close  # shared tolerances per dtype
 
 pytestmark = pytest.mark.skipif(
     not (dispatch.HAS_TRITON and (dispatch.HAS_CUDA or dispatch.triton_interpreting())),
     reason="needs triton, and CUDA or TRITON_INTERPRET=1",
 )
 DEV = "cuda" if dispatch.HAS_CUDA else "cpu"
-TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 2e-2), torch.bfloat16: (2e-2, 5e-2)}
 needs_cuda = pytest.mark.skipif(not dispatch.HAS_CUDA, reason="needs a CUDA device")
 
 
@@ -23,16 +23,6 @@ def tk():
     from prosparse.kernels import triton as triton_impl
 
     return triton_impl
-
-
-def assert_close(out, ref, dtype, what):
-    atol, rtol = TOL[dtype]
-    diff = (out.float() - ref.float()).abs()
-    bad = diff > atol + rtol * ref.float().abs()
-    assert not bad.any(), (
-        f"{what}: {int(bad.sum())} of {diff.numel()} entries off; max diff {diff.max():.3g}, "
-        f"mean diff {diff.mean():.3g}, max |ref| {ref.float().abs().max():.3g}"
-    )
 
 
 def inputs(tokens, d_model, d_ff, sparsity, dtype, seed=0):
