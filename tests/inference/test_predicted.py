@@ -8,15 +8,8 @@ import torch
 
 from prosparse import find_gated_ffns, relufy_
 from prosparse.inference import PredictedSparseMLP, attach_predictors_
-from prosparse.predictors import PredictorSet, save_predictors
-
-
-def random_set(n_layers=2, d_model=64, d_ff=176, hidden=32, thresholds=None, seed=0):
-    torch.manual_seed(seed)
-    pset = PredictorSet(d_model, d_ff, n_layers, hidden)
-    if thresholds is not None:
-        pset.thresholds.copy_(torch.tensor(thresholds))
-    return pset
+from prosparse.predictors import save_predictors
+from tests.predictors.test_export import random_set
 
 
 def test_predicted_ffn_gather_path_ties_the_masked_twin(llama):

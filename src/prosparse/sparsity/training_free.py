@@ -71,19 +71,19 @@ def _check(sparsity: float) -> None:
         raise UsageError(f"sparsity ({sparsity}) must be in [0, 1), e.g. 0.5")
 
 
-def _silu_gate_quantiles(model: nn.Module, blocks: torch.Tensor, sparsity: float,
-                         batch_size: int, max_samples: int, seed: int, progress: bool
-                         ) -> list[float]:
-    """The ``sparsity`` quantile of ``|silu(g)|`` at each gated FFN's activation input."""
-    ffns = find_gated_ffns(model)
+def _site_quantiles(model: nn.Module, blocks: torch.Tensor, sites: list[nn.Module], value,
+                    sparsity: float, batch_size: int, max_samples: int, seed: int,
+                    desc: str | None) -> list[float]:
+    """Run ``blocks`` once with a forward pre-hook on each of ``sites`` feeding
+    ``value(its input)`` to its reservoir; the ``sparsity`` quantile of each."""
     gen = torch.Generator().manual_seed(seed)
-    res = [_Reservoir(max_samples, gen) for _ in ffns]
-    hooks = [f.act.register_forward_hook(lambda _m, args, _o, _r=r: _r.add(F.silu(args[0]).abs()))
-             for f, r in zip(ffns, res)]
+    res = [_Reservoir(max_samples, gen) for _ in sites]
+    hooks = [m.register_forward_pre_hook(lambda _m, args, _r=r: _r.add(value(args[0])))
+             for m, r in zip(sites, res)]
     was = model.training
     model.eval()
     try:
-        _run(model, blocks, batch_size, "calibrate CATS" if progress else None)
+        _run(model, blocks, batch_size, desc)
     finally:
         for h in hooks:
             h.remove()
@@ -106,8 +106,9 @@ def calibrate_cats(model: nn.Module, blocks: torch.Tensor, sparsity: float, batc
         if not (is_silu or isinstance(f.act, CATS)):
             raise UsageError(f"CATS thresholds |silu(gate)|: {f.name} uses "
                              f"{type(f.act).__name__}; convert the original SiLU model")
-    return _silu_gate_quantiles(model, blocks, sparsity, batch_size, max_samples, seed,
-                                progress)
+    acts = [f.act for f in find_gated_ffns(model)]  # their input is the gate pre-activation
+    return _site_quantiles(model, blocks, acts, lambda g: F.silu(g).abs(), sparsity, batch_size,
+                           max_samples, seed, "calibrate CATS" if progress else None)
 
 
 @torch.no_grad()
@@ -117,20 +118,10 @@ def calibrate_teal(model: nn.Module, blocks: torch.Tensor, sparsity: float, batc
     """Per-linear TEAL thresholds (uniform allocation): the ``sparsity`` quantile of ``|x|`` of
     each block linear's input on ``blocks``."""
     _check(sparsity)
-    linears = block_linears(model)
-    gen = torch.Generator().manual_seed(seed)
-    res = {name: _Reservoir(max_samples, gen) for name, _ in linears}
-    hooks = [m.register_forward_pre_hook(lambda _m, args, _r=res[n]: _r.add(args[0].abs()))
-             for n, m in linears]
-    was = model.training
-    model.eval()
-    try:
-        _run(model, blocks, batch_size, "calibrate TEAL" if progress else None)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
-    return {name: r.quantile(sparsity) for name, r in res.items()}
+    names, linears = zip(*block_linears(model))
+    values = _site_quantiles(model, blocks, list(linears), torch.abs, sparsity, batch_size,
+                             max_samples, seed, "calibrate TEAL" if progress else None)
+    return dict(zip(names, values))
 
 
 def cats_(model: nn.Module, blocks: torch.Tensor, sparsity: float, passes: int = 1,
