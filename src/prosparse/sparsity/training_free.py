@@ -101,8 +101,7 @@ def calibrate_cats(model: nn.Module, blocks: torch.Tensor, sparsity: float, batc
     _check(sparsity)
     probe = torch.linspace(-6, 6, 97)
     for f in find_gated_ffns(model):
-        is_silu = not isinstance(f.act, (nn.ReLU,)) and next(f.act.parameters(), None) is None \
-            and torch.allclose(f.act(probe.to(f.down_proj.weight)).float(), F.silu(probe))
+        is_silu = torch.allclose(f.act(probe.to(f.down_proj.weight)).float(), F.silu(probe))
         if not (is_silu or isinstance(f.act, CATS)):
             raise UsageError(f"CATS thresholds |silu(gate)|: {f.name} uses "
                              f"{type(f.act).__name__}; convert the original SiLU model")

@@ -27,7 +27,12 @@ def list_checkpoints(run: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.glob("step-*") if (p / "trainer.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimiser step a checkpoint folder (``step-000004``) was written at."""
+    return int(Path(path).name.split("-")[1])
 
 
 def latest_checkpoint(run: str | Path) -> Path | None:

@@ -29,7 +29,7 @@ from prosparse.models.relufy import find_gated_ffns
 from prosparse.sparsity.hooks import capture_x1
 from prosparse.sparsity.penalty import PenaltyCollector
 from prosparse.sparsity.schedule import l1_factor, stage_index
-from prosparse.training.checkpoint import load_checkpoint, save_checkpoint
+from prosparse.training.checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
 from prosparse.training.data import build_blocks, heldout_blocks, micro_batch
 from prosparse.training.metrics import MetricsLog
 from prosparse.training.report import benchmark, finish_run
@@ -135,7 +135,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, stop_after: int
             raise busy or UsageError(f"{run} is being written by another prosparse process; "
                                      "wait for it to finish or choose another --out")
         if accelerator.is_main_process:
-            step = 0 if ckpt is None else int(ckpt.name.split("-")[1])
+            step = 0 if ckpt is None else checkpoint_step(ckpt)
             start_run_folder(run, recipe, fingerprint, resume=resume, overwrite=overwrite,
                              step=step)
         accelerator.wait_for_everyone()
@@ -183,7 +183,7 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
     an = recipe.anneal
     if an.steps > 0:  # blend act0 into the swapped-in activation; exact from step an.steps on
         begin_anneal_(model, originals)
-        resumed = 0 if ckpt is None else int(ckpt.name.split("-")[1])
+        resumed = 0 if ckpt is None else checkpoint_step(ckpt)
         set_anneal_(model, anneal_factor(resumed, an.steps, an.shape))  # the checkpoint's modules
     keep = recipe.weights.keep_mask
     if keep is None:
