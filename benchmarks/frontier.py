@@ -73,6 +73,13 @@ def entries(budget: int = 1) -> list[Entry]:
     for lam in (0.75, 1.5, 3.0, 6.0):  # ProSparse progressive; lambda_S = 1.5 is make demo's
         e.append(Entry(f"prosparse-{lam:g}", "ProSparse (progressive)", "trained",
                        [_stages((0.0, lam / 3, lam, lam), budget)], lambda_s=lam))
+    # Recipe study (issue 15): make demo's recipe with activation annealing inside the lambda-0
+    # stage, then also a gentler learning rate; equal steps and tokens.
+    demo = _stages((0.0, 0.5, 1.5, 1.5), budget)
+    e.append(Entry("anneal-60", "ProSparse + annealing", "trained",
+                   [demo, f"anneal.steps={60 * budget}", "anneal.shape=cosine"]))
+    e.append(Entry("anneal-60-lr2e-4", "ProSparse + annealing", "trained",
+                   [demo, f"anneal.steps={60 * budget}", "anneal.shape=cosine", "optim.lr=2.0e-4"]))
     for s in (0.4, 0.5, 0.6, 0.7, 0.8):
         for m in ("cats", "teal"):
             e.append(Entry(f"{m}-{s:g}", m.upper() + " (training-free)", "free",
@@ -93,10 +100,11 @@ def _run(cmd: list[str], log: Path) -> float:
 def run_entry(e: Entry, prosparse: str, limit: int, budget: int) -> dict:
     """Make the row's model, measure it, and return the row's JSON."""
     out = RUNS / e.name
+    rel = str(out.relative_to(ROOT))  # commands run in ROOT; the row's command stays portable
     row: dict = {"name": e.name, "method": e.method, "kind": e.kind, "budget": budget}
     if e.kind == "trained":
         cmd = [prosparse, "train", "configs/demo.yaml", *e.args, "eval.tasks=[]",
-               "--out", str(out), "--overwrite"]
+               "--out", rel, "--overwrite"]
         row["wall_seconds"] = _run(cmd, out.with_suffix(".log"))
         report = json.loads((out / "report.json").read_text())
         row["recipe"] = (out / "recipe.yaml").read_text()
@@ -115,9 +123,9 @@ def run_entry(e: Entry, prosparse: str, limit: int, budget: int) -> dict:
             cmd, model = [prosparse, "sparsity", MODEL], MODEL
             row["wall_seconds"] = 0.0
         else:
-            cmd = [prosparse, "convert", MODEL, *e.args, "--out", str(out), "--overwrite"]
+            cmd = [prosparse, "convert", MODEL, *e.args, "--out", rel, "--overwrite"]
             row["wall_seconds"] = _run(cmd, out.with_suffix(".log"))
-            model = out
+            model = rel
         sp_json = out.with_suffix(".sparsity.json")
         _run([prosparse, "sparsity", str(model), "--data", "wiki", "--tokens", "8192",
               "--json", str(sp_json)], out.with_suffix(".sparsity.log"))
