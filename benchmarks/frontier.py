@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prosparse.io import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "runs" / "frontier"
@@ -97,6 +99,11 @@ def _run(cmd: list[str], log: Path) -> float:
     return time.time() - t0
 
 
+def _side(out: Path, suffix: str) -> Path:
+    """``runs/frontier/cats-0.5`` + ``.log``: a sibling file (``with_suffix`` would eat ``.5``)."""
+    return out.parent / (out.name + suffix)
+
+
 def run_entry(e: Entry, prosparse: str, limit: int, budget: int) -> dict:
     """Make the row's model, measure it, and return the row's JSON."""
     out = RUNS / e.name
@@ -105,7 +112,7 @@ def run_entry(e: Entry, prosparse: str, limit: int, budget: int) -> dict:
     if e.kind == "trained":
         cmd = [prosparse, "train", "configs/demo.yaml", *e.args, "eval.tasks=[]",
                "--out", rel, "--overwrite"]
-        row["wall_seconds"] = _run(cmd, out.with_suffix(".log"))
+        row["wall_seconds"] = _run(cmd, _side(out, ".log"))
         report = json.loads((out / "report.json").read_text())
         row["recipe"] = (out / "recipe.yaml").read_text()
         model = out / "final"
@@ -124,24 +131,42 @@ def run_entry(e: Entry, prosparse: str, limit: int, budget: int) -> dict:
             row["wall_seconds"] = 0.0
         else:
             cmd = [prosparse, "convert", MODEL, *e.args, "--out", rel, "--overwrite"]
-            row["wall_seconds"] = _run(cmd, out.with_suffix(".log"))
+            row["wall_seconds"] = _run(cmd, _side(out, ".log"))
             model = rel
-        sp_json = out.with_suffix(".sparsity.json")
+        sp_json = _side(out, ".sparsity.json")
         _run([prosparse, "sparsity", str(model), "--data", "wiki", "--tokens", "8192",
-              "--json", str(sp_json)], out.with_suffix(".sparsity.log"))
+              "--json", str(sp_json)], _side(out, ".sparsity.log"))
         sp = json.loads(sp_json.read_text())
         measured = sp.get("average_input_sparsity", sp["average_sparsity"])
         row["final"] = {"sparsity": measured, "perplexity": sp["perplexity"]}
         row["points"] = [{"sparsity": measured, "perplexity": sp["perplexity"]}]
     row["command"] = shlex.join(["prosparse", *cmd[1:]])
     if limit:
-        ev_json = out.with_suffix(".eval.json")
-        _run([prosparse, "eval", str(model), "--tasks", EVAL_TASKS, "--limit", str(limit),
-              "--json", str(ev_json)], out.with_suffix(".eval.log"))
-        ev = json.loads(ev_json.read_text())
-        row["lm_eval"] = {"limit": limit, "average": ev.get("average"),
-                          "tasks": {k: v["value"] for k, v in ev.get("tasks", {}).items()}}
+        add_lm_eval(row, e, prosparse, limit)
     return row
+
+
+def row_model(e: Entry) -> str:
+    """The model a row measures: the trained run's ``final``, the converted folder, or the
+    original."""
+    if e.kind == "dense":
+        return MODEL
+    out = (RUNS / e.name).relative_to(ROOT)
+    return str(out / "final") if e.kind == "trained" else str(out)
+
+
+def add_lm_eval(row: dict, e: Entry, prosparse: str, limit: int) -> None:
+    """Run the small lm-eval benchmark (``EVAL_TASKS``, ``limit`` documents each) on the row's
+    model and keep its average and per-task scores in ``row``."""
+    out = RUNS / e.name
+    ev_json = _side(out, ".eval.json")
+    cmd = [prosparse, "eval", row_model(e), "--tasks", EVAL_TASKS, "--limit", str(limit),
+           "--json", str(ev_json.relative_to(ROOT))]
+    seconds = _run(cmd, _side(out, ".eval.log"))
+    ev = json.loads(ev_json.read_text())
+    row["lm_eval"] = {"limit": limit, "average": ev.get("average"), "seconds": seconds,
+                      "command": shlex.join(["prosparse", *cmd[1:]]),
+                      "tasks": {k: v["value"] for k, v in ev.get("tasks", {}).items()}}
 
 
 def report(rows: list[dict], out_dir: Path) -> str:
@@ -159,7 +184,7 @@ def report(rows: list[dict], out_dir: Path) -> str:
         f = r["final"]
         ev = r.get("lm_eval", {}).get("average")
         table.append([r["method"], r["name"], f"{100 * f['sparsity']:.2f}",
-                      f"{f['perplexity']:.2f}", "" if ev is None else f"{ev:.2f}",
+                      f"{f['perplexity']:.2f}", "" if ev is None else f"{100 * ev:.2f}",
                       f"{r['wall_seconds'] / 60:.1f}", f"`{r['command']}`"])
         if r["kind"] != "dense":
             series.setdefault(r["method"], []).extend(
@@ -183,22 +208,36 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=1, help="multiply trained rows' steps")
     ap.add_argument("--limit", type=int, default=0,
                     help="lm-eval documents per task (0: no lm-eval; 200 in the README table)")
+    ap.add_argument("--eval", action="store_true",
+                    help="only add the lm-eval column (--limit documents) to measured rows "
+                         "that lack it, from their saved models")
     ap.add_argument("--report", action="store_true", help="only rebuild the table and plots")
     ap.add_argument("--prosparse", default=str(Path(sys.executable).parent / "prosparse"))
     args = ap.parse_args()
     row_dir = RESULTS / ("frontier" if args.budget == 1 else f"frontier_x{args.budget}")
     row_dir.mkdir(parents=True, exist_ok=True)
+    if args.eval and not args.limit:
+        ap.error("--eval needs --limit N (lm-eval documents per task)")
     if not args.report:
         wanted = args.only.split(",") if args.only else None
         for e in entries(args.budget):
             if wanted and not any(e.name.startswith(w) for w in wanted):
                 continue
             path = row_dir / f"{e.name}.json"
-            if path.exists():
+            if args.eval:
+                if not path.exists():
+                    continue
+                row = json.loads(path.read_text())
+                if row.get("lm_eval", {}).get("limit") == args.limit:
+                    continue
+                print(f"frontier: lm-eval {e.name}", flush=True)
+                add_lm_eval(row, e, args.prosparse, args.limit)
+            elif path.exists():
                 continue
-            print(f"frontier: {e.name}", flush=True)
-            row = run_entry(e, args.prosparse, args.limit, args.budget)
-            path.write_text(json.dumps(row, indent=2) + "\n")
+            else:
+                print(f"frontier: {e.name}", flush=True)
+                row = run_entry(e, args.prosparse, args.limit, args.budget)
+            write_json(path, row)
     rows = [json.loads(p.read_text()) for p in sorted(row_dir.glob("*.json"))]
     if rows:
         md = report(rows, row_dir)

@@ -1,0 +1,94 @@
+"""benchmarks/frontier.py: every row is a valid recipe at one budget, rows are reusable JSON, and
+the report draws every method as its own series."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from prosparse.config import load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def frontier():
+    spec = importlib.util.spec_from_file_location("frontier", ROOT / "benchmarks" / "frontier.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["frontier"] = mod  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop("frontier", None)
+
+
+def _trained(frontier, budget=1):
+    return [e for e in frontier.entries(budget) if e.kind == "trained"]
+
+
+def test_trained_rows_are_valid_recipes_with_equal_budget(frontier):
+    demo = load_recipe(ROOT / "configs" / "demo.yaml")
+    rows = _trained(frontier)
+    assert {"vanilla-relu", "shifted-relu", "fixed-l1-0.5", "fixed-l1-1.5"} <= {e.name for e in rows}
+    for e in rows:
+        r = load_recipe(ROOT / "configs" / "demo.yaml", e.args)
+        # Equal tokens: every trained row runs make demo's steps and batch; only the recipe
+        # knobs under study differ.
+        assert r.stages[-1].steps == demo.stages[-1].steps, e.name
+        assert (r.batch_size, r.data.seq_len) == (demo.batch_size, demo.data.seq_len), e.name
+    x4 = {e.name: load_recipe(ROOT / "configs" / "demo.yaml", e.args) for e in _trained(frontier, 4)}
+    assert all(r.stages[-1].steps == 4 * demo.stages[-1].steps for r in x4.values())
+    assert x4["anneal-60"].anneal.steps == 240
+
+
+def test_progressive_rows_span_lambda_for_fig3(frontier):
+    lams = [e.lambda_s for e in _trained(frontier) if e.lambda_s is not None]
+    assert len(lams) >= 4 and len(set(lams)) == len(lams)
+    for e in _trained(frontier):
+        if e.lambda_s is not None:
+            r = load_recipe(ROOT / "configs" / "demo.yaml", e.args)
+            assert r.stages[0].lam == 0.0 and r.stages[-1].lam == e.lambda_s
+
+
+def test_side_files_keep_the_decimal(frontier):
+    # cats-0.4 and cats-0.5 must not share one log (Path.with_suffix would give cats-0.log).
+    a = frontier._side(Path("runs/frontier/cats-0.4"), ".log")
+    b = frontier._side(Path("runs/frontier/cats-0.5"), ".log")
+    assert a.name == "cats-0.4.log" and a != b
+
+
+def test_row_model_paths(frontier):
+    by = {e.name: e for e in frontier.entries()}
+    assert frontier.row_model(by["original"]) == frontier.MODEL
+    assert frontier.row_model(by["prosparse-1.5"]) == "runs/frontier/prosparse-1.5/final"
+    assert frontier.row_model(by["cats-0.5"]) == "runs/frontier/cats-0.5"
+
+
+def test_report_table_and_plots(frontier, tmp_path):
+    rows = [
+        {"name": "original", "method": "original (dense)", "kind": "dense", "wall_seconds": 0.0,
+         "final": {"sparsity": 0.0, "perplexity": 19.0},
+         "points": [{"sparsity": 0.0, "perplexity": 19.0}], "command": "prosparse sparsity m"},
+        {"name": "cats-0.5", "method": "CATS (training-free)", "kind": "free", "wall_seconds": 60,
+         "final": {"sparsity": 0.5, "perplexity": 26.0}, "lm_eval": {"average": 0.41},
+         "points": [{"sparsity": 0.5, "perplexity": 26.0}], "command": "prosparse convert x"},
+    ]
+    for lam, sp in ((0.75, 0.7), (1.5, 0.75), (3.0, 0.8), (6.0, 0.85)):
+        rows.append({"name": f"prosparse-{lam:g}", "method": "ProSparse (progressive)",
+                     "kind": "trained", "wall_seconds": 700, "lambda_s": lam,
+                     "final": {"sparsity": sp + 0.05, "perplexity": 40 + lam},
+                     "points": [{"t": 0.0, "sparsity": sp, "perplexity": 39 + lam},
+                                {"t": 0.1, "sparsity": sp + 0.05, "perplexity": 40 + lam}],
+                     "command": f"prosparse train configs/demo.yaml lam={lam}"})
+    md = frontier.report(rows, tmp_path)
+    lines = md.splitlines()
+    assert sum(1 for ln in lines if ln.startswith("| ProSparse")) == 4
+    cats = next(ln for ln in lines if "cats-0.5" in ln)
+    assert "50.00" in cats and "26.00" in cats and "41.00" in cats  # lm-eval in percent
+    assert "Fig. 3 analogue" in md
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+    assert (tmp_path / "frontier_lambda_fit.png").stat().st_size > 0
