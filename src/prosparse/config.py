@@ -84,6 +84,9 @@ class OptimConfig:
     freeze: list[str] = field(default_factory=list)
     """Parameter-name substrings kept frozen on top of ``train_params`` (e.g. ``[down_proj]``:
     the L1 term can then not be paid by shrinking x1 and growing down_proj to compensate)."""
+    fused: bool | None = None
+    """AdamW's fused kernel (one pass per parameter instead of a dozen; equal within rounding):
+    None = wherever torch has it for the parameters' device, false = the per-tensor loop."""
 
 
 @dataclass

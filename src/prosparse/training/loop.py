@@ -83,6 +83,20 @@ class TrainResult:
     """lambda this process used at each step it ran (every rank must agree)."""
 
 
+def use_fused_adamw(params: list[torch.Tensor], fused: bool | None) -> bool | None:
+    """``optim.fused``: None picks the fused kernel where torch has one for every parameter
+    (floating point, on CPU or CUDA); True where it has none is a clear error."""
+    ok = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda")
+                              for p in params)
+    if fused is None:
+        return True if ok else None
+    if fused and not ok:
+        kinds = sorted({f"{p.device.type}/{p.dtype}" for p in params})
+        raise UsageError(f"optim.fused is true but torch's fused AdamW does not take parameters "
+                         f"on {', '.join(kinds)}; set optim.fused to null or false")
+    return fused or None
+
+
 def _mixed_precision(recipe: Recipe) -> str:
     if recipe.dtype == "bf16" or (recipe.dtype == "auto" and torch.cuda.is_available()):
         return "bf16"
@@ -204,8 +218,9 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
                          f"{recipe.optim.train_params!r} leaves nothing to train")
     model.train()
     o = recipe.optim
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr,
-                            betas=tuple(o.betas), weight_decay=o.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                            fused=use_fused_adamw(params, o.fused))
     model, opt = accelerator.prepare(model, opt)
 
     # --- data: global micro-batch k of step s is k = (s - 1) * grad_accum + m -------------------
@@ -231,6 +246,7 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
     record: dict = {}
     lambdas = []
     for step in bar:
+        t_step = time.perf_counter()
         lam = l1_factor(step, recipe.stages)
         lambdas.append(lam)
         alpha = anneal_factor(step, an.steps, an.shape) if an.steps > 0 else 1.0
@@ -278,7 +294,9 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
         train_sparsity = float((zeros / total.clamp(min=1)).mean())
         record = {"step": step, "stage": stage_index(step, recipe.stages), "lambda": lam,
                   "lr": lr, "lm_loss": lm_v, "penalty": pen_v, "kd_loss": kd_v, "loss": loss_v,
-                  "train_sparsity": train_sparsity, "tokens": step * per_step * recipe.data.seq_len}
+                  "train_sparsity": train_sparsity, "tokens": step * per_step * recipe.data.seq_len,
+                  # the optimiser step's wall time (read-back included, held-out eval not)
+                  "step_seconds": time.perf_counter() - t_step}
         if an.steps > 0:
             record["anneal"] = alpha
         evaluate_now = (recipe.log.eval_every and step % recipe.log.eval_every == 0) or \
