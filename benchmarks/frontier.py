@@ -202,9 +202,15 @@ def report(rows: list[dict], out_dir: Path) -> str:
     return md
 
 
+def selected(name: str, wanted: list[str], names: list[str]) -> bool:
+    """``--only``: a row's exact name, or a family prefix where no row has that exact name
+    (``cats`` selects cats-0.4 .. cats-0.8; ``anneal-60`` only that row)."""
+    return any(name == w or (w not in names and name.startswith(w)) for w in wanted)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", default=None, help="comma-separated row names or name prefixes")
+    ap.add_argument("--only", default=None, help="comma-separated row names, or family prefixes (cats)")
     ap.add_argument("--budget", type=int, default=1, help="multiply trained rows' steps")
     ap.add_argument("--limit", type=int, default=0,
                     help="lm-eval documents per task (0: no lm-eval; 200 in the README table)")
@@ -220,8 +226,9 @@ def main() -> None:
         ap.error("--eval needs --limit N (lm-eval documents per task)")
     if not args.report:
         wanted = args.only.split(",") if args.only else None
+        names = [e.name for e in entries(args.budget)]
         for e in entries(args.budget):
-            if wanted and not any(e.name.startswith(w) for w in wanted):
+            if wanted and not selected(e.name, wanted, names):
                 continue
             path = row_dir / f"{e.name}.json"
             if args.eval:

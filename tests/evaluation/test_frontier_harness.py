@@ -92,3 +92,9 @@ def test_report_table_and_plots(frontier, tmp_path):
     assert "Fig. 3 analogue" in md
     assert (tmp_path / "frontier.png").stat().st_size > 0
     assert (tmp_path / "frontier_lambda_fit.png").stat().st_size > 0
+
+
+def test_only_selects_exact_names_before_families(frontier):
+    names = [e.name for e in frontier.entries()]
+    pick = [n for n in names if frontier.selected(n, ["anneal-60", "cats"], names)]
+    assert pick == ["anneal-60"] + [f"cats-{s}" for s in ("0.4", "0.5", "0.6", "0.7", "0.8")]

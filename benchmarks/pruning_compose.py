@@ -1,0 +1,147 @@
+"""Weight sparsity (2:4) composed with activation sparsity (ProSparse) on the embedded model,
+both orders, through the ``prosparse`` commands a user would run.
+
+    flock /tmp/prosparse-cpu.lock .venv/bin/python benchmarks/pruning_compose.py          # every row
+    .venv/bin/python benchmarks/pruning_compose.py --only prosparse-then                  # a family
+    .venv/bin/python benchmarks/pruning_compose.py --report                               # the table
+
+Rows: the original; each half alone (the ``make demo`` ProSparse model, which is the frontier's
+``prosparse-1.5`` run, and ``prosparse prune smollm2-135m`` with each method's defaults); then
+ProSparse -> 2:4 (the trained ReLU model pruned one-shot; its FATReLU threshold kept) and 2:4 ->
+ProSparse (the pruned original trained with ``configs/demo.yaml``, its masks kept by
+``weights.keep_mask``, on by default for a pruned model). Every row is measured by one
+``prosparse sparsity`` on the same 8,192 held-out ``wiki`` tokens: activation sparsity (x1
+zeros), weight 2:4 compliance and perplexity. Each row's JSON
+(``benchmarks/results/compose/NAME.json``) keeps its commands and figures; a row whose JSON exists
+is not rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prosparse.io import write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "compose"
+RUNS = Path("runs") / "compose"  # relative to ROOT: commands run there
+MODEL = "smollm2-135m"
+PROSPARSE_MODEL = "runs/frontier/prosparse-1.5/final"  # benchmarks/frontier.py --only prosparse-1.5
+
+
+@dataclass
+class Row:
+    name: str
+    order: str
+    """``-`` (one kind of sparsity), ``ProSparse -> 2:4`` or ``2:4 -> ProSparse``."""
+    steps: list[list[str]] = field(default_factory=list)
+    """``prosparse`` argument lists run in order (without the ``prosparse``)."""
+    measure: str = MODEL
+    """The model ``prosparse sparsity`` measures."""
+
+
+def _prune(model: str, method: str, out: str) -> list[str]:
+    return ["prune", model, "--method", method, "--pattern", "2:4", "--data", "wiki",
+            "--out", out, "--overwrite", "--json", out + ".prune.json"]
+
+
+def rows() -> list[Row]:
+    r = [Row("original", "-"), Row("prosparse", "-", measure=PROSPARSE_MODEL)]
+    for m in ("magnitude", "wanda", "sparsegpt"):
+        out = str(RUNS / m)
+        r.append(Row(m, "-", [_prune(MODEL, m, out)], out))
+    for m in ("wanda", "sparsegpt"):
+        out = str(RUNS / f"prosparse-then-{m}")
+        r.append(Row(f"prosparse-then-{m}", "ProSparse -> 2:4", [_prune(PROSPARSE_MODEL, m, out)],
+                     out))
+    for m in ("sparsegpt", "wanda"):
+        pruned, out = str(RUNS / f"{m}-base"), str(RUNS / f"{m}-then-prosparse")
+        r.append(Row(f"{m}-then-prosparse", "2:4 -> ProSparse", [
+            _prune(MODEL, m, pruned),
+            ["train", "configs/demo.yaml", f"model={pruned}", "eval.tasks=[]", "--out", out,
+             "--overwrite"]], out + "/final"))
+    return r
+
+
+def run_row(row: Row, prosparse: str) -> dict:
+    if row.measure == PROSPARSE_MODEL and not (ROOT / PROSPARSE_MODEL).is_dir():
+        raise SystemExit(f"{PROSPARSE_MODEL} is missing: run "
+                         "`benchmarks/frontier.py --only prosparse-1.5` first")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    log = ROOT / RUNS / f"{row.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sp_json = RUNS / f"{row.name}.sparsity.json"
+    measure = ["sparsity", row.measure, "--data", "wiki", "--tokens", "8192",
+               "--json", str(sp_json)]
+    t0 = time.time()
+    with log.open("w") as f:
+        for args in [*row.steps, measure]:
+            f.write("$ prosparse " + shlex.join(args) + "\n")
+            f.flush()
+            subprocess.run([prosparse, *args], check=True, stdout=f, stderr=subprocess.STDOUT,
+                           cwd=ROOT)
+    sp = json.loads((ROOT / sp_json).read_text())
+    ws = sp.get("weight_sparsity") or {}  # absent when no weight is exactly zero
+    return {"name": row.name, "order": row.order, "model": row.measure,
+            "commands": ["prosparse " + shlex.join(a) for a in [*row.steps, measure]],
+            "wall_seconds": time.time() - t0, "perplexity": sp["perplexity"],
+            "activation_sparsity": sp["average_sparsity"],
+            "weight_sparsity": ws.get("zeros"), "compliance_2of4": ws.get("compliance"),
+            "sparsity_json": sp}
+
+
+def report(results: list[dict]) -> str:
+    from prosparse.tables import format_table
+
+    order = {r.name: i for i, r in enumerate(rows())}
+    table = []
+    for r in sorted(results, key=lambda r: order.get(r["name"], 99)):
+        ws, comp = r.get("weight_sparsity"), r.get("compliance_2of4")
+        table.append([r["name"], r["order"], f"{100 * r['activation_sparsity']:.2f}",
+                      "-" if not ws else f"{100 * ws:.1f}",
+                      "-" if comp is None else f"{100 * comp:.0f}",
+                      f"{r['perplexity']:.2f}", f"{r['wall_seconds'] / 60:.1f}",
+                      "<br>".join(f"`{c}`" for c in r["commands"])])
+    return format_table(["row", "order", "activation sparsity %", "weight zeros %",
+                         "2:4 groups %", "held-out ppl", "wall min", "commands"], table)
+
+
+def selected(name: str, wanted: list[str], names: list[str]) -> bool:
+    """``--only``: a row's exact name, or a family prefix where no row has that exact name
+    (``cats`` selects cats-0.4 .. cats-0.8; ``anneal-60`` only that row)."""
+    return any(name == w or (w not in names and name.startswith(w)) for w in wanted)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default=None, help="comma-separated row names, or family prefixes (cats)")
+    ap.add_argument("--report", action="store_true", help="only rebuild the table")
+    ap.add_argument("--prosparse", default=str(Path(sys.executable).parent / "prosparse"))
+    args = ap.parse_args()
+    if not args.report:
+        wanted = args.only.split(",") if args.only else None
+        names = [r.name for r in rows()]
+        for row in rows():
+            if wanted and not selected(row.name, wanted, names):
+                continue
+            path = RESULTS / f"{row.name}.json"
+            if path.exists():
+                continue
+            print(f"compose: {row.name}", flush=True)
+            write_json(path, run_row(row, args.prosparse))
+    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    if results:
+        md = report(results)
+        (RESULTS / "compose.md").write_text(md + "\n")
+        print(md)
+
+
+if __name__ == "__main__":
+    main()
