@@ -235,3 +235,60 @@ def test_cpu_twin_is_untouched_pure_torch(monkeypatch):
         y = cpu.down_step(x1, w2t, idx)
     assert_close(x1, reference.up_step(x, g, w1), torch.float32, "twin step 2")
     assert_close(y, reference.down_step(x1, w2t), torch.float32, "twin step 3")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act,param", [("relu", 0.0), ("fatrelu", 0.25), ("shifted_relu", 0.3),
+                                       (None, 0.0)])
+@pytest.mark.parametrize("tokens", [1, 2, 3])
+def test_fused_active_set_is_the_reference_union(dtype, act, param, tokens):
+    """prosparse::active (one pass) gives reference.active_neurons(activate(g)): the sorted
+    union over tokens, NaN active, -0.0 and values on or just under the threshold as torch."""
+    needs_extension()
+    gen = torch.Generator().manual_seed(5)
+    g = torch.randn(tokens, 517, generator=gen).to(dtype)
+    t = torch.tensor(param, dtype=dtype)
+    g[0, :3] = t
+    g[0, 3:6] = torch.nextafter(t, torch.tensor(-1.0, dtype=dtype))
+    g[-1, 6] = float("nan")
+    g[:, 7] = -0.0
+    g[:, 8:12] = 0.0  # never active
+    want = reference.active_neurons(g if act is None else reference.activate(g, act, param))
+    got = fused.active_neurons(g, act, param)
+    assert got.dtype == torch.int64 and torch.equal(got, want), f"{act} {dtype} {tokens} tokens"
+    assert fused.active_neurons(torch.zeros(tokens, 33, dtype=dtype), act, 0.0).numel() == 0
+    assert torch.equal(fused.active_neurons(torch.ones(tokens, 33, dtype=dtype), act, 0.0),
+                       torch.arange(33))
+    assert torch.equal(dispatch.active_set("cpu", g, act, param), want)
+    with fused.disabled():  # the pure-torch twin takes the reference's four ops
+        assert torch.equal(dispatch.active_set("cpu", g, act, param), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d_model", [67, 128, 300])
+def test_step2_row_does_not_depend_on_its_group(dtype, d_model):
+    """Step (2) dots several active rows per pass; each row keeps its own accumulators and the
+    tail is explicit FMAs, so a row alone, in a short group or in a full one (wherever a
+    thread's rows begin and end) gives the same bits."""
+    needs_extension()
+    x, g, w1, _ = inputs(1, d_model, 61, 0.0, dtype, seed=4)
+    idx = torch.arange(61)
+    full = fused.up_step(x, g, w1, idx)
+    for m in range(1, 10):
+        for start in range(0, 61 - m, 7):
+            sub = idx[start:start + m]
+            part = fused.up_step(x, g, w1, sub)
+            assert torch.equal(part[0, sub], full[0, sub]), f"{dtype} rows {start}..+{m}"
+            rest = torch.ones(61, dtype=torch.bool)
+            rest[sub] = False
+            assert (part[0, rest] == 0).all()
+
+
+def test_compile_flags_take_the_tuning_knobs(monkeypatch):
+    monkeypatch.setenv("PROSPARSE_CPU_ISA", "avx2")
+    monkeypatch.setenv("PROSPARSE_CPU_CFLAGS", "-DPROSPARSE_UP_ROWS=1  -DPROSPARSE_DOWN_ROWS=8")
+    flags = fused.compile_flags()
+    assert flags[-2:] == ["-DPROSPARSE_UP_ROWS=1", "-DPROSPARSE_DOWN_ROWS=8"]
+    assert "-mavx2" in flags and "-fopenmp" in flags
+    monkeypatch.delenv("PROSPARSE_CPU_CFLAGS")
+    assert not any(f.startswith("-DPROSPARSE") for f in fused.compile_flags())

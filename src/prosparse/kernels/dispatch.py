@@ -113,6 +113,16 @@ def check_ffn_args(x: torch.Tensor, g: torch.Tensor | None, *weights: torch.Tens
                              "one device")
 
 
+def active_set(name: str, g: torch.Tensor, act: str | None = "relu", param: float = 0.0
+               ) -> torch.Tensor:
+    """The sorted union over tokens of the neurons with ``act(g) != 0`` (``act=None``: g holds
+    the activations already): one pass of the compiled kernels where the CPU backend runs them,
+    :func:`.reference.active_neurons` of :func:`.activate` otherwise."""
+    if name in ("cpu", "fused") and (act is None or act in fused.NATIVE_ACTS) and fused.usable(g):
+        return fused.active_neurons(g, act, param)
+    return reference.active_neurons(g if act is None else activate(g, act, param))
+
+
 def use_dense(n_active: int, d_ff: int, tokens: int, dense_below: float, max_tokens: int) -> bool:
     """True when the union sparsity is under ``dense_below`` or the batch is over ``max_tokens``."""
     return tokens > max_tokens or n_active > (1.0 - dense_below) * d_ff
@@ -159,7 +169,7 @@ def down_step(
         return reference.down_step(x1, w2t)
     if name == "triton" and x1.shape[0] <= max_tokens:
         return _impl(name).down_step_fixed(x1, w2t)  # sync-free
-    idx = reference.active_neurons(x1)
+    idx = active_set(name, x1, None)
     if use_dense(idx.numel(), x1.shape[1], x1.shape[0], dense_below, max_tokens):
         return dense.down_step(x1, w2t)
     return _impl(name).down_step(x1, w2t, idx)
@@ -192,7 +202,7 @@ def sparse_ffn(
     if name == "triton" and not run_dense:
         return _impl(name).sparse_ffn_fixed(x, g, w1, w2t, act, param)  # sync-free
     if not run_dense:
-        idx = reference.active_neurons(activate(g, act, param))  # (n_active,)
+        idx = active_set(name, g, act, param)  # (n_active,)
         run_dense = use_dense(idx.numel(), d_ff, tokens, dense_below, max_tokens)
     if run_dense:
         x1 = dense.up_step(x, g, w1, act, param)

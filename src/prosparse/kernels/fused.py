@@ -1,21 +1,25 @@
-"""Compiled CPU kernels: steps (2) and (3) and the predictor-driven FFN as fused torch ops
-(``torch.ops.prosparse.up_step`` / ``down_step`` / ``predicted_ffn``, ``csrc/sparse_ffn.cpp``).
+"""Compiled CPU kernels: the active set, steps (2) and (3) and the predictor-driven FFN as fused
+torch ops (``torch.ops.prosparse.active`` / ``up_step`` / ``down_step`` / ``predicted_ffn``,
+``csrc/sparse_ffn.cpp``).
 
 The pure-torch kernels of :mod:`.cpu` gather active rows into a scratch buffer and call a dense
-product on it; these read each active row in place, once: step (2) as one gather-dot that
-prefetches the next active row, step (3) as an axpy over the active rows of W2^T with threads
-splitting d_model's columns (so results are bit-identical at any thread count). OpenMP threads
-follow ``torch.get_num_threads()``; accumulation is fp32; float32 and bfloat16 only (other
-dtypes run the pure-torch kernels).
+product on it; these read each active row in place, once: step (2) is one gather-dot that dots
+four active rows per pass over x while it prefetches the next four, step (3) an axpy over the
+active rows of W2^T with threads splitting d_model's columns (so results are bit-identical at
+any thread count). OpenMP threads follow ``torch.get_num_threads()``; accumulation is fp32;
+float32 and bfloat16 only (other dtypes run the pure-torch kernels).
 
 The extension is built on first use with ``torch.utils.cpp_extension.load`` (a C++ compiler
 and ninja needed) into ``$PROSPARSE_EXT_DIR`` or ``~/.cache/prosparse/ext-<hash>``, the hash
 covering the source, the compile flags, torch and Python, so a later process loads it in
 milliseconds. Vector ISA flags come from what the CPU reports (:func:`isa_flags`; AVX-512 where
 ``avx512f/bw/vl/dq`` are listed, else AVX2 + FMA, else the compiler's baseline);
-``PROSPARSE_CPU_ISA=avx512|avx2|generic`` overrides. When the build or load fails (no compiler,
-no ninja, an error), :func:`available` is False, one line says why in the log, and
-:mod:`.cpu` runs its pure-torch kernels instead; ``with fused.disabled():`` asks for those too.
+``PROSPARSE_CPU_ISA=avx512|avx2|generic`` overrides; ``$PROSPARSE_CPU_CFLAGS`` adds compile
+flags, e.g. the kernels' tuning knobs (``-DPROSPARSE_UP_ROWS=1``, ``-DPROSPARSE_DOWN_ROWS=8``:
+active rows per pass of steps (2) and (3), ``csrc/sparse_ffn.cpp``). When the build or load
+fails (no compiler, no ninja, an error), :func:`available` is False, one line says why in the
+log, and :mod:`.cpu` runs its pure-torch kernels instead; ``with fused.disabled():`` asks for
+those too.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -89,11 +94,18 @@ def build_dir(key: str) -> Path:
     return Path(root) / f"ext-{key}"
 
 
+def compile_flags() -> list[str]:
+    """The extension's compile flags: optimisation, OpenMP, :func:`isa_flags`, then
+    ``$PROSPARSE_CPU_CFLAGS`` (split as a shell would)."""
+    extra = shlex.split(os.environ.get("PROSPARSE_CPU_CFLAGS", ""))
+    return ["-O3", "-fopenmp", "-DNDEBUG", *isa_flags(), *extra]
+
+
 def _build() -> str:
     """Compile (or find the cached build of) the extension and load its ops; returns the path."""
     from torch.utils import cpp_extension
 
-    cflags = ["-O3", "-fopenmp", "-DNDEBUG", *isa_flags()]
+    cflags = compile_flags()
     key = hashlib.sha256(b"\0".join([
         SOURCE.read_bytes(), " ".join(cflags).encode(), torch.__version__.encode(),
         sys.version.encode(), platform.machine().encode(),
@@ -156,6 +168,16 @@ def disabled() -> Iterator[None]:
 def _rounded(param: float, dtype: torch.dtype) -> float:
     # The activation's scalar rounded to the input dtype first, as activations.activate does.
     return float(torch.tensor(float(param), dtype=dtype))
+
+
+def active_neurons(g: torch.Tensor, act: str | None = "relu", param: float = 0.0
+                   ) -> torch.Tensor:
+    """``reference.active_neurons(activate(g, act, param))`` in one pass: the sorted union over
+    the tokens of g (tokens, d_ff) of the neurons with ``act(g) != 0``. ``act=None``: g already
+    holds the activations (x1 in step (3)). ``act`` must be one of :data:`NATIVE_ACTS` or None."""
+    if act is None:
+        return torch.ops.prosparse.active(g, _PRE_ACTIVATED, 0.0)
+    return torch.ops.prosparse.active(g, NATIVE_ACTS[act], _rounded(param, g.dtype))
 
 
 def up_step(x: torch.Tensor, g: torch.Tensor, w1: torch.Tensor, idx: torch.Tensor,

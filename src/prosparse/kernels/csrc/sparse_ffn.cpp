@@ -1,23 +1,30 @@
 // Fused CPU kernels of the sparse FFN at batch 1-2 (docs/kernels.md), registered as torch ops
-// prosparse::up_step, prosparse::down_step and prosparse::predicted_ffn. Built and loaded by
-// prosparse/kernels/fused.py; prosparse/kernels/cpu.py is their pure-torch twin and fallback.
+// prosparse::active, prosparse::up_step, prosparse::down_step and prosparse::predicted_ffn.
+// Built and loaded by prosparse/kernels/fused.py; prosparse/kernels/cpu.py is their pure-torch
+// twin and fallback.
 //
-// - up_step, step (2): one gather-dot per active row of W1, read in place (no gathered copy),
-//   rows split across threads; each row is dotted with x while the next active row is
-//   prefetched line by line, so the scattered 8-16 KB rows stream like one long one.
-// - down_step, step (3): an axpy over the active rows of W2^T, four rows at a time, into fp32
-//   accumulators; threads split d_model's columns, so every output element is summed in the
-//   same order whatever the thread count (bit-identical results at 1 and 2 threads).
+// - active: the sorted union over tokens of the neurons with act(g) != 0, in one pass (what
+//   reference.active_neurons(activate(g)) computes in four torch ops).
+// - up_step, step (2): a gather-dot over the active rows of W1, read in place (no gathered
+//   copy), UP_ROWS rows at a time against one pass over x (x's loads shared, UP_ROWS streams in
+//   flight), while the next UP_ROWS active rows are prefetched line by line; active rows split
+//   across threads by count, each thread a contiguous run of them. Every row keeps its own
+//   accumulators, so a row's result does not depend on its group or thread.
+// - down_step, step (3): an axpy over the active rows of W2^T, DOWN_ROWS rows at a time, into
+//   fp32 accumulators; threads split d_model's columns, so every output element is summed in
+//   the same order (row by row, in idx order) whatever the thread count or DOWN_ROWS
+//   (bit-identical results at 1 and 2 threads).
 // - predicted_ffn: per token, the gate and up rows of each predicted neuron (both dotted in
 //   one pass), the activation, then the down axpy over the neurons whose x1 is non-zero.
 //
 // Vectors are GCC/Clang vector extensions as wide as the ISA compiled for (16 floats: one zmm
 // under -mavx512f, 8: one ymm under -mavx2, 4: one xmm otherwise; a wider generic vector would
 // be split and spilled), so one source serves every ISA that fused.py chooses flags for from
-// what the CPU reports. Loops step by E = 32 elements (one 64-byte line of bf16, two of fp32). bf16 widens to fp32 by
-// a 16-bit shift; accumulation is fp32. Rounding follows the reference (reference.py): the dot
-// is rounded to the input dtype before act(g) * u, which is rounded again, exactly as torch
-// computes `act(g) * (x @ W1^T)` in bf16. NaN follows IEEE semantics (a NaN gate is active).
+// what the CPU reports. Loops step by E = 32 elements (one 64-byte line of bf16, two of fp32).
+// bf16 widens to fp32 by a 16-bit shift; accumulation is fp32. Rounding follows the reference
+// (reference.py): the dot is rounded to the input dtype before act(g) * u, which is rounded
+// again, exactly as torch computes `act(g) * (x @ W1^T)` in bf16. NaN follows IEEE semantics
+// (a NaN gate is active).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -26,6 +33,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -44,6 +52,25 @@ constexpr int W = 4;
 #endif
 constexpr int E = 32;       // elements per loop step
 constexpr int NV = E / W;   // vectors per loop step
+constexpr int NREG = W == 16 ? 32 : 16;  // vector registers
+
+// Tuning knobs, fixed at compile time (fused.py passes $PROSPARSE_CPU_CFLAGS through, e.g.
+// -DPROSPARSE_UP_ROWS=1; the build hash covers them). Defaults from `prosparse bench ops` on
+// the 2-core AVX2 VM (docs/kernels.md).
+#ifndef PROSPARSE_UP_ROWS
+#define PROSPARSE_UP_ROWS 4  // step (2): active rows of W1 dotted per pass over x
+#endif
+#ifndef PROSPARSE_DOWN_ROWS
+#define PROSPARSE_DOWN_ROWS 4  // step (3): active rows of W2^T per pass over the accumulators
+#endif
+constexpr int G = PROSPARSE_UP_ROWS;
+constexpr int R = PROSPARSE_DOWN_ROWS;
+static_assert(G >= 1 && G <= 8, "PROSPARSE_UP_ROWS must be 1..8");
+static_assert(R >= 1 && R <= 16, "PROSPARSE_DOWN_ROWS must be 1..16");
+// fp32 accumulators per row in step (2): two, or one where G rows of two would not fit the
+// registers. A property of the build, not of a group: every row sums in the same order.
+constexpr int NA = std::max(1, std::min(2, NREG / 2 / G));
+static_assert(NV % NA == 0, "a loop step's vectors must spread evenly over the accumulators");
 typedef float vf __attribute__((vector_size(W * 4)));
 typedef uint16_t vh __attribute__((vector_size(W * 2)));
 typedef uint32_t vu __attribute__((vector_size(W * 4)));
@@ -54,11 +81,23 @@ inline vf load(const float* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
+// bf16 -> fp32: zero-extend to 32 bits, shift into the upper half. Spelled with intrinsics on
+// AVX2 / AVX-512, where GCC 12 splits the generic conversion into 128-bit halves in the hot
+// loops (six instructions per ymm instead of two, a load-extend and a shift).
 inline vf load(const bf16* p) {
+#if defined(__AVX512F__)
+  __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+      reinterpret_cast<const __m256i*>(p))), 16);
+#elif defined(__AVX2__)
+  __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+      reinterpret_cast<const __m128i*>(p))), 16);
+#else
   vh h;
   std::memcpy(&h, p, sizeof h);
   vu u = __builtin_convertvector(h, vu) << 16;
+#endif
   vf v;
+  static_assert(sizeof u == sizeof v, "one vector of fp32 per W bf16");
   std::memcpy(&v, &u, sizeof v);
   return v;
 }
@@ -95,52 +134,45 @@ inline void prefetch_step(const T* p) {
   for (int l = 0; l < lines; ++l) __builtin_prefetch(reinterpret_cast<const char*>(p) + 64 * l, 0, 2);
 }
 
-// dot(w, x) over n elements in fp32; `next` (or nullptr) is the row to prefetch meanwhile.
-template <typename T>
-inline float dot(const T* __restrict w, const float* __restrict x, int64_t n, const T* next) {
-  vf a[NV] = {};
+// s[r] = dot(rows[r], x) over n elements in fp32 for M rows in one pass over x, NA
+// accumulators per row; the `nn` rows of `next` are prefetched meanwhile, line by line.
+template <typename T, int M>
+inline void dot_rows(const T* const* rows, const float* __restrict x, int64_t n,
+                     const T* const* next, int nn, float* s) {
+  vf a[M][NA];
+#pragma GCC unroll 8
+  for (int r = 0; r < M; ++r)
+    for (int h = 0; h < NA; ++h) a[r][h] = vf{};
   int64_t k = 0;
   for (; k + E <= n; k += E) {
-    if (next) prefetch_step(next + k);
+    for (int q = 0; q < nn; ++q) prefetch_step(next[q] + k);
 #pragma GCC unroll 8
-    for (int q = 0; q < NV; ++q) a[q] += load(w + k + q * W) * load(x + k + q * W);
+    for (int v = 0; v < NV; ++v) {
+      const vf xv = load(x + k + v * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < M; ++r) a[r][v % NA] += load(rows[r] + k + v * W) * xv;
+    }
   }
 #pragma GCC unroll 8
-  for (int q = 1; q < NV; ++q) a[0] += a[q];
-  float s = hsum(a[0]);
-  for (; k < n; ++k) s += scalar(w[k]) * x[k];
-  return s;
+  for (int r = 0; r < M; ++r) {
+    vf t = a[r][0];
+    for (int h = 1; h < NA; ++h) t += a[r][h];
+    s[r] = hsum(t);
+  }
+  // The tail, one explicit FMA per element: left to contraction, GCC fuses it for some M and
+  // not for others, and a row's result would then depend on its group.
+  for (; k < n; ++k)
+    for (int r = 0; r < M; ++r) s[r] = __builtin_fmaf(scalar(rows[r][k]), x[k], s[r]);
 }
 
-// Two rows against one x in a single pass (the predictor-driven FFN's gate and up rows).
-template <typename T>
-inline void dot2(const T* __restrict wa, const T* __restrict wb, const float* __restrict x,
-                 int64_t n, const T* next_a, const T* next_b, float& sa, float& sb) {
-  vf a[NV] = {}, b[NV] = {};
-  int64_t k = 0;
-  for (; k + E <= n; k += E) {
-    if (next_a) {
-      prefetch_step(next_a + k);
-      prefetch_step(next_b + k);
-    }
-#pragma GCC unroll 8
-    for (int q = 0; q < NV; ++q) {
-      vf xv = load(x + k + q * W);
-      a[q] += load(wa + k + q * W) * xv;
-      b[q] += load(wb + k + q * W) * xv;
-    }
+// dot_rows for m <= M rows (a group cut short at the end of a thread's rows).
+template <typename T, int M>
+inline void dot_upto(int m, const T* const* rows, const float* x, int64_t n,
+                     const T* const* next, int nn, float* s) {
+  if constexpr (M > 1) {
+    if (m < M) return dot_upto<T, M - 1>(m, rows, x, n, next, nn, s);
   }
-#pragma GCC unroll 8
-  for (int q = 1; q < NV; ++q) {
-    a[0] += a[q];
-    b[0] += b[q];
-  }
-  sa = hsum(a[0]);
-  sb = hsum(b[0]);
-  for (; k < n; ++k) {
-    sa += scalar(wa[k]) * x[k];
-    sb += scalar(wb[k]) * x[k];
-  }
+  dot_rows<T, M>(rows, x, n, next, nn, s);
 }
 
 // The activations computed in-kernel, and PRE: `g` already holds act(g) (fused.py passes any
@@ -187,67 +219,97 @@ std::vector<float> to_f32(const at::Tensor& t) {
   return out;
 }
 
+// ---- the active set ---------------------------------------------------------------------
+
+// out[0, n) = the rows r where act(g[t, r]) != 0 for some token t, ascending; returns n.
+template <typename T>
+int64_t active_kernel(const T* g, int64_t tokens, int64_t d_ff, int act, float p, int64_t* out) {
+  int64_t n = 0;
+  for (int64_t r = 0; r < d_ff; ++r) {
+    bool on = false;
+    for (int64_t t = 0; t < tokens; ++t) on |= activate<T>(scalar(g[t * d_ff + r]), act, p) != 0.f;
+    out[n] = r;  // branch-free: kept only when `on`
+    n += on;
+  }
+  return n;
+}
+
 // ---- step (2) ---------------------------------------------------------------------------
+
+// Rows idx[b, e) of step (2), G at a time; the G active rows after each group are prefetched.
+template <typename T>
+void up_rows(const float* xf, int64_t tokens, int64_t d_model, const T* g, int64_t d_ff,
+             const T* w1, int64_t ld, const int64_t* idx, int64_t b, int64_t e, int act,
+             float p, T* out) {
+  const T* rows[G];
+  const T* next[G];
+  float a[G], s[G];
+  for (int64_t i = b; i < e; i += G) {
+    const int m = static_cast<int>(std::min<int64_t>(G, e - i));
+    int nn = static_cast<int>(std::clamp<int64_t>(e - i - m, 0, G));
+    for (int r = 0; r < m; ++r) rows[r] = w1 + idx[i + r] * ld;
+    for (int q = 0; q < nn; ++q) next[q] = w1 + idx[i + m + q] * ld;
+    for (int64_t t = 0; t < tokens; ++t) {
+      bool any = false;
+      for (int r = 0; r < m; ++r) {
+        a[r] = activate<T>(scalar(g[t * d_ff + idx[i + r]]), act, p);
+        any |= a[r] != 0.f;
+      }
+      if (!any) continue;  // the group is inactive for this token: its x1 stays exact zeros
+      dot_upto<T, G>(m, rows, xf + t * d_model, d_model, next, nn, s);
+      nn = 0;  // prefetched once per group
+      for (int r = 0; r < m; ++r)
+        if (a[r] != 0.f)  // inactive for this token (a union row): its x1 stays an exact zero
+          put(out + t * d_ff + idx[i + r], rounded<T>(a[r] * rounded<T>(s[r])));
+    }
+  }
+}
 
 template <typename T>
 void up_kernel(const float* xf, int64_t tokens, int64_t d_model, const T* g, int64_t d_ff,
                const T* w1, int64_t ld, const int64_t* idx, int64_t n, int act, float p,
                T* out) {
   parallel_chunks(n, 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t r = idx[i];
-      const T* row = w1 + r * ld;
-      const T* next = i + 1 < e ? w1 + idx[i + 1] * ld : nullptr;
-      for (int64_t t = 0; t < tokens; ++t) {
-        float a = activate<T>(scalar(g[t * d_ff + r]), act, p);
-        if (a == 0.f) continue;  // inactive for this token: its x1 stays an exact zero
-        float u = rounded<T>(dot(row, xf + t * d_model, d_model, next));
-        next = nullptr;  // prefetched once per row
-        put(out + t * d_ff + r, rounded<T>(a * u));
-      }
-    }
+    up_rows(xf, tokens, d_model, g, d_ff, w1, ld, idx, b, e, act, p, out);
   });
 }
 
 // ---- step (3) ---------------------------------------------------------------------------
 
-constexpr int R = 4;  // rows of W2^T per pass over the accumulators
-
-// acc[c0:c1] += sum_r v[r] * rows[r][c0:c1] for R rows (or fewer: `nr`), prefetching `next`.
-template <typename T>
-inline void axpy_rows(float* __restrict acc, const T* const* rows, const float* v, int nr,
-                      int64_t c0, int64_t c1, const T* const* next, int nn) {
+// acc[c0:c1] += sum_r v[r] * rows[r][c0:c1] for M rows, one after another (each an FMA into
+// the same accumulator, so the sum's order is idx order whatever M), prefetching `next`.
+template <typename T, int M>
+inline void axpy_rows(float* __restrict acc, const T* const* rows, const float* v, int64_t c0,
+                      int64_t c1, const T* const* next, int nn) {
+  vf vs[M];
+#pragma GCC unroll 16
+  for (int r = 0; r < M; ++r) vs[r] = splat(v[r]);
   int64_t c = c0;
-  if (nr == R) {
-    const vf v0 = splat(v[0]), v1 = splat(v[1]), v2 = splat(v[2]), v3 = splat(v[3]);
-    for (; c + E <= c1; c += E) {
-      for (int q = 0; q < nn; ++q) prefetch_step(next[q] + c);
+  for (; c + E <= c1; c += E) {
+    for (int q = 0; q < nn; ++q) prefetch_step(next[q] + c);
 #pragma GCC unroll 8
-      for (int h = 0; h < E; h += W) {
-        vf a = load(acc + c + h);
-        a += v0 * load(rows[0] + c + h);
-        a += v1 * load(rows[1] + c + h);
-        a += v2 * load(rows[2] + c + h);
-        a += v3 * load(rows[3] + c + h);
-        store(acc + c + h, a);
-      }
-    }
-  } else {
-    for (; c + E <= c1; c += E) {
-      for (int q = 0; q < nn; ++q) prefetch_step(next[q] + c);
-#pragma GCC unroll 8
-      for (int h = 0; h < E; h += W) {
-        vf a = load(acc + c + h);
-        for (int r = 0; r < nr; ++r) a += splat(v[r]) * load(rows[r] + c + h);
-        store(acc + c + h, a);
-      }
+    for (int h = 0; h < E; h += W) {
+      vf a = load(acc + c + h);
+#pragma GCC unroll 16
+      for (int r = 0; r < M; ++r) a += vs[r] * load(rows[r] + c + h);
+      store(acc + c + h, a);
     }
   }
-  for (; c < c1; ++c) {
+  for (; c < c1; ++c) {  // explicit FMAs, as in dot_rows' tail
     float a = acc[c];
-    for (int r = 0; r < nr; ++r) a += v[r] * scalar(rows[r][c]);
+    for (int r = 0; r < M; ++r) a = __builtin_fmaf(v[r], scalar(rows[r][c]), a);
     acc[c] = a;
   }
+}
+
+// axpy_rows for m <= M rows (the last group).
+template <typename T, int M>
+inline void axpy_upto(int m, float* acc, const T* const* rows, const float* v, int64_t c0,
+                      int64_t c1, const T* const* next, int nn) {
+  if constexpr (M > 1) {
+    if (m < M) return axpy_upto<T, M - 1>(m, acc, rows, v, c0, c1, next, nn);
+  }
+  axpy_rows<T, M>(acc, rows, v, c0, c1, next, nn);
 }
 
 // out[t, :] = sum_i v[t * n + i] * w2t[idx[i], :], columns split across threads.
@@ -269,7 +331,7 @@ void down_kernel(const float* v, int64_t tokens, const T* w2t, int64_t ld, int64
       for (int q = 0; q < nn; ++q) next[q] = w2t + idx[i + nr + q] * ld;
       for (int64_t t = 0; t < tokens; ++t) {
         for (int r = 0; r < nr; ++r) vv[r] = v[t * n + i + r];
-        axpy_rows(acc.data() + t * d_model, rows, vv, nr, c0, c1, next, t == 0 ? nn : 0);
+        axpy_upto<T, R>(nr, acc.data() + t * d_model, rows, vv, c0, c1, next, t == 0 ? nn : 0);
       }
     }
     for (int64_t t = 0; t < tokens; ++t)
@@ -302,6 +364,25 @@ at::Tensor checked_idx(const at::Tensor& idx, int64_t d_ff) {
 template <typename T, typename S>
 T* ptr(const at::Tensor& t) {
   return reinterpret_cast<T*>(t.data_ptr<S>());
+}
+
+// reference.active_neurons(activate(g, act, param)) in one pass: g (tokens, d_ff) -> int64.
+at::Tensor active(const at::Tensor& g_, int64_t act, double param) {
+  const auto dtype = g_.scalar_type();
+  check_dtype(dtype);
+  TORCH_CHECK(g_.device().is_cpu() && g_.dim() == 2, "g must be a 2-D CPU tensor (tokens, d_ff)");
+  TORCH_CHECK(act >= 0 && act <= 3, "act must be 0 (relu), 1 (fatrelu), 2 (shifted_relu) or "
+              "3 (g holds act(g))");
+  at::Tensor g = g_.contiguous();
+  const int64_t tokens = g.size(0), d_ff = g.size(1);
+  at::Tensor idx = at::empty({d_ff}, g.options().dtype(at::kLong));
+  const float p = static_cast<float>(param);
+  const int64_t n = dtype == at::kFloat
+      ? active_kernel<float>(g.data_ptr<float>(), tokens, d_ff, act, p, idx.data_ptr<int64_t>())
+      : active_kernel<bf16>(ptr<bf16, at::BFloat16>(g), tokens, d_ff, act, p,
+                            idx.data_ptr<int64_t>());
+  idx.resize_({n});
+  return idx;
 }
 
 at::Tensor up_step(const at::Tensor& x_, const at::Tensor& g_, const at::Tensor& w1,
@@ -381,11 +462,15 @@ void predicted_kernel(const float* xf, int64_t tokens, int64_t d_model, const bo
     parallel_chunks(n, 16, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t r = idx[i];
-        const bool more = i + 1 < e;
-        float sg, su;
-        dot2(wg + r * ldg, wu + r * ldu, x, d_model, more ? wg + idx[i + 1] * ldg : nullptr,
-             more ? wu + idx[i + 1] * ldu : nullptr, sg, su);
-        float gv = rounded<T>(sg), uv = rounded<T>(su);
+        const T* rows[2] = {wg + r * ldg, wu + r * ldu};  // both dotted in one pass over x
+        const T* next[2] = {nullptr, nullptr};
+        if (i + 1 < e) {
+          next[0] = wg + idx[i + 1] * ldg;
+          next[1] = wu + idx[i + 1] * ldu;
+        }
+        float su[2];
+        dot_rows<T, 2>(rows, x, d_model, next, i + 1 < e ? 2 : 0, su);
+        float gv = rounded<T>(su[0]), uv = rounded<T>(su[1]);
         if (bg) gv = rounded<T>(gv + scalar(bg[r]));
         if (bu) uv = rounded<T>(uv + scalar(bu[r]));
         vals[i] = rounded<T>(activate<T>(gv, act, p) * uv);  // x1 of neuron r
@@ -453,6 +538,7 @@ at::Tensor predicted_ffn(const at::Tensor& x_, const at::Tensor& mask_, const at
 }  // namespace prosparse_fused
 
 TORCH_LIBRARY(prosparse, m) {
+  m.def("active(Tensor g, int act, float param) -> Tensor");
   m.def("up_step(Tensor x, Tensor g, Tensor w1, Tensor idx, int act, float param) -> Tensor");
   m.def("down_step(Tensor x1, Tensor w2t, Tensor idx) -> Tensor");
   m.def("predicted_ffn(Tensor x, Tensor mask, Tensor w_gate, Tensor w_up, Tensor w2t, int act, "
@@ -460,6 +546,7 @@ TORCH_LIBRARY(prosparse, m) {
 }
 
 TORCH_LIBRARY_IMPL(prosparse, CPU, m) {
+  m.impl("active", &prosparse_fused::active);
   m.impl("up_step", &prosparse_fused::up_step);
   m.impl("down_step", &prosparse_fused::down_step);
   m.impl("predicted_ffn", &prosparse_fused::predicted_ffn);
