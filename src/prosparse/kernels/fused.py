@@ -32,6 +32,7 @@ import shlex
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -165,6 +166,7 @@ def disabled() -> Iterator[None]:
         ENABLED = before
 
 
+@lru_cache(maxsize=256)  # a torch.tensor per call costs microseconds on every decode step
 def _rounded(param: float, dtype: torch.dtype) -> float:
     # The activation's scalar rounded to the input dtype first, as activations.activate does.
     return float(torch.tensor(float(param), dtype=dtype))
