@@ -14,8 +14,9 @@
 //   fp32 accumulators; threads split d_model's columns, so every output element is summed in
 //   the same order (row by row, in idx order) whatever the thread count or DOWN_ROWS
 //   (bit-identical results at 1 and 2 threads).
-// - predicted_ffn: per token, the gate and up rows of each predicted neuron (both dotted in
-//   one pass), the activation, then the down axpy over the neurons whose x1 is non-zero.
+// - predicted_ffn: per token, the gate and up rows of UP_ROWS / 2 predicted neurons per pass
+//   over x (as step (2), the next ones prefetched), the activation, then the down axpy over
+//   the neurons whose x1 is non-zero.
 //
 // Vectors are GCC/Clang vector extensions as wide as the ISA compiled for (16 floats: one zmm
 // under -mavx512f, 8: one ymm under -mavx2, 4: one xmm otherwise; a wider generic vector would
@@ -443,6 +444,8 @@ at::Tensor down_step(const at::Tensor& x1_, const at::Tensor& w2t, const at::Ten
   return out;
 }
 
+constexpr int PN = G >= 2 ? G / 2 : 1;  // predicted neurons per pass: 2 * PN rows, as step (2)
+
 template <typename T>
 void predicted_kernel(const float* xf, int64_t tokens, int64_t d_model, const bool* mask,
                       const T* wg, int64_t ldg, const T* wu, int64_t ldu, const T* w2t,
@@ -460,20 +463,28 @@ void predicted_kernel(const float* xf, int64_t tokens, int64_t d_model, const bo
     vals.assign(n, 0.f);
     const float* x = xf + t * d_model;
     parallel_chunks(n, 16, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t r = idx[i];
-        const T* rows[2] = {wg + r * ldg, wu + r * ldu};  // both dotted in one pass over x
-        const T* next[2] = {nullptr, nullptr};
-        if (i + 1 < e) {
-          next[0] = wg + idx[i + 1] * ldg;
-          next[1] = wu + idx[i + 1] * ldu;
+      const T* rows[2 * PN];  // the gate and up rows of PN neurons, dotted in one pass over x
+      const T* next[2 * PN];
+      float su[2 * PN];
+      for (int64_t i = b; i < e; i += PN) {
+        const int m = static_cast<int>(std::min<int64_t>(PN, e - i));
+        const int nn = static_cast<int>(std::clamp<int64_t>(e - i - m, 0, PN));
+        for (int j = 0; j < m; ++j) {
+          rows[2 * j] = wg + idx[i + j] * ldg;
+          rows[2 * j + 1] = wu + idx[i + j] * ldu;
         }
-        float su[2];
-        dot_rows<T, 2>(rows, x, d_model, next, i + 1 < e ? 2 : 0, su);
-        float gv = rounded<T>(su[0]), uv = rounded<T>(su[1]);
-        if (bg) gv = rounded<T>(gv + scalar(bg[r]));
-        if (bu) uv = rounded<T>(uv + scalar(bu[r]));
-        vals[i] = rounded<T>(activate<T>(gv, act, p) * uv);  // x1 of neuron r
+        for (int q = 0; q < nn; ++q) {
+          next[2 * q] = wg + idx[i + m + q] * ldg;
+          next[2 * q + 1] = wu + idx[i + m + q] * ldu;
+        }
+        dot_upto<T, 2 * PN>(2 * m, rows, x, d_model, next, 2 * nn, su);
+        for (int j = 0; j < m; ++j) {
+          const int64_t r = idx[i + j];
+          float gv = rounded<T>(su[2 * j]), uv = rounded<T>(su[2 * j + 1]);
+          if (bg) gv = rounded<T>(gv + scalar(bg[r]));
+          if (bu) uv = rounded<T>(uv + scalar(bu[r]));
+          vals[i + j] = rounded<T>(activate<T>(gv, act, p) * uv);  // x1 of neuron r
+        }
       }
     });
     keep.clear();
