@@ -88,12 +88,15 @@ def run_row(row: Row, prosparse: str) -> dict:
             subprocess.run([prosparse, *args], check=True, stdout=f, stderr=subprocess.STDOUT,
                            cwd=ROOT)
     sp = json.loads((ROOT / sp_json).read_text())
+    prune = [json.loads((ROOT / (a[a.index("--out") + 1] + ".prune.json")).read_text())
+             for a in row.steps if a[0] == "prune"]
     ws = sp.get("weight_sparsity") or {}  # absent when no weight is exactly zero
     return {"name": row.name, "order": row.order, "model": row.measure,
             "commands": ["prosparse " + shlex.join(a) for a in [*row.steps, measure]],
             "wall_seconds": time.time() - t0, "perplexity": sp["perplexity"],
             "activation_sparsity": sp["average_sparsity"],
             "weight_sparsity": ws.get("zeros"), "compliance_2of4": ws.get("compliance"),
+            "prune_seconds": sum(p["prune_seconds"] for p in prune) if prune else None,
             "sparsity_json": sp}
 
 
@@ -107,10 +110,12 @@ def report(results: list[dict]) -> str:
         table.append([r["name"], r["order"], f"{100 * r['activation_sparsity']:.2f}",
                       "-" if not ws else f"{100 * ws:.1f}",
                       "-" if comp is None else f"{100 * comp:.0f}",
-                      f"{r['perplexity']:.2f}", f"{r['wall_seconds'] / 60:.1f}",
+                      f"{r['perplexity']:.2f}",
+                      "-" if r.get("prune_seconds") is None else f"{r['prune_seconds']:.0f}",
+                      f"{r['wall_seconds'] / 60:.1f}",
                       "<br>".join(f"`{c}`" for c in r["commands"])])
     return format_table(["row", "order", "activation sparsity %", "weight zeros %",
-                         "2:4 groups %", "held-out ppl", "wall min", "commands"], table)
+                         "2:4 groups %", "held-out ppl", "prune s", "wall min", "commands"], table)
 
 
 def selected(name: str, wanted: list[str], names: list[str]) -> bool:
