@@ -16,7 +16,6 @@ benchmarks/results/train_throughput.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
