@@ -29,6 +29,9 @@ from pathlib import Path
 
 from prosparse.io import write_json
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from frontier import selected  # noqa: E402  (--only: exact names, then family prefixes)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "compose"
 RUNS = Path("runs") / "compose"  # relative to ROOT: commands run there
@@ -116,12 +119,6 @@ def report(results: list[dict]) -> str:
                       "<br>".join(f"`{c}`" for c in r["commands"])])
     return format_table(["row", "order", "activation sparsity %", "weight zeros %",
                          "2:4 groups %", "held-out ppl", "prune s", "wall min", "commands"], table)
-
-
-def selected(name: str, wanted: list[str], names: list[str]) -> bool:
-    """``--only``: a row's exact name, or a family prefix where no row has that exact name
-    (``cats`` selects cats-0.4 .. cats-0.8; ``anneal-60`` only that row)."""
-    return any(name == w or (w not in names and name.startswith(w)) for w in wanted)
 
 
 def main() -> None:
