@@ -16,7 +16,6 @@ benchmarks/results/train_throughput.json.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -32,16 +31,6 @@ VARIANTS = {
 QUIET = ["log.measure_before=false", "log.eval_every=0", "log.tensorboard=false", "eval.tasks=[]"]
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="configs/demo.yaml")
@@ -53,6 +42,7 @@ def main() -> None:
     from accelerate.state import AcceleratorState, GradientState
 
     from prosparse.config import load_recipe
+    from prosparse.inference.benchmark import _device_name
     from prosparse.io import write_json
     from prosparse.tables import format_table
     from prosparse.training import read_metrics, train
@@ -90,7 +80,7 @@ def main() -> None:
     print(table)
     write_json(args.json, {
         "recipe": args.recipe, "steps": args.steps, "threads": torch.get_num_threads(),
-        "cpu": _cpu_name(), "torch": torch.__version__, "baseline": base_name,
+        "cpu": _device_name(torch.device("cpu")), "torch": torch.__version__, "baseline": base_name,
         "variants": results, "table": table,
     })
 
