@@ -100,3 +100,20 @@ def test_greedy_decode_identical_tokens(backend, monkeypatch):
 
 def test_lazy_exports():
     assert prosparse.SparseMLP is SparseMLP and prosparse.sparsify_ is sparsify_
+
+
+@torch.inference_mode()
+def test_bench_decode_alternates_rounds_and_leaves_the_model_dense():
+    from prosparse.inference.benchmark import bench_decode
+
+    model = tiny_llama()
+    prosparse.relufy_(model, "fatrelu", 0.05)
+    prompt = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(1))
+    r = bench_decode(model, prompt, new_tokens=6, repeats=2)
+    assert r["repeats"] == 2 and len(r["dense_tokens_per_s_runs"]) == 2
+    assert len(r["sparse_tokens_per_s_runs"]) == 2
+    assert r["speedup"] == pytest.approx(r["sparse_tokens_per_s"] / r["dense_tokens_per_s"])
+    assert r["identical"] and r["ffns_swapped"] == 2  # fp32: the sparse path keeps the tokens
+    assert not any(isinstance(m, SparseMLP) for m in model.modules()), "left dense"
+    with pytest.raises(ValueError, match="repeats"):
+        bench_decode(model, prompt, new_tokens=2, repeats=0)

@@ -133,3 +133,21 @@ def test_convert_cli_calibrates_and_writes(tmp_path, capsys):
         assert (out / "config.json").is_file() and (tmp_path / f"{method}.json").is_file()
     assert main(["convert", str(src), "--act", "cats", "--out", str(tmp_path / "x")]) == 2
     assert "--sparsity" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["cats", "teal"])
+def test_sparsify_with_restore_puts_the_dense_modules_back(method):
+    from prosparse.inference import sparsify_with_restore_
+
+    model = tiny_llama()
+    (cats_ if method == "cats" else teal_)(model, blocks(8), 0.5)
+    before = {n: type(m) for n, m in model.named_modules()}
+    ids = blocks(2, seed=5)
+    want = model(ids).logits
+    names, restore = sparsify_with_restore_(model, dense_below=0.0)
+    assert {type(model.get_submodule(n)) for n in names} <= {SparseMLP, SparseInputLinear}
+    restore()
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    assert all(m.down_proj.weight.is_contiguous() for m in
+               (f.module for f in find_gated_ffns(model))), "dense layout back"
+    torch.testing.assert_close(model(ids).logits, want)

@@ -13,6 +13,7 @@ from prosparse.inference.sparse_mlp import (
     SparseInputLinear,
     SparseMLP,
     sparsify_,
+    sparsify_with_restore_,
     swap_ffns_,
 )
 
@@ -26,5 +27,6 @@ __all__ = [
     "mean_predicted_sparsity",
     "reset_predicted_counts",
     "sparsify_",
+    "sparsify_with_restore_",
     "swap_ffns_",
 ]

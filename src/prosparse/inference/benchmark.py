@@ -31,7 +31,7 @@ from prosparse.inference.predicted import (
     mean_predicted_sparsity,
     reset_predicted_counts,
 )
-from prosparse.inference.sparse_mlp import sparsify_
+from prosparse.inference.sparse_mlp import sparsify_, sparsify_with_restore_
 from prosparse.kernels import activate, dense, dispatch, fused, reference
 from prosparse.predictors.export import load_predictors
 from prosparse.predictors.model import PredictorSet
@@ -262,43 +262,67 @@ def bench_decode(
     input_ids: torch.Tensor,
     new_tokens: int = 64,
     backend: str | None = None,
+    repeats: int = 3,
 ) -> dict:
-    """Greedy decode dense, then swap in :class:`SparseMLP` (in place) and decode again.
+    """Greedy decode dense, then with :class:`SparseMLP` swapped in (and, where the compiled
+    kernels ran, again with the pure-torch twin), alternating for ``repeats`` rounds so that
+    drift in the machine's speed lands on every path alike; tokens/s are medians over the
+    rounds (each round's in ``*_tokens_per_s_runs``). The model is left dense.
 
     Returns ``{"dense_tokens_per_s", "sparse_tokens_per_s", "speedup", "identical", ...}``.
     """
-    greedy_decode(model, input_ids, 4)  # warm-up
-    dense = greedy_decode(model, input_ids, new_tokens, desc="dense decode")
-    full = torch.cat([input_ids, torch.tensor([dense.tokens], device=input_ids.device)], dim=1)
-    sparsity = evaluate_blocks(model, full).average_sparsity
-    swapped = sparsify_(model, backend=backend)
-    greedy_decode(model, input_ids, 4)
-    sparse = greedy_decode(model, input_ids, new_tokens, desc="sparse decode")
-    first_diff = next((i for i, (a, b) in enumerate(zip(dense.tokens, sparse.tokens)) if a != b),
-                      None)
-    extra = {}
+    if repeats < 1:
+        raise ValueError(f"repeats ({repeats}) must be at least 1")
     dev = input_ids.device
     paths = sparse_paths(dev, dispatch.resolve_backend(dev, backend))
-    extra["sparse_path"] = paths[0]
-    if len(paths) > 1:  # the compiled kernels ran above: the pure-torch ones too, same model
-        with fused.disabled():
+    runs: dict[str, list] = {"dense": [], "sparse": [], "torch": []}
+    swapped: list[str] = []
+    sparsity = None
+    for r in range(repeats):
+        greedy_decode(model, input_ids, 4)  # warm-up
+        runs["dense"].append(greedy_decode(model, input_ids, new_tokens,
+                                           desc=f"dense decode {r + 1}/{repeats}"))
+        if sparsity is None:
+            dense = runs["dense"][0]
+            full = torch.cat([input_ids, torch.tensor([dense.tokens], device=dev)], dim=1)
+            sparsity = evaluate_blocks(model, full).average_sparsity
+        swapped, restore = sparsify_with_restore_(model, backend=backend)
+        try:
             greedy_decode(model, input_ids, 4)
-            twin = greedy_decode(model, input_ids, new_tokens, desc="sparse decode, pure torch")
-        extra.update(torch_tokens_per_s=twin.tokens_per_s,
-                     torch_speedup=twin.tokens_per_s / dense.tokens_per_s,
-                     torch_identical=twin.tokens == sparse.tokens)
+            runs["sparse"].append(greedy_decode(model, input_ids, new_tokens,
+                                                desc=f"sparse decode {r + 1}/{repeats}"))
+            if len(paths) > 1:  # the compiled kernels ran above: the pure-torch ones too
+                with fused.disabled():
+                    greedy_decode(model, input_ids, 4)
+                    runs["torch"].append(greedy_decode(
+                        model, input_ids, new_tokens,
+                        desc=f"sparse decode, pure torch {r + 1}/{repeats}"))
+        finally:
+            restore()
+    rate = {k: statistics.median(run.tokens_per_s for run in v) for k, v in runs.items() if v}
+    dense, sparse = runs["dense"][0], runs["sparse"][0]
+    first_diff = next((i for i, (a, b) in enumerate(zip(dense.tokens, sparse.tokens)) if a != b),
+                      None)
+    extra = {"sparse_path": paths[0]}
+    if runs["torch"]:
+        extra.update(torch_tokens_per_s=rate["torch"],
+                     torch_speedup=rate["torch"] / rate["dense"],
+                     torch_identical=runs["torch"][0].tokens == sparse.tokens)
     return {
         **extra,
-        "dense_tokens_per_s": dense.tokens_per_s,
-        "sparse_tokens_per_s": sparse.tokens_per_s,
-        "speedup": sparse.tokens_per_s / dense.tokens_per_s,
+        "dense_tokens_per_s": rate["dense"],
+        "sparse_tokens_per_s": rate["sparse"],
+        "speedup": rate["sparse"] / rate["dense"],
         "identical": dense.tokens == sparse.tokens,
         "first_difference": first_diff,
         "new_tokens": new_tokens,
+        "repeats": repeats,
         "ffn_sparsity": sparsity,
         "ffns_swapped": len(swapped),
         "dense_tokens": dense.tokens,
         "sparse_tokens": sparse.tokens,
+        **{f"{k}_tokens_per_s_runs": [run.tokens_per_s for run in v]
+           for k, v in runs.items() if v},
     }
 
 
@@ -466,7 +490,7 @@ def predicted_decode_7b_shape(
 
 def exact_decode_7b_shape(layers: int = 2, dtype: torch.dtype = torch.bfloat16,
                           device: str = "cpu", sparsity: float = 0.8932, new_tokens: int = 64,
-                          backend: str | None = None) -> dict:
+                          backend: str | None = None, repeats: int = 3) -> dict:
     """:func:`bench_decode` on a random LLaMA2-7B-shaped model with FATReLU thresholds
     calibrated to ``sparsity``."""
     model = llama2_7b_shaped(layers, dtype).to(device)
@@ -474,7 +498,7 @@ def exact_decode_7b_shape(layers: int = 2, dtype: torch.dtype = torch.bfloat16,
     calib = torch.randint(0, model.config.vocab_size, (1, 64), generator=gen)
     thresholds = calibrate_fatrelu_(model, calib.to(device), sparsity)
     input_ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=gen).to(device)
-    report = bench_decode(model.eval(), input_ids, new_tokens, backend=backend)
+    report = bench_decode(model.eval(), input_ids, new_tokens, backend=backend, repeats=repeats)
     return {**report,
             "model": f"random LLaMA2-7B shape, {layers} of 32 layers, vocab "
                      f"{model.config.vocab_size} (scaled by layers/32)",
@@ -567,7 +591,8 @@ def decode_model(model_spec: str, *, threshold: float | None = None, dtype: str 
         report = predictor_decode_report(model.eval(), tok, predictors, input_ids, new_tokens,
                                          backend=backend, repeats=repeats)
     else:
-        report = bench_decode(model.eval(), input_ids, new_tokens, backend=backend)
+        report = bench_decode(model.eval(), input_ids, new_tokens, backend=backend,
+                              repeats=repeats)
         extra.update(dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                      device=device)
     return {**report, **extra}

@@ -65,8 +65,8 @@ def register(subparsers) -> None:
                      help="also decode with these activation predictors (prosparse predictors); "
                           "with --llama2-7b-shape: 'random', timed at --predicted-sparsity")
     dec.add_argument("--repeats", type=checks.positive_int, default=3,
-                     help="with --predictors: rounds of dense/predicted decode, medians "
-                          "reported (default 3)")
+                     help="rounds of dense / sparse (/ predicted) decode, alternating, "
+                          "medians reported (default 3)")
     dec.add_argument("--predicted-sparsity", type=checks.fraction, default=0.7875,
                      help="share of neurons the 7B-shaped run's random predictors skip "
                           "(default 0.7875, ProSparse-7B's predicted sparsity in paper Table 2)")
@@ -153,7 +153,7 @@ def run_decode(args) -> int:
                 predicted_sparsity=args.predicted_sparsity,
                 predictor_hidden=args.predictor_hidden, repeats=args.repeats, **shape)
         else:
-            report = b.exact_decode_7b_shape(**shape)
+            report = b.exact_decode_7b_shape(repeats=args.repeats, **shape)
     else:
         report = b.decode_model(args.model, threshold=args.threshold,
                                 dtype=args.dtype or "float32", device=args.device,

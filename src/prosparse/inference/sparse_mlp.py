@@ -211,12 +211,24 @@ def sparsify_(
     TEAL model the FFNs keep their SiLU (their linears are the sparse ones); anywhere else a
     gated FFN without a ReLU-family activation is an error.
     """
-    names = []
+    return sparsify_with_restore_(model, backend, filter, **kwargs)[0]
+
+
+def sparsify_with_restore_(
+    model: nn.Module,
+    backend: str | None = None,
+    filter: Callable[[GatedFFN], bool] | None = None,
+    **kwargs,
+) -> tuple[list[str], Callable[[], None]]:
+    """:func:`sparsify_`, also returning ``restore()``, which puts the dense modules back (the
+    layout a dense model stores), as :func:`swap_ffns_` does."""
+    names, linears = [], []
     for name, lin in teal_linears(model):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, SparseInputLinear(lin, backend=backend, **kwargs))
         names.append(name)
+        linears.append((parent, child, lin))
     teal = bool(names)
 
     def keep(f: GatedFFN) -> bool:
@@ -224,7 +236,13 @@ def sparsify_(
             return False
         return filter is None or filter(f)
 
-    swapped, _ = swap_ffns_(model, lambda f: SparseMLP(f.module, act_attr=f.act_attr,
-                                                       fused=f.fused, backend=backend, **kwargs),
-                            keep)
-    return names + swapped
+    swapped, restore_ffns = swap_ffns_(
+        model, lambda f: SparseMLP(f.module, act_attr=f.act_attr, fused=f.fused,
+                                   backend=backend, **kwargs), keep)
+
+    def restore() -> None:
+        restore_ffns()
+        for parent, child, lin in linears:
+            setattr(parent, child, lin)
+
+    return names + swapped, restore
