@@ -341,9 +341,8 @@ void axpy_range(const float* v, int64_t tokens, int64_t n, const T* w2t, int64_t
 // most PROSPARSE_DOWN_CHUNKS, each of at least DOWN_CHUNK_MIN rows): every chunk sums its rows
 // in idx order over all columns into its own fp32 partial, threads taking whole chunks, and
 // the partials are added in chunk order. Each thread streams whole rows (a column split gives
-// each thread half-rows, 4 KB runs of a 7B bf16 row, which the prefetchers ramp up on too
-// late: 7.2x dense at 2 threads against 8.1x for step (2)). 0 = the column split (every
-// element summed in plain idx order).
+// each of 2 threads half-rows, 4 KB runs of a 7B bf16 row; docs/kernels.md has the A/B).
+// 0 = the column split (every element summed in plain idx order).
 #ifndef PROSPARSE_DOWN_CHUNKS
 #define PROSPARSE_DOWN_CHUNKS 8
 #endif
