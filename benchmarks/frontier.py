@@ -72,7 +72,7 @@ def entries(budget: int = 1) -> list[Entry]:
               [f"stages=[{{lambda: 0.0, steps: {70 * budget}}}, "
                f"{{lambda: 1.5, steps: {260 * budget}}}]"]),
     ]
-    for lam in (0.75, 1.5, 3.0, 6.0):  # ProSparse progressive; lambda_S = 1.5 is make demo's
+    for lam in (0.25, 0.75, 1.5, 3.0, 6.0):  # ProSparse progressive; lambda_S = 1.5 is make demo's
         e.append(Entry(f"prosparse-{lam:g}", "ProSparse (progressive)", "trained",
                        [_stages((0.0, lam / 3, lam, lam), budget)], lambda_s=lam))
     # Recipe study (issue 15): make demo's recipe with activation annealing inside the lambda-0
