@@ -205,7 +205,8 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Small lm-eval benchmark of the original and final models in the report."""
     dtype: str = "auto"
-    """Autocast: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16``, ``fp32``."""
+    """Autocast: ``auto`` (bf16 on GPU and on CPUs with native bf16 matmuls, AVX512-BF16 or
+    AMX; fp32 on other CPUs), ``bf16``, ``fp32``."""
     seed: int = 0
     """Seed of the data order and of torch."""
 

@@ -16,7 +16,10 @@ def tiny_recipe(model_dir, text_file, *extra):
         "log.tensorboard=false", "batch_size=2", "grad_accum=2",
         "stages=[{lambda: 0, steps: 2}, {lambda: 0.5, steps: 4}, {lambda: 1.0, steps: 6}]",
         "penalty.normalization=mean", "optim.lr=1e-3", "optim.warmup_steps=2",
-        "checkpoint.every=0", "checkpoint.keep=2", "threshold.value=0.01", *extra])
+        "checkpoint.every=0", "checkpoint.keep=2", "threshold.value=0.01",
+        # fp32 whatever the CPU: `dtype: auto` is bf16 on CPUs with AVX512-BF16/AMX, and these
+        # tests hold runs to each other at fp32 tolerances
+        "dtype=fp32", *extra])
 
 
 def _reset_accelerate():

@@ -116,3 +116,30 @@ def test_fused_adamw_choice():
     assert use_fused_adamw(meta, None) is None
     with pytest.raises(UsageError, match="optim.fused"):
         use_fused_adamw(meta, True)
+
+
+@pytest.mark.parametrize("flags,cuda,want", [
+    ({"avx2", "fma"}, False, "no"),            # AVX2 only: bf16 is emulated, fp32 it is
+    ({"avx512f", "avx512_bf16"}, False, "bf16"),
+    ({"amx_bf16", "amx_tile"}, False, "bf16"),
+    (set(), True, "bf16"),                     # CUDA
+])
+def test_dtype_auto_is_bf16_where_the_hardware_has_it(monkeypatch, flags, cuda, want):
+    from prosparse.config import load_recipe
+    from prosparse.kernels import fused
+    from prosparse.training import loop
+
+    monkeypatch.setattr(fused, "cpu_flags", lambda: set(flags))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    auto = load_recipe(None, ["model=smollm2-135m"])
+    assert auto.dtype == "auto"
+    assert loop._mixed_precision(auto) == want
+    pinned = {d: load_recipe(None, ["model=smollm2-135m", f"dtype={d}"]) for d in ("fp32", "bf16")}
+    assert loop._mixed_precision(pinned["fp32"]) == "no"
+    assert loop._mixed_precision(pinned["bf16"]) == "bf16"
+
+
+def test_report_records_the_chosen_precision(tiny_dir, text_file, tmp_path):
+    _reset_accelerate()
+    r = train(tiny_recipe(tiny_dir, text_file), tmp_path / "r", progress=False)
+    assert r.report["mixed_precision"] == "no"  # tiny_recipe pins dtype=fp32
