@@ -203,7 +203,7 @@ def test_shifted_relu_run_keeps_its_shift(tiny_dir, text_file, tmp_path):
                  "data.seq_len=32", "data.heldout_tokens=128", "log.eval_tokens=64",
                  "log.eval_every=0", "log.tensorboard=false", "stages.0.steps=3", "grad_accum=1",
                  "batch_size=2", "optim.warmup_steps=1", "checkpoint.every=0",
-                 "log.measure_before=false"]
+                 "log.measure_before=false", "dtype=fp32"]
     recipe = load_recipe("configs/shifted-relu.yaml", overrides)
     assert recipe.activation == "shifted_relu" and recipe.activation_param == 0.1
     res = _train(recipe, tmp_path / "run")
@@ -258,7 +258,7 @@ def test_kill_9_while_checkpointing(tiny_dir, text_file, tmp_path):
                  "data.seq_len=32", "data.heldout_tokens=128", "log.eval_tokens=64",
                  "log.eval_every=3", "log.tensorboard=false", "batch_size=2", "grad_accum=2",
                  "penalty.normalization=mean", "optim.lr=1e-3", "optim.warmup_steps=2",
-                 "threshold.value=0.01", *extra]
+                 "threshold.value=0.01", "dtype=fp32", *extra]
     assert load_recipe_equal(recipe, overrides)
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_SCRIPT, str(run), *overrides],
                             env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -33,7 +33,7 @@ from prosparse.training.checkpoint import checkpoint_step, load_checkpoint, save
 from prosparse.training.data import build_blocks, heldout_blocks, micro_batch
 from prosparse.training.metrics import MetricsLog
 from prosparse.training.report import benchmark, finish_run
-from prosparse.training.runs import check_run_folder, start_run_folder
+from prosparse.training.runs import check_resume_overwrite, check_run_folder, start_run_folder
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
@@ -137,6 +137,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, stop_after: int
             f"shifted ReLU (shift {recipe.activation_param:g}), an activation prosparse does not "
             "have; set threshold.value to 0 or null (the final model keeps relu(g - shift))")
     run = Path(out)
+    check_resume_overwrite(resume, overwrite)  # before the Accelerator: a usage error, no work
     if accelerator is None:
         accelerator = Accelerator(gradient_accumulation_steps=recipe.grad_accum,
                                   mixed_precision=_mixed_precision(recipe))

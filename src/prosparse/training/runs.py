@@ -154,6 +154,13 @@ def _describe(run: Path) -> tuple[str, bool]:
     return "an unfinished run with no checkpoint", False
 
 
+def check_resume_overwrite(resume: bool, overwrite: bool) -> None:
+    """--resume and --overwrite together are refused (before anything starts)."""
+    if resume and overwrite:
+        raise UsageError("--resume continues the run in the folder and --overwrite replaces it; "
+                         "pass one of them")
+
+
 def check_run_folder(run: Path, recipe: Recipe, *, resume: bool, overwrite: bool,
                      world_size: int) -> tuple[Path | None, dict]:
     """Decide, before any work, whether ``recipe`` may train into ``run``.
@@ -161,9 +168,7 @@ def check_run_folder(run: Path, recipe: Recipe, *, resume: bool, overwrite: bool
     Returns ``(checkpoint to resume from or None, the model's fingerprint)``; raises
     :class:`~prosparse.errors.UsageError` naming the folder and the fix otherwise.
     """
-    if resume and overwrite:
-        raise UsageError("--resume continues the run in the folder and --overwrite replaces it; "
-                         "pass one of them")
+    check_resume_overwrite(resume, overwrite)
     fingerprint = model_fingerprint(recipe.model)
     if run.exists() and not run.is_dir():
         raise UsageError(f"{run} is a file, not a run folder; choose another --out")
