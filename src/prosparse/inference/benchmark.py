@@ -277,15 +277,10 @@ def bench_decode(
     paths = sparse_paths(dev, dispatch.resolve_backend(dev, backend))
     runs: dict[str, list] = {"dense": [], "sparse": [], "torch": []}
     swapped: list[str] = []
-    sparsity = None
     for r in range(repeats):
         greedy_decode(model, input_ids, 4)  # warm-up
         runs["dense"].append(greedy_decode(model, input_ids, new_tokens,
                                            desc=f"dense decode {r + 1}/{repeats}"))
-        if sparsity is None:
-            dense = runs["dense"][0]
-            full = torch.cat([input_ids, torch.tensor([dense.tokens], device=dev)], dim=1)
-            sparsity = evaluate_blocks(model, full).average_sparsity
         swapped, restore = sparsify_with_restore_(model, backend=backend)
         try:
             greedy_decode(model, input_ids, 4)
@@ -301,6 +296,8 @@ def bench_decode(
             restore()
     rate = {k: statistics.median(run.tokens_per_s for run in v) for k, v in runs.items() if v}
     dense, sparse = runs["dense"][0], runs["sparse"][0]
+    full = torch.cat([input_ids, torch.tensor([dense.tokens], device=dev)], dim=1)
+    sparsity = evaluate_blocks(model, full).average_sparsity  # the model is dense again
     first_diff = next((i for i, (a, b) in enumerate(zip(dense.tokens, sparse.tokens)) if a != b),
                       None)
     extra = {"sparse_path": paths[0]}
