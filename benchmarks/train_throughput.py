@@ -44,6 +44,7 @@ def main() -> None:
     from prosparse.config import load_recipe
     from prosparse.inference.benchmark import _device_name
     from prosparse.io import write_json
+    from prosparse.kernels.fused import cpu_isa
     from prosparse.tables import format_table
     from prosparse.training import read_metrics, train
 
@@ -80,7 +81,7 @@ def main() -> None:
     print(table)
     write_json(args.json, {
         "recipe": args.recipe, "steps": args.steps, "threads": torch.get_num_threads(),
-        "cpu": _device_name(torch.device("cpu")), "torch": torch.__version__, "baseline": base_name,
+        "cpu": _device_name(torch.device("cpu")), "cpu_isa": cpu_isa(), "torch": torch.__version__, "baseline": base_name,
         "variants": results, "table": table,
     })
 

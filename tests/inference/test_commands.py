@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from prosparse.inference import commands
+from prosparse.kernels import fused
 
 
 def test_bench_ops_json(tmp_path, capsys):
@@ -19,6 +20,7 @@ def test_bench_ops_json(tmp_path, capsys):
     assert args.func(args) == 0
     report = json.loads(out.read_text())
     assert report["dtype"] == "float32" and isinstance(report["device"], str)
+    assert report["cpu_isa"] == fused.cpu_isa()  # which VM the ratios came from
     assert len(report["results"]) == 8
     for r in report["results"]:
         assert {"step", "sparsity", "dense_us", "sparse_us", "speedup", "gbps", "bound"} <= set(r)

@@ -219,6 +219,15 @@ def test_isa_flags_follow_the_cpu_and_the_override(monkeypatch):
         fused.isa_flags("sse9")
 
 
+def test_cpu_isa_lists_the_speed_relevant_features_in_a_fixed_order(monkeypatch):
+    monkeypatch.setattr(fused, "cpu_flags", lambda: {"sse2", "avx512_bf16", "fma", "avx2"})
+    assert fused.cpu_isa() == ["avx2", "fma", "avx512_bf16"]
+    monkeypatch.setattr(fused, "cpu_flags", lambda: {"asimd", "fp"})
+    assert fused.cpu_isa() == ["neon"]
+    monkeypatch.setattr(fused, "cpu_flags", set)
+    assert fused.cpu_isa() == []
+
+
 def test_build_is_cached_under_a_hashed_directory():
     needs_extension()
     path = fused._state["path"]

@@ -200,6 +200,7 @@ def bench_ops(
                                    torch_gbps=union * d_model * elem / torch_us / 1e3)
     return {
         "device": _device_name(dev),
+        "cpu_isa": fused.cpu_isa(),
         "dtype": str(dtype).removeprefix("torch."),
         "backend": name,
         "sparse_path": paths[0],
@@ -500,7 +501,8 @@ def exact_decode_7b_shape(layers: int = 2, dtype: torch.dtype = torch.bfloat16,
             "model": f"random LLaMA2-7B shape, {layers} of 32 layers, vocab "
                      f"{model.config.vocab_size} (scaled by layers/32)",
             "layers": layers, "thresholds": thresholds, "dtype": str(dtype).removeprefix("torch."),
-            "device": device}
+            "device": device, "device_name": _device_name(torch.device(device)),
+            "cpu_isa": fused.cpu_isa()}
 
 
 @torch.inference_mode()
@@ -564,6 +566,7 @@ def compiled_decode_7b_shape(layers: int = 2, dtype: torch.dtype = torch.bfloat1
                  f"{model.config.vocab_size} (scaled by layers/32)",
         "layers": layers, "thresholds": thresholds, "dtype": str(dtype).removeprefix("torch."),
         "device": _device_name(input_ids.device),
+        "cpu_isa": fused.cpu_isa(),
         "method": "wall clock around synchronised generate calls (no per-step hook); "
                   f"tokens/s = {new_tokens} / (median of {repeats} runs of {new_tokens + 8} "
                   f"tokens - median of {repeats} runs of 8)",

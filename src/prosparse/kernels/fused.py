@@ -64,6 +64,19 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
+             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "neon", "sve")
+"""The CPU features that change kernel and training speed (recorded in benchmark JSON)."""
+
+
+def cpu_isa() -> list[str]:
+    """The speed-relevant features of this CPU (``ISA_FLAGS`` it has, in that order): two
+    2-core VMs of one cloud may differ here (AVX2 only, or AVX-512 with BF16), and with them
+    every kernel ratio and the best training dtype, so every benchmark JSON records them."""
+    flags = cpu_flags()
+    return [f for f in ISA_FLAGS if f in flags or (f == "neon" and "asimd" in flags)]
+
+
 def isa_flags(isa: str | None = None) -> list[str]:
     """Compiler flags for the vector ISA: ``isa`` or ``$PROSPARSE_CPU_ISA``, else the best the
     CPU reports (``avx512``, ``avx2`` or ``generic``)."""
