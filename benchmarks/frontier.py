@@ -164,6 +164,25 @@ def row_model(e: Entry) -> str:
     return str(out / "final") if e.kind == "trained" else str(out)
 
 
+def ensure_model(e: Entry, prosparse: str) -> bool:
+    """Make sure the row's model is on disk for ``--eval``: ``runs/`` is not committed, so a
+    fresh checkout has only the rows' JSON. A training-free row is re-converted (deterministic:
+    the same calibration tokens); a trained row would need its whole training again, so it is
+    reported and skipped."""
+    model = ROOT / row_model(e)
+    if e.kind == "dense" or (model / "config.json").exists():
+        return True
+    if e.kind == "free":
+        out = RUNS / e.name
+        print(f"frontier: re-converting {e.name} for lm-eval", flush=True)
+        _run([prosparse, "convert", MODEL, *e.args, "--out", str(out.relative_to(ROOT)),
+              "--overwrite"], _side(out, ".log"))
+        return True
+    print(f"frontier: {e.name}: no model at {row_model(e)}; rerun the row with --limit "
+          f"to add its lm-eval column", file=sys.stderr, flush=True)
+    return False
+
+
 def add_lm_eval(row: dict, e: Entry, prosparse: str, limit: int) -> None:
     """Run the small lm-eval benchmark (``EVAL_TASKS``, ``limit`` documents each) on the row's
     model and keep its average and per-task scores in ``row``."""
@@ -245,6 +264,8 @@ def main() -> None:
                     continue
                 row = json.loads(path.read_text())
                 if row.get("lm_eval", {}).get("limit") == args.limit:
+                    continue
+                if not ensure_model(e, args.prosparse):
                     continue
                 print(f"frontier: lm-eval {e.name}", flush=True)
                 add_lm_eval(row, e, args.prosparse, args.limit)
