@@ -118,6 +118,8 @@ def run_entry(e: Entry, prosparse: str, limit: int, budget: int) -> dict:
     out = RUNS / e.name
     rel = str(out.relative_to(ROOT))  # commands run in ROOT; the row's command stays portable
     row: dict = {"name": e.name, "method": e.method, "kind": e.kind, "budget": budget}
+    if e.lambda_s is not None:
+        row["lambda_s"] = e.lambda_s
     if e.kind == "trained":
         cmd = [prosparse, "train", "configs/demo.yaml", *e.args, "eval.tasks=[]",
                "--out", rel, "--overwrite"]
@@ -211,17 +213,20 @@ def report(rows: list[dict], out_dir: Path) -> str:
     for r in sorted(rows, key=lambda r: (r["method"], r["final"]["sparsity"])):
         f = r["final"]
         ev = r.get("lm_eval", {}).get("average")
+        ratio = "" if not original else f"{f['perplexity'] / original:.2f}"
         table.append([r["method"], r["name"], f"{100 * f['sparsity']:.2f}",
-                      f"{f['perplexity']:.2f}", "" if ev is None else f"{100 * ev:.2f}",
+                      f"{f['perplexity']:.2f}", ratio, "" if ev is None else f"{100 * ev:.2f}",
                       f"{r['wall_seconds'] / 60:.1f}", f"`{r['command']}`"])
         if r["kind"] != "dense":
             series.setdefault(r["method"], []).extend(
                 (100 * p["sparsity"], p["perplexity"]) for p in r["points"])
-    md = format_table(["method", "row", "sparsity %", "held-out ppl", "lm-eval avg",
+    md = format_table(["method", "row", "sparsity %", "held-out ppl", "ppl / original", "lm-eval avg",
                        "wall min", "command"], table)
     plot_frontier(series, out_dir / "frontier.png", baseline=original)
-    fig3 = [(r["lambda_s"], 100 * r["points"][0]["sparsity"]) for r in rows
-            if r.get("lambda_s") is not None]
+    lam_of = {e.name: e.lambda_s for e in entries(rows[0].get("budget", 1))}
+    fig3 = [(r.get("lambda_s", lam_of.get(r["name"])), 100 * r["points"][0]["sparsity"])
+            for r in rows]
+    fig3 = [p for p in fig3 if p[0] is not None]
     if len(fig3) >= 2:
         fit = fit_points([p[0] for p in fig3], [p[1] for p in fig3])
         plot_lambda_fit(fig3, fit, out_dir / "frontier_lambda_fit.png")

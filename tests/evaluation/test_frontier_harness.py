@@ -92,6 +92,12 @@ def test_report_table_and_plots(frontier, tmp_path):
     assert "Fig. 3 analogue" in md
     assert (tmp_path / "frontier.png").stat().st_size > 0
     assert (tmp_path / "frontier_lambda_fit.png").stat().st_size > 0
+    assert "over 4 ProSparse runs" in md
+    assert "1.37" in cats  # ppl / original: 26 / 19
+    # rows written before the JSON kept lambda_s get it from their entry, by name
+    for r in rows:
+        r.pop("lambda_s", None)
+    assert "over 4 ProSparse runs" in frontier.report(rows, tmp_path)
 
 
 def test_only_selects_exact_names_before_families(frontier):

@@ -1,6 +1,7 @@
 """``prosparse schedule`` and ``prosparse fit-lambda`` through the CLI."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -31,3 +32,24 @@ def test_schedule_override_and_error(tmp_path, capsys):
 def test_fit_lambda(capsys):
     assert main(["fit-lambda", "--target", "89.32"]) == 0
     assert "lambda_S = 0.2227" in capsys.readouterr().out
+
+
+def test_fit_lambda_reads_the_committed_frontier_rows(tmp_path, capsys):
+    """Fig. 3's points come from the rows' JSON (runs/ is not committed): last-stage lambda
+    from the kept recipe, sparsity of the t = 0 point."""
+    from prosparse.training.commands import run_point
+
+    rows = sorted((Path(__file__).parents[2] / "benchmarks/results/frontier").glob("prosparse-*.json"))
+    rows = [r for r in rows if json.loads(r.read_text()).get("lambda_s") is not None]
+    assert len(rows) >= 2
+    for r in rows:
+        row = json.loads(r.read_text())
+        assert run_point(r) == pytest.approx((row["lambda_s"], 100 * row["points"][0]["sparsity"]))
+    assert main(["fit-lambda", *(a for r in rows for a in ("--run", str(r))),
+                 "--target", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "(your points)" in out and "target 80% -> lambda_S" in out
+    bad = tmp_path / "cats.json"
+    bad.write_text(json.dumps({"name": "cats-0.5", "kind": "free", "points": [{"sparsity": 0.5}]}))
+    assert main(["fit-lambda", "--run", str(bad)]) == 2
+    assert "not a trained frontier row" in capsys.readouterr().err

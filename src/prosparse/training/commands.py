@@ -63,14 +63,34 @@ def run_point(run: str | Path) -> tuple[float, float]:
     from prosparse.config import load_recipe
 
     run = Path(run)
+    if run.is_file() and run.suffix == ".json":
+        return _row_point(run)
     report, recipe = run / "report.json", run / "recipe.yaml"
     if not report.is_file() or not recipe.is_file():
         raise UsageError(f"--run {run}: no report.json and recipe.yaml there; give the folder of "
-                         "a finished `prosparse train` run")
+                         "a finished `prosparse train` run, or a trained row's JSON of "
+                         "benchmarks/frontier.py")
     trained = json.loads(report.read_text()).get("trained")
     if not trained:
         raise UsageError(f"--run {run}: report.json has no 'trained' measurement")
     return load_recipe(recipe).stages[-1].lam, 100 * trained["average_sparsity"]
+
+
+def _row_point(path: Path) -> tuple[float, float]:
+    """``(lambda_S, sparsity %)`` of a trained row of ``benchmarks/frontier.py``
+    (``benchmarks/results/frontier/NAME.json``): the recipe it keeps and its t = 0 point, so
+    the committed rows fit without their run folders."""
+    import yaml
+
+    try:
+        row = json.loads(path.read_text())
+        lam = float(yaml.safe_load(row["recipe"])["stages"][-1]["lambda"])
+        t0 = next(p for p in row["points"] if not p.get("t"))
+    except (ValueError, KeyError, TypeError, IndexError, StopIteration, yaml.YAMLError):
+        raise UsageError(f"--run {path}: not a trained frontier row (it needs 'recipe' with "
+                         "stages and a t = 0 point); give a run folder or a trained row's "
+                         "JSON") from None
+    return lam, 100 * t0["sparsity"]
 
 
 def _point(item: str) -> tuple[float, float]:
@@ -130,6 +150,7 @@ def register(sub) -> None:
     p.add_argument("--point", action="append", default=[],
                    help="a measured LAMBDA:SPARSITY_PERCENT of your model (repeat; >= 2)")
     p.add_argument("--run", action="append", default=[], metavar="RUN",
-                   help="a finished `prosparse train` run folder: its last-stage lambda and "
-                        "trained sparsity are one point (repeat; mixes with --point)")
+                   help="a finished `prosparse train` run folder, or a trained row's JSON "
+                        "of benchmarks/frontier.py: its last-stage lambda and trained "
+                        "sparsity are one point (repeat; mixes with --point)")
     p.set_defaults(func=_fit_lambda)
