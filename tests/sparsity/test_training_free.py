@@ -3,6 +3,8 @@ sparse decoding through sparsify_, and checkpoints that load back."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -57,6 +59,20 @@ def test_teal_heldout_input_sparsity_is_the_target(target):
     # every linear skips inputs; each is near the target up to how well 512 random calibration
     # tokens describe its held-out inputs (o_proj's, the attention output, least well)
     assert all(abs(v - target) < 0.15 for v in got["input_sparsity"].values())
+
+
+def test_teal_second_pass_calibrates_on_the_thresholded_model():
+    """passes=2 re-reads the inputs the lower layers' thresholds make: upper layers' thresholds
+    move, the first layer's cannot (its input is the embedding either way), and the held-out
+    sparsity stays on target."""
+    one = teal_(tiny_llama(), blocks(16), 0.6)
+    model = tiny_llama()
+    two = teal_(model, blocks(16), 0.6, passes=2)
+    assert all(two[k] == pytest.approx(one[k]) for k in one if k.startswith("model.layers.0.")
+               and k.endswith(("q_proj", "k_proj", "v_proj")))
+    assert any(two[k] != pytest.approx(one[k]) for k in one if k.startswith("model.layers.1."))
+    got = evaluate_blocks(model, blocks(8, seed=1)).public()
+    assert got["average_input_sparsity"] == pytest.approx(0.6, abs=0.02)
 
 
 def test_teal_linear_is_the_masked_dense_linear():
@@ -125,12 +141,15 @@ def test_convert_cli_calibrates_and_writes(tmp_path, capsys):
     text = tmp_path / "corpus.txt"
     text.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog "
                                 f"{i * 7} times." for i in range(400)))
-    for method in ("cats", "teal"):
+    for method, passes in (("cats", 1), ("teal", 2)):
         out = tmp_path / method
         assert main(["convert", str(src), "--act", method, "--sparsity", "0.5", "--data",
                      f"c={text}", "--calib-tokens", "2048", "--seq-len", "64", "--out",
-                     str(out), "--json", str(tmp_path / f"{method}.json")]) == 0
-        assert (out / "config.json").is_file() and (tmp_path / f"{method}.json").is_file()
+                     str(out), "--json", str(tmp_path / f"{method}.json"),
+                     "--passes", str(passes)]) == 0
+        assert json.loads((tmp_path / f"{method}.json").read_text())["passes"] == passes
+        config = json.loads((out / "config.json").read_text())
+        assert config["prosparse_training_free"]["calibration"]["passes"] == passes
     assert main(["convert", str(src), "--act", "cats", "--out", str(tmp_path / "x")]) == 2
     assert "--sparsity" in capsys.readouterr().err
 

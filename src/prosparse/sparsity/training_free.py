@@ -155,10 +155,12 @@ METHODS = ("cats", "teal")
 
 def convert_training_free(model: str, method: str, sparsity: float, out, data: list[str],
                           tokens: int = 16384, seq_len: int = 256, dtype: str = "float32",
-                          overwrite: bool = False, seed: int = 0, progress: bool = True) -> dict:
+                          overwrite: bool = False, seed: int = 0, progress: bool = True,
+                          passes: int = 1) -> dict:
     """``prosparse convert MODEL --act cats|teal --sparsity S --data SRC``: calibrate on
-    ``tokens`` tokens of the data's train split, save the checkpoint to ``out``, and return
-    ``{"method", "sparsity_target", "thresholds", "out"}``."""
+    ``tokens`` tokens of the data's train split (``passes`` calibration passes: see
+    :func:`cats_`), save the checkpoint to ``out``, and return
+    ``{"method", "sparsity_target", "thresholds", "out", "passes"}``."""
     from prosparse.data import load_texts, pack_blocks, parse_data_spec
     from prosparse.models.loading import load_model
     from prosparse.models.saving import save_model
@@ -171,11 +173,12 @@ def convert_training_free(model: str, method: str, sparsity: float, out, data: l
     blocks = torch.cat([pack_blocks(tok, load_texts(parse_data_spec(d), "train"), seq_len, per,
                                     seed=seed) for d in data])
     calibrate = cats_ if method == "cats" else teal_
-    thresholds = calibrate(m, blocks, sparsity, seed=seed, progress=progress)
+    thresholds = calibrate(m, blocks, sparsity, passes=passes, seed=seed, progress=progress)
     if hasattr(m, "config"):
         m.config.prosparse_training_free = {"method": method, "sparsity_target": sparsity,
                                             "calibration": {"data": list(data),
-                                                            "tokens": int(blocks.numel())}}
+                                                            "tokens": int(blocks.numel()),
+                                                            "passes": passes}}
     path = save_model(m, tok, out, overwrite=overwrite)
     return {"method": method, "sparsity_target": sparsity, "thresholds": thresholds,
-            "out": str(path)}
+            "out": str(path), "passes": passes}
