@@ -236,6 +236,13 @@ class Recipe:
             raise UsageError(f"eval.limit ({self.eval.limit}) must be a positive number of "
                              "documents per task")
         _choice("activation", self.activation, ACTS)
+        if self.activation == "cats":
+            # relufy_ would take activation_param as one threshold for every layer, and the
+            # final FATReLU shift would replace the SiLU: neither is CATS.
+            raise UsageError("activation: cats is training-free and calibrated per layer; "
+                             "make it with `prosparse convert MODEL --act cats --sparsity S "
+                             "--data SRC`. Training recipes swap in relu, fatrelu or "
+                             "shifted_relu")
         _choice("anneal.shape", self.anneal.shape, ("linear", "cosine"))
         first_l1, prev = None, 0  # the last step before lambda first leaves 0
         for s in self.stages:

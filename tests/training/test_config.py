@@ -36,3 +36,7 @@ def test_errors_name_the_setting():
         load_recipe(None, ["penalty.normalization=l2"])
     with pytest.raises(ValueError, match="must look like KEY=VALUE"):
         load_recipe(None, ["optim.lr"])
+    # CATS is calibrated per layer by convert; a recipe would make it one threshold and then
+    # replace its SiLU with FATReLU at the end
+    with pytest.raises(ValueError, match="activation: cats is training-free.*prosparse convert"):
+        load_recipe("configs/demo.yaml", ["activation=cats", "activation_param=0.5"])
