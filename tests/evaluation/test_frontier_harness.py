@@ -93,6 +93,13 @@ def test_report_table_and_plots(frontier, tmp_path):
     assert (tmp_path / "frontier.png").stat().st_size > 0
     assert (tmp_path / "frontier_lambda_fit.png").stat().st_size > 0
     assert "over 4 ProSparse runs" in md
+    # floors 70/80/85%: the lowest perplexity among the points at or above each floor
+    cells = [c.strip() for c in next(ln for ln in lines if ln.startswith("| prosparse-0.75 "))
+             .split("|")[2:5]]
+    assert cells == ["70.0% at 39.75 (2.09x)", "", ""]
+    cells = [c.strip() for c in next(ln for ln in lines if ln.startswith("| prosparse-3 "))
+             .split("|")[2:5]]
+    assert cells == ["80.0% at 42.00 (2.21x)", "80.0% at 42.00 (2.21x)", "85.0% at 43.00 (2.26x)"]
     assert "1.37" in cats  # ppl / original: 26 / 19
     # rows written before the JSON kept lambda_s get it from their entry, by name
     for r in rows:
