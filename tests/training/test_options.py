@@ -143,3 +143,21 @@ def test_report_records_the_chosen_precision(tiny_dir, text_file, tmp_path):
     _reset_accelerate()
     r = train(tiny_recipe(tiny_dir, text_file), tmp_path / "r", progress=False)
     assert r.report["mixed_precision"] == "no"  # tiny_recipe pins dtype=fp32
+
+
+def test_bf16_autocast_trains_to_the_fp32_losses(tiny_dir, text_file, tmp_path):
+    """dtype=bf16 (what `auto` picks on AVX512-BF16/AMX CPUs and CUDA) follows the fp32 eager
+    run's losses within bf16 rounding, and the report says which precision ran."""
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        _reset_accelerate()
+        r = train(tiny_recipe(tiny_dir, text_file, f"dtype={dtype}"), tmp_path / dtype,
+                  progress=False)
+        assert r.report["mixed_precision"] == {"fp32": "no", "bf16": "bf16"}[dtype]
+        runs[dtype] = read_metrics(tmp_path / dtype)
+    assert len(runs["bf16"]) == len(runs["fp32"]) == 6
+    for x, y in zip(runs["bf16"], runs["fp32"]):
+        # bf16 keeps 8 bits of mantissa (~0.4%); six steps of AdamW compound it a little
+        assert x["lm_loss"] == pytest.approx(y["lm_loss"], rel=0.03), x["step"]
+        assert x["train_sparsity"] == pytest.approx(y["train_sparsity"], abs=0.05), x["step"]
+    assert runs["bf16"][0]["lm_loss"] != runs["fp32"][0]["lm_loss"]  # it did run in bf16
