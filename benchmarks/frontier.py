@@ -86,6 +86,16 @@ def entries(budget: int = 1) -> list[Entry]:
     # AVX512-BF16 runs 1.6x faster than fp32 (benchmarks/results/train_throughput.json).
     e.append(Entry("prosparse-1.5-bf16", "ProSparse, bf16 autocast", "trained",
                    [demo, "dtype=bf16"]))
+    # Recipe study on make demo's recipe as it is now (lambda_S 0.25), issue 15's knobs one at a
+    # time: which parameters train, a gentler learning rate, softer distillation targets, and a
+    # mixture of offline English text (held out on wiki, never trained on).
+    gentle = _stages((0.0, 0.25 / 3, 0.25, 0.25), budget)
+    for name, label, knobs in (
+            ("gentle-ffn-only", "ProSparse 0.25, FFN weights only", ["optim.train_params=ffn"]),
+            ("gentle-lr2e-4", "ProSparse 0.25, lr 2e-4", ["optim.lr=2.0e-4"]),
+            ("gentle-kd-t2", "ProSparse 0.25, KD temperature 2", ["distill.temperature=2.0"]),
+            ("gentle-wiki-qa", "ProSparse 0.25, wiki + qa text", ["data.sources=[wiki, qa]"])):
+        e.append(Entry(name, label, "trained", [gentle, *knobs]))
     # Every other trained row in fp32: the rows measured before `dtype: auto` became bf16 on
     # CPUs with AVX512-BF16/AMX ran fp32 under auto, so the study stays one precision.
     # And one threshold rule: the sweep's 5% tolerance every row was measured with
