@@ -238,12 +238,13 @@ def report(rows: list[dict], out_dir: Path) -> str:
                       f"{f['perplexity']:.2f}", ratio, "" if ev is None else f"{100 * ev:.2f}",
                       f"{r['wall_seconds'] / 60:.1f}", f"`{r['command']}`"])
         if r["kind"] != "dense":
-            series.setdefault(r["method"], []).extend(
+            series.setdefault(series_label(r, rows), []).extend(
                 (100 * p["sparsity"], p["perplexity"]) for p in r["points"])
     md = format_table(["method", "row", "sparsity %", "held-out ppl", "ppl / original", "lm-eval avg",
                        "wall min", "command"], table)
     md += "\n\n" + best_points(rows, original)
-    plot_frontier(series, out_dir / "frontier.png", baseline=original)
+    plot_frontier(series, out_dir / "frontier.png", baseline=original,
+                  zoom=(0.95 * original, 2.5 * original) if original else None)
     lam_of = {e.name: e.lambda_s for e in entries(rows[0].get("budget", 1))}
     fig3 = [(r.get("lambda_s", lam_of.get(r["name"])), 100 * r["points"][0]["sparsity"])
             for r in rows]
@@ -254,6 +255,15 @@ def report(rows: list[dict], out_dir: Path) -> str:
         md += (f"\n\nFig. 3 analogue: sparsity(%) = 100 - exp(-{fit.a:.4g} * lambda^{fit.alpha:.3g}"
                f" + {fit.b:.4g}) over {len(fig3)} ProSparse runs")
     return md
+
+
+def series_label(r: dict, rows: list[dict]) -> str:
+    """A row's series in the plot: its method, except that trained rows sharing a method
+    (ProSparse at several lambda_S, fixed L1 at two) are one line each, not one zigzag."""
+    if r["kind"] != "trained" or sum(x["method"] == r["method"] for x in rows) == 1:
+        return r["method"]
+    lam = r.get("lambda_s")
+    return f"{r['method']}, lambda_S {lam:g}" if lam is not None else f"{r['method']} ({r['name']})"
 
 
 def best_points(rows: list[dict], original: float | None, floors=(0.7, 0.8, 0.85)) -> str:

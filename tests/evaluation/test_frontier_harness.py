@@ -101,6 +101,10 @@ def test_report_table_and_plots(frontier, tmp_path):
              .split("|")[2:5]]
     assert cells == ["80.0% at 42.00 (2.21x)", "80.0% at 42.00 (2.21x)", "85.0% at 43.00 (2.26x)"]
     assert "1.37" in cats  # ppl / original: 26 / 19
+    # one line per trained row where rows share a method; the peers stay one series each
+    labels = {frontier.series_label(r, rows) for r in rows if r["kind"] != "dense"}
+    assert labels == {"CATS (training-free)"} | {
+        f"ProSparse (progressive), lambda_S {lam:g}" for lam in (0.75, 1.5, 3.0, 6.0)}
     # rows written before the JSON kept lambda_s get it from their entry, by name
     for r in rows:
         r.pop("lambda_s", None)
