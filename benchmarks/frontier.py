@@ -161,7 +161,7 @@ def run_entry(e: Entry, prosparse: str, limit: int, budget: int) -> dict:
             cmd, model = [prosparse, "sparsity", MODEL], MODEL
             row["wall_seconds"] = 0.0
         else:
-            cmd = [prosparse, "convert", MODEL, *e.args, "--out", rel, "--overwrite"]
+            cmd = convert_cmd(e, prosparse)
             row["wall_seconds"] = _run(cmd, _side(out, ".log"))
             model = rel
         sp_json = _side(out, ".sparsity.json")
@@ -175,6 +175,12 @@ def run_entry(e: Entry, prosparse: str, limit: int, budget: int) -> dict:
     if limit:
         add_lm_eval(row, e, prosparse, limit)
     return row
+
+
+def convert_cmd(e: Entry, prosparse: str) -> list[str]:
+    """The ``prosparse convert`` command of a training-free row (run in ROOT)."""
+    rel = str((RUNS / e.name).relative_to(ROOT))
+    return [prosparse, "convert", MODEL, *e.args, "--out", rel, "--overwrite"]
 
 
 def row_model(e: Entry) -> str:
@@ -195,10 +201,8 @@ def ensure_model(e: Entry, prosparse: str) -> bool:
     if e.kind == "dense" or (model / "config.json").exists():
         return True
     if e.kind == "free":
-        out = RUNS / e.name
         print(f"frontier: re-converting {e.name} for lm-eval", flush=True)
-        _run([prosparse, "convert", MODEL, *e.args, "--out", str(out.relative_to(ROOT)),
-              "--overwrite"], _side(out, ".log"))
+        _run(convert_cmd(e, prosparse), _side(RUNS / e.name, ".log"))
         return True
     print(f"frontier: {e.name}: no model at {row_model(e)}; rerun the row with --limit "
           f"to add its lm-eval column", file=sys.stderr, flush=True)
@@ -245,10 +249,8 @@ def report(rows: list[dict], out_dir: Path) -> str:
     md += "\n\n" + best_points(rows, original)
     plot_frontier(series, out_dir / "frontier.png", baseline=original,
                   zoom=(0.95 * original, 2.5 * original) if original else None)
-    lam_of = {e.name: e.lambda_s for e in entries(rows[0].get("budget", 1))}
-    fig3 = [(r.get("lambda_s", lam_of.get(r["name"])), 100 * r["points"][0]["sparsity"])
-            for r in rows]
-    fig3 = [p for p in fig3 if p[0] is not None]
+    fig3 = [(r["lambda_s"], 100 * r["points"][0]["sparsity"]) for r in rows
+            if r.get("lambda_s") is not None]
     if len(fig3) >= 2:
         fit = fit_points([p[0] for p in fig3], [p[1] for p in fig3])
         plot_lambda_fit(fig3, fit, out_dir / "frontier_lambda_fit.png")

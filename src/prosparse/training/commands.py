@@ -82,9 +82,11 @@ def _row_point(path: Path) -> tuple[float, float]:
     the committed rows fit without their run folders."""
     import yaml
 
+    from prosparse.config import recipe_from_dict
+
     try:
         row = json.loads(path.read_text())
-        lam = float(yaml.safe_load(row["recipe"])["stages"][-1]["lambda"])
+        lam = recipe_from_dict(yaml.safe_load(row["recipe"])).stages[-1].lam
         t0 = next(p for p in row["points"] if not p.get("t"))
     except (ValueError, KeyError, TypeError, IndexError, StopIteration, yaml.YAMLError):
         raise UsageError(f"--run {path}: not a trained frontier row (it needs 'recipe' with "
