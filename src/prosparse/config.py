@@ -99,6 +99,10 @@ class DistillConfig:
     """Softmax temperature of both distributions; the KL is multiplied by T^2."""
     lm_weight: float = 1.0
     """Weight of the plain LM cross-entropy (1 in the paper; may be lowered when distilling)."""
+    hidden_weight: float = 0.0
+    """Weight of hidden-state matching against the teacher: the mean over decoder layers of
+    ||h_student - h_teacher||^2 / ||h_teacher||^2 (each layer's output, the last one after the
+    final norm). Needs ``weight`` > 0 (the teacher); 0 disables."""
 
 
 @dataclass
@@ -260,6 +264,9 @@ class Recipe:
                 f"data.weights has {len(self.data.weights)} entries for "
                 f"{len(self.data.sources)} data.sources; give one weight per source or null"
             )
+        if self.distill.hidden_weight > 0 and self.distill.weight == 0:
+            raise UsageError("distill.hidden_weight > 0 matches the original model's hidden "
+                             "states, which needs its teacher: set distill.weight > 0 too")
         if self.distill.weight == 0 and self.distill.lm_weight == 0:
             raise UsageError("distill.lm_weight is 0 and distill.weight is 0: nothing to train on; "
                              "set one of them > 0")
@@ -294,6 +301,7 @@ _FIELD_CHECKS = {
     "distill.weight": checks.nonneg_float,
     "distill.temperature": checks.positive_float,
     "distill.lm_weight": checks.nonneg_float,
+    "distill.hidden_weight": checks.nonneg_float,
     "threshold.value": checks.threshold,
     "threshold.tolerance": checks.nonneg_float,
     "log.eval_every": checks.nonneg_int,

@@ -161,3 +161,34 @@ def test_bf16_autocast_trains_to_the_fp32_losses(tiny_dir, text_file, tmp_path):
         assert x["lm_loss"] == pytest.approx(y["lm_loss"], rel=0.03), x["step"]
         assert x["train_sparsity"] == pytest.approx(y["train_sparsity"], abs=0.05), x["step"]
     assert runs["bf16"][0]["lm_loss"] != runs["fp32"][0]["lm_loss"]  # it did run in bf16
+
+
+def test_hidden_loss_is_relative_squared_error_per_layer():
+    from prosparse.training.loop import hidden_loss
+
+    t = (torch.ones(2, 3, 4), torch.full((2, 3, 4), 2.0), torch.full((2, 3, 4), -1.0))
+    assert float(hidden_loss(t, t)) == 0.0
+    s = (torch.zeros(2, 3, 4), torch.full((2, 3, 4), 3.0), torch.zeros(2, 3, 4))
+    # layer 1: (3 - 2)^2 / 2^2 = 0.25; layer 2: 1^2 / 1^2 = 1; embeddings (index 0) left out
+    assert float(hidden_loss(s, t)) == pytest.approx((0.25 + 1.0) / 2)
+
+
+def test_hidden_matching_needs_the_teacher(tiny_dir, text_file):
+    with pytest.raises(UsageError, match="distill.weight > 0"):
+        tiny_recipe(tiny_dir, text_file, "distill.hidden_weight=1.0", "distill.weight=0")
+
+
+def test_hidden_matching_is_logged_and_trains(tiny_dir, text_file, tmp_path):
+    _reset_accelerate()
+    base = train(tiny_recipe(tiny_dir, text_file, "distill.weight=1.0"), tmp_path / "kd",
+                 progress=False)
+    _reset_accelerate()
+    hid = train(tiny_recipe(tiny_dir, text_file, "distill.weight=1.0",
+                            "distill.hidden_weight=2.0"), tmp_path / "hid", progress=False)
+    a, b = read_metrics(base.run), read_metrics(hid.run)
+    assert "hidden_loss" not in a[0]
+    # step 1: the same model and batch, so the objective differs by exactly the weighted term
+    assert b[0]["hidden_loss"] > 0
+    assert b[0]["loss"] == pytest.approx(a[0]["loss"] + 2.0 * b[0]["hidden_loss"], rel=1e-5)
+    assert all(m["hidden_loss"] > 0 for m in b)
+    assert b[-1]["lm_loss"] != a[-1]["lm_loss"]  # the term moved the weights

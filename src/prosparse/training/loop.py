@@ -56,6 +56,15 @@ def kd_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: flo
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
 
 
+def hidden_loss(hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...]
+                ) -> torch.Tensor:
+    """Mean over decoder layers of ||h - h_t||^2 / ||h_t||^2 (relative squared error of each
+    layer's output; index 0, the embeddings, is left out)."""
+    terms = [(h.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp(min=1e-12)
+             for h, t in zip(hidden[1:], teacher_hidden[1:], strict=True)]
+    return torch.stack(terms).mean()
+
+
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None
             ) -> torch.Tensor:
     """Token-mean next-token cross-entropy; with ``mask`` (batch, seq) only over the target
@@ -260,6 +269,7 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
                disable=not (progress and main), desc="train")
     record: dict = {}
     lambdas = []
+    match_hidden = teacher is not None and recipe.distill.hidden_weight > 0
     for step in bar:
         t_step = time.perf_counter()
         lam = l1_factor(step, recipe.stages)
@@ -270,7 +280,8 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
         lr = lr_at(step, recipe)
         for group in opt.param_groups:
             group["lr"] = lr
-        sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # lm, pen, kd, loss
+        # lm, pen, kd, loss, hidden
+        sums = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
         collector = PenaltyCollector(n_layers, recipe.penalty.normalization,
                                      recipe.penalty.scale, recipe.grad_accum, enabled=lam > 0)
         with capture_x1(model, collector):
@@ -280,17 +291,21 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
                 mask = None if masks is None else micro_batch(
                     masks, k, recipe.batch_size, rank, world).to(accelerator.device)
                 with accelerator.accumulate(model):
-                    logits = model(input_ids=ids).logits  # (batch, seq, vocab)
+                    out = model(input_ids=ids, output_hidden_states=match_hidden)
+                    logits = out.logits  # (batch, seq, vocab)
                     lm = lm_loss(logits, ids, mask)  # chat data: answer tokens only
                     penalty = collector.take()
                     kd = torch.zeros((), device=logits.device)
+                    hid = torch.zeros((), device=logits.device)
                     if teacher is not None:
                         with torch.no_grad(), accelerator.autocast():
-                            teacher_logits = teacher(input_ids=ids).logits
-                        kd = kd_loss(logits, teacher_logits, recipe.distill.temperature)
+                            t_out = teacher(input_ids=ids, output_hidden_states=match_hidden)
+                        kd = kd_loss(logits, t_out.logits, recipe.distill.temperature)
+                        if match_hidden:
+                            hid = hidden_loss(out.hidden_states, t_out.hidden_states)
                     # The objective, in one line (paper Section 3.2, + opt-in distillation):
                     loss = (recipe.distill.lm_weight * lm + lam * penalty
-                            + recipe.distill.weight * kd)
+                            + recipe.distill.weight * kd + recipe.distill.hidden_weight * hid)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         if o.grad_clip > 0:
@@ -299,19 +314,21 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
                         opt.zero_grad(set_to_none=True)
                 # on the device: the step's one read-back is the reduced stats below
                 sums += torch.stack([lm.detach(), penalty.detach(), kd.detach(),
-                                     loss.detach()]).to(sums)
+                                     loss.detach(), hid.detach()]).to(sums)
         counts = collector.zeros
         stats = torch.cat([sums / recipe.grad_accum,
                            counts.zeros.to(sums), counts.total.to(sums)])
         stats = accelerator.reduce(stats, reduction="sum").cpu()
-        lm_v, pen_v, kd_v, loss_v = (stats[:4] / world).tolist()
-        zeros, total = stats[4:4 + n_layers], stats[4 + n_layers:]
+        lm_v, pen_v, kd_v, loss_v, hid_v = (stats[:5] / world).tolist()
+        zeros, total = stats[5:5 + n_layers], stats[5 + n_layers:]
         train_sparsity = float((zeros / total.clamp(min=1)).mean())
         record = {"step": step, "stage": stage_index(step, recipe.stages), "lambda": lam,
                   "lr": lr, "lm_loss": lm_v, "penalty": pen_v, "kd_loss": kd_v, "loss": loss_v,
                   "train_sparsity": train_sparsity, "tokens": step * per_step * recipe.data.seq_len,
                   # the optimiser step's wall time (read-back included, held-out eval not)
                   "step_seconds": time.perf_counter() - t_step}
+        if match_hidden:
+            record["hidden_loss"] = hid_v
         if an.steps > 0:
             record["anneal"] = alpha
         evaluate_now = (recipe.log.eval_every and step % recipe.log.eval_every == 0) or \

@@ -75,6 +75,8 @@ def _plots(run: Path, report: dict) -> list[str]:
                   "train sparsity %": [100 * m["train_sparsity"] for m in metrics]}
         if any(m["kd_loss"] for m in metrics):
             curves["kd loss"] = [m["kd_loss"] for m in metrics]
+        if any("hidden_loss" in m for m in metrics):
+            curves["hidden loss"] = [m.get("hidden_loss", 0.0) for m in metrics]
         made.append(str(plot_curves(steps, curves, run / "training.png",
                                     title="lambda, loss and sparsity along training (Fig. 2)")))
         series = {label: report[key]["layer_sparsity"] for key, label in ROWS
