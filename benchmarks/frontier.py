@@ -161,6 +161,7 @@ def run_entry(e: Entry, prosparse: str, limit: int, budget: int) -> dict:
                         "sparsity": report["final"]["average_sparsity"],
                         "perplexity": report["final"]["perplexity"]}
         row["original_perplexity"] = report.get("original", {}).get("perplexity")
+        row["median_step_seconds"] = median_step_seconds(out)
     else:
         if e.kind == "dense":
             cmd, model = [prosparse, "sparsity", MODEL], MODEL
@@ -180,6 +181,71 @@ def run_entry(e: Entry, prosparse: str, limit: int, budget: int) -> dict:
     if limit:
         add_lm_eval(row, e, prosparse, limit)
     return row
+
+
+def median_step_seconds(run: Path) -> float | None:
+    """Median optimiser-step wall time of a trained row's run (``metrics.jsonl``): the study
+    compares knobs at equal steps, and this says what a step of each costs."""
+    import statistics
+
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    secs = [json.loads(line)["step_seconds"] for line in path.read_text().splitlines() if line]
+    return statistics.median(secs[2:] if len(secs) > 3 else secs) if secs else None
+
+
+def ppl_at(points: list[dict], sparsity: float) -> float | None:
+    """Perplexity at ``sparsity`` along a row's measured points (log-perplexity linear in
+    sparsity between the two that bracket it); None beyond the row's sparsest point."""
+    import math
+
+    pts = sorted(points, key=lambda p: p["sparsity"])
+    for a, b in zip(pts, pts[1:]):
+        if a["sparsity"] <= sparsity <= b["sparsity"]:
+            w = (sparsity - a["sparsity"]) / max(b["sparsity"] - a["sparsity"], 1e-12)
+            return math.exp((1 - w) * math.log(a["perplexity"]) + w * math.log(b["perplexity"]))
+    return None
+
+
+def study_table(rows: list[dict], original: float | None, prefix: str = "gentle-",
+                baseline: str = "gentle-bf16", at=(0.75, 0.8), noise: float = 0.6) -> str:
+    """Issue 15's one-knob study: each ``prefix`` row against ``baseline`` (same recipe, same
+    precision, no knob) at equal sparsity. ``noise``: make demo's run-to-run spread in ppl
+    (benchmarks/results/demo_runs.md); a knob helps or hurts only beyond it."""
+    from prosparse.tables import format_table
+
+    study = {r["name"]: r for r in rows if r["name"].startswith(prefix)}
+    base = study.get(baseline)
+    if base is None or len(study) < 2:
+        return ""
+    table = []
+    for name, r in sorted(study.items(), key=lambda kv: (kv[0] != baseline, kv[0])):
+        t0 = r["points"][0]
+        cells = [name, f"{100 * t0['sparsity']:.2f}", f"{t0['perplexity']:.2f}"]
+        verdicts = []
+        for s in at:
+            p, b = ppl_at(r["points"], s), ppl_at(base["points"], s)
+            ratio = f" ({p / original:.2f}x)" if p and original else ""
+            cells.append("" if p is None else f"{p:.2f}{ratio}")
+            if name != baseline and p is not None and b is not None:
+                verdicts.append(p - b)
+        step = r.get("median_step_seconds")
+        cells.append("" if step is None else f"{step:.2f}")
+        if name == baseline:
+            cells.append("baseline")
+        elif not verdicts:
+            cells.append("")
+        else:
+            d = max(verdicts, key=abs)
+            word = "helps" if d < -noise else "hurts" if d > noise else "within noise"
+            cells.append(f"{word} ({d:+.2f} ppl)")
+        table.append(cells)
+    head = ["row", "trained sparsity %", "trained ppl",
+            *[f"ppl at {100 * s:g}%" for s in at], "s/step", f"vs {baseline}"]
+    return ("One knob at a time on make demo's recipe (lambda_S 0.25, bf16, equal steps); "
+            "perplexity at equal sparsity along each row's sweep:\n\n"
+            + format_table(head, table))
 
 
 def convert_cmd(e: Entry, prosparse: str) -> list[str]:
@@ -252,6 +318,9 @@ def report(rows: list[dict], out_dir: Path) -> str:
     md = format_table(["method", "row", "sparsity %", "held-out ppl", "ppl / original", "lm-eval avg",
                        "wall min", "command"], table)
     md += "\n\n" + best_points(rows, original)
+    study = study_table(rows, original)
+    if study:
+        md += "\n\n" + study
     plot_frontier(series, out_dir / "frontier.png", baseline=original,
                   zoom=(0.95 * original, 2.5 * original) if original else None)
     fig3 = [(r["lambda_s"], 100 * r["points"][0]["sparsity"]) for r in rows
@@ -344,8 +413,17 @@ def main() -> None:
                 print(f"frontier: {e.name}", flush=True)
                 row = run_entry(e, args.prosparse, args.limit, args.budget)
             write_json(path, row)
-    rows = [json.loads(p.read_text()) for p in sorted(row_dir.glob("*.json"))]
-    rows = [r for r in rows if "kind" in r]  # not the decode_*.json checks beside the rows
+    rows = []
+    for p in sorted(row_dir.glob("*.json")):
+        r = json.loads(p.read_text())
+        if "kind" not in r:  # not the decode_*.json checks beside the rows
+            continue
+        if r["kind"] == "trained" and "median_step_seconds" not in r:
+            step = median_step_seconds(RUNS / r["name"])  # a row measured before the key
+            if step is not None:
+                r["median_step_seconds"] = step
+                write_json(p, r)
+        rows.append(r)
     if rows:
         md = report(rows, row_dir)
         (row_dir / "frontier.md").write_text(md + "\n")
