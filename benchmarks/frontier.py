@@ -6,8 +6,8 @@ baselines (paper Tables 4, 5, 9, Fig. 3) and the training-free peers (CATS, TEAL
     .venv/bin/python benchmarks/frontier.py --report                                  # table + plots
 
 Every row is one entry of ``ENTRIES``: a name, a method (its series in the plot), and the
-``prosparse`` command that makes the model. Trained rows run ``configs/demo.yaml`` (the
-``make demo`` budget: data, steps, batch, LR, distillation) with overrides, and contribute the
+``prosparse`` command that makes the model. Trained rows run ``benchmarks/frontier_base.yaml`` (the
+``make demo`` budget of 2026-12-01: data, steps, batch, LR, distillation) with overrides, and contribute the
 trained model (t = 0) and every threshold of its sweep (Table 9); training-free rows convert the
 original model and measure it. Each row's JSON (``benchmarks/results/frontier/NAME.json``) keeps
 its command, recipe and figures, and a row whose JSON exists is not rerun: adding a study is
@@ -41,7 +41,7 @@ class Entry:
     method: str
     """The series it belongs to in the table and plot."""
     kind: str
-    """``trained`` (configs/demo.yaml + overrides), ``free`` (convert the original) or
+    """``trained`` (frontier_base.yaml + overrides), ``free`` (convert the original) or
     ``dense`` (the original as shipped, the reference line)."""
     args: list[str] = field(default_factory=list)
     """Recipe overrides (trained) or ``prosparse convert`` flags (free)."""
@@ -49,11 +49,12 @@ class Entry:
     """Last-stage lambda of a progressive run (Fig. 3's x axis)."""
 
 
-DEMO_STEPS = (70, 95, 210, 260)  # configs/demo.yaml's cumulative stage ends
+BASE = "benchmarks/frontier_base.yaml"  # make demo's recipe when the rows were measured
+DEMO_STEPS = (70, 95, 210, 260)  # its cumulative stage ends
 
 
 def _stages(lams: tuple[float, ...], budget: int) -> str:
-    """One stage over the whole budget, or demo.yaml's four stages with these lambdas."""
+    """One stage over the whole budget, or the base recipe's four stages with these lambdas."""
     steps = DEMO_STEPS if len(lams) == 4 else DEMO_STEPS[-1:]
     items = ", ".join(f"{{lambda: {lam}, steps: {st * budget}}}" for lam, st in zip(lams, steps))
     return f"stages=[{items}]"
@@ -146,7 +147,7 @@ def run_entry(e: Entry, prosparse: str, limit: int, budget: int) -> dict:
     if e.lambda_s is not None:
         row["lambda_s"] = e.lambda_s
     if e.kind == "trained":
-        cmd = [prosparse, "train", "configs/demo.yaml", *e.args, "eval.tasks=[]",
+        cmd = [prosparse, "train", BASE, *e.args, "eval.tasks=[]",
                "--out", rel, "--overwrite"]
         row["wall_seconds"] = _run(cmd, _side(out, ".log"))
         report = json.loads((out / "report.json").read_text())

@@ -31,16 +31,16 @@ def _trained(frontier, budget=1):
 
 
 def test_trained_rows_are_valid_recipes_with_equal_budget(frontier):
-    demo = load_recipe(ROOT / "configs" / "demo.yaml")
+    demo = load_recipe(ROOT / "benchmarks" / "frontier_base.yaml")
     rows = _trained(frontier)
     assert {"vanilla-relu", "shifted-relu", "fixed-l1-0.5", "fixed-l1-1.5"} <= {e.name for e in rows}
     for e in rows:
-        r = load_recipe(ROOT / "configs" / "demo.yaml", e.args)
-        # Equal tokens: every trained row runs make demo's steps and batch; only the recipe
-        # knobs under study differ.
+        r = load_recipe(ROOT / "benchmarks" / "frontier_base.yaml", e.args)
+        # Equal tokens: every trained row runs the base recipe's steps and batch; only the
+        # recipe knobs under study differ.
         assert r.stages[-1].steps == demo.stages[-1].steps, e.name
         assert (r.batch_size, r.data.seq_len) == (demo.batch_size, demo.data.seq_len), e.name
-    x4 = {e.name: load_recipe(ROOT / "configs" / "demo.yaml", e.args) for e in _trained(frontier, 4)}
+    x4 = {e.name: load_recipe(ROOT / "benchmarks" / "frontier_base.yaml", e.args) for e in _trained(frontier, 4)}
     assert all(r.stages[-1].steps == 4 * demo.stages[-1].steps for r in x4.values())
     assert x4["anneal-60"].anneal.steps == 240
 
@@ -50,7 +50,7 @@ def test_progressive_rows_span_lambda_for_fig3(frontier):
     assert len(lams) >= 4 and len(set(lams)) == len(lams)
     for e in _trained(frontier):
         if e.lambda_s is not None:
-            r = load_recipe(ROOT / "configs" / "demo.yaml", e.args)
+            r = load_recipe(ROOT / "benchmarks" / "frontier_base.yaml", e.args)
             assert r.stages[0].lam == 0.0 and r.stages[-1].lam == e.lambda_s
 
 
