@@ -192,3 +192,42 @@ def test_hidden_matching_is_logged_and_trains(tiny_dir, text_file, tmp_path):
     assert b[0]["loss"] == pytest.approx(a[0]["loss"] + 2.0 * b[0]["hidden_loss"], rel=1e-5)
     assert all(m["hidden_loss"] > 0 for m in b)
     assert b[-1]["lm_loss"] != a[-1]["lm_loss"]  # the term moved the weights
+
+
+def test_lm_loss_ignores_the_last_position_as_slicing_did():
+    import torch.nn.functional as F
+
+    from prosparse.training.loop import lm_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 9, 17, generator=g)
+    ids = torch.randint(0, 17, (2, 9), generator=g)
+    sliced = F.cross_entropy(logits[:, :-1].reshape(-1, 17), ids[:, 1:].reshape(-1))
+    assert torch.allclose(lm_loss(logits, ids), sliced, rtol=1e-6)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    mask[0, 4:] = 1
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, 17), ids[:, 1:].reshape(-1), reduction="none")
+    keep = mask[:, 1:].reshape(-1).float()
+    assert torch.allclose(lm_loss(logits, ids, mask), (nll * keep).sum() / keep.sum(), rtol=1e-6)
+    assert float(lm_loss(logits, ids, torch.zeros_like(mask))) == 0.0
+
+
+def test_bf16_teacher_linears_give_autocasts_logits_bit_for_bit():
+    import copy
+
+    from prosparse.training.loop import bf16_teacher_linears_
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama().eval().requires_grad_(False)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2's
+    teacher = copy.deepcopy(model)
+    n = bf16_teacher_linears_(teacher)
+    assert n == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert teacher.model.embed_tokens.weight.dtype == torch.float32  # the embedding stays
+    assert teacher.lm_head.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=ids).logits
+        got = teacher(input_ids=ids).logits
+    assert torch.equal(got, want)

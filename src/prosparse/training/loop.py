@@ -68,14 +68,37 @@ def hidden_loss(hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Te
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None
             ) -> torch.Tensor:
     """Token-mean next-token cross-entropy; with ``mask`` (batch, seq) only over the target
-    tokens it marks (SFT: answers only), zero when it marks none."""
+    tokens it marks (SFT: answers only), zero when it marks none.
+
+    The last position has no target (ignore_index) instead of being sliced off: slicing the
+    (batch, seq, vocab) logits would copy them, the largest tensor of a small model's step."""
     v = logits.shape[-1]
+    target = torch.cat([ids[:, 1:], ids.new_full((ids.shape[0], 1), -100)], dim=1)
     if mask is None:
-        return F.cross_entropy(logits[:, :-1].float().reshape(-1, v), ids[:, 1:].reshape(-1))
-    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, v), ids[:, 1:].reshape(-1),
-                          reduction="none")  # (batch * (seq - 1),)
-    keep = mask[:, 1:].reshape(-1).to(nll.dtype)
+        return F.cross_entropy(logits.float().reshape(-1, v), target.reshape(-1))
+    nll = F.cross_entropy(logits.float().reshape(-1, v), target.reshape(-1),
+                          reduction="none")  # (batch * seq,), 0 at the ignored last positions
+    keep = torch.cat([mask[:, 1:], mask.new_zeros((mask.shape[0], 1))], dim=1)
+    keep = keep.reshape(-1).to(nll.dtype)
     return (nll * keep).sum() / keep.sum().clamp(min=1)
+
+
+def bf16_teacher_linears_(teacher: torch.nn.Module) -> int:
+    """Cast a frozen teacher's ``nn.Linear`` weights (and biases) to bf16 once, for its forward
+    under bf16 autocast: autocast would cast the same fp32 weights to bf16 at every step (a
+    no-grad weight is not cached), with the same rounding, so the logits are bit-identical.
+    Norms and embeddings stay fp32, as autocast keeps them; a head tied to the embedding gets
+    its own bf16 copy. Returns the number of linears cast."""
+    n = 0
+    for m in teacher.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32:
+            m.weight = torch.nn.Parameter(m.weight.detach().to(torch.bfloat16),
+                                          requires_grad=False)
+            if m.bias is not None:
+                m.bias = torch.nn.Parameter(m.bias.detach().to(torch.bfloat16),
+                                            requires_grad=False)
+            n += 1
+    return n
 
 
 @dataclass
@@ -214,6 +237,8 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
     if recipe.distill.weight > 0:
         teacher = copy.deepcopy(model).eval()
         teacher.requires_grad_(False)
+        if accelerator.mixed_precision == "bf16":
+            bf16_teacher_linears_(teacher)
     originals = [f.act for f in find_gated_ffns(model)]
     relufy_(model, recipe.activation, recipe.activation_param)
     if measure_before:
@@ -292,7 +317,8 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
                     masks, k, recipe.batch_size, rank, world).to(accelerator.device)
                 with accelerator.accumulate(model):
                     out = model(input_ids=ids, output_hidden_states=match_hidden)
-                    logits = out.logits  # (batch, seq, vocab)
+                    # (batch, seq, vocab); one fp32 copy for both losses (bf16 under autocast)
+                    logits = out.logits.float()
                     lm = lm_loss(logits, ids, mask)  # chat data: answer tokens only
                     penalty = collector.take()
                     kd = torch.zeros((), device=logits.device)
