@@ -111,3 +111,29 @@ def test_only_selects_exact_names_before_families(frontier):
     names = [e.name for e in frontier.entries()]
     pick = [n for n in names if frontier.selected(n, ["anneal-60", "cats"], names)]
     assert pick == ["anneal-60"] + [f"cats-{s}" for s in ("0.4", "0.5", "0.6", "0.7", "0.8")]
+
+
+def test_ppl_at_interpolates_log_perplexity_between_bracketing_points(frontier):
+    pts = [{"sparsity": 0.8, "perplexity": 30.0}, {"sparsity": 0.7, "perplexity": 20.0}]
+    assert frontier.ppl_at(pts, 0.75) == pytest.approx((20.0 * 30.0) ** 0.5)
+    assert frontier.ppl_at(pts, 0.7) == pytest.approx(20.0)
+    assert frontier.ppl_at(pts, 0.85) is None and frontier.ppl_at(pts, 0.6) is None
+
+
+def test_study_table_judges_knobs_beyond_the_noise(frontier):
+    def row(name, shift, step):
+        return {"name": name, "method": name, "kind": "trained", "median_step_seconds": step,
+                "points": [{"t": 0.0, "sparsity": 0.7, "perplexity": 26.0 + shift},
+                           {"t": 0.3, "sparsity": 0.82, "perplexity": 29.0 + shift}]}
+
+    rows = [row("gentle-bf16", 0.0, 1.35), row("gentle-a", -1.0, 1.35),
+            row("gentle-b", 0.3, 1.1), row("gentle-c", 2.0, 1.4),
+            row("prosparse-1", 9.0, 2.0)]
+    md = frontier.study_table(rows, 19.0)
+    lines = {ln.split("|")[1].strip(): ln for ln in md.splitlines() if ln.startswith("| gentle")}
+    assert set(lines) == {"gentle-bf16", "gentle-a", "gentle-b", "gentle-c"}  # study rows only
+    assert "baseline" in lines["gentle-bf16"]
+    assert "helps (-1.00 ppl)" in lines["gentle-a"]
+    assert "within noise (+0.30 ppl)" in lines["gentle-b"] and "1.10" in lines["gentle-b"]
+    assert "hurts (+2.00 ppl)" in lines["gentle-c"]
+    assert frontier.study_table(rows[:1], 19.0) == ""  # a baseline alone is no study
