@@ -87,8 +87,8 @@ def entries(budget: int = 1) -> list[Entry]:
     # AVX512-BF16 runs 1.6x faster than fp32 (benchmarks/results/train_throughput.json).
     e.append(Entry("prosparse-1.5-bf16", "ProSparse, bf16 autocast", "trained",
                    [demo, "dtype=bf16"]))
-    # Recipe study on make demo's recipe as it is now (lambda_S 0.25), issue 15's knobs one at a
-    # time: which parameters train, a gentler learning rate, softer distillation targets, and a
+    # Recipe study on the base recipe (make demo until 2026-12-02: lambda_S 0.25), issue 15's
+    # knobs one at a time: which parameters train, a gentler learning rate, softer distillation targets, and a
     # mixture of offline English text (held out on wiki, never trained on). Under bf16 autocast,
     # as make demo runs on CPUs with AVX512-BF16 (2x the steps of fp32 in the same minutes), with
     # the knobless recipe as their baseline in the same precision.
@@ -189,10 +189,11 @@ def median_step_seconds(run: Path) -> float | None:
     compares knobs at equal steps, and this says what a step of each costs."""
     import statistics
 
-    path = run / "metrics.jsonl"
-    if not path.is_file():
+    from prosparse.training import read_metrics
+
+    if not (run / "metrics.jsonl").is_file():
         return None
-    secs = [json.loads(line)["step_seconds"] for line in path.read_text().splitlines() if line]
+    secs = [m["step_seconds"] for m in read_metrics(run)]
     return statistics.median(secs[2:] if len(secs) > 3 else secs) if secs else None
 
 
@@ -244,7 +245,7 @@ def study_table(rows: list[dict], original: float | None, prefix: str = "gentle-
         table.append(cells)
     head = ["row", "trained sparsity %", "trained ppl",
             *[f"ppl at {100 * s:g}%" for s in at], "s/step", f"vs {baseline}"]
-    return ("One knob at a time on make demo's recipe (lambda_S 0.25, bf16, equal steps); "
+    return ("One knob at a time on the base recipe (lambda_S 0.25, bf16, equal steps); "
             "perplexity at equal sparsity along each row's sweep:\n\n"
             + format_table(head, table))
 

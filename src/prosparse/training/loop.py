@@ -294,7 +294,7 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
                disable=not (progress and main), desc="train")
     record: dict = {}
     lambdas = []
-    match_hidden = teacher is not None and recipe.distill.hidden_weight > 0
+    match_hidden = recipe.distill.hidden_weight > 0  # the recipe refuses it without a teacher
     for step in bar:
         t_step = time.perf_counter()
         lam = l1_factor(step, recipe.stages)
