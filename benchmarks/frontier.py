@@ -98,6 +98,9 @@ def entries(budget: int = 1) -> list[Entry]:
             ("gentle-ffn-only", "ProSparse 0.25, FFN weights only", ["optim.train_params=ffn"]),
             ("gentle-lr2e-4", "ProSparse 0.25, lr 2e-4", ["optim.lr=2.0e-4"]),
             ("gentle-kd-t2", "ProSparse 0.25, KD temperature 2", ["distill.temperature=2.0"]),
+            # The two knobs that each helped, together: do they add up?
+            ("gentle-ffn-kd-t2", "ProSparse 0.25, FFN only + KD temperature 2",
+             ["optim.train_params=ffn", "distill.temperature=2.0"]),
             ("gentle-hidden", "ProSparse 0.25, + hidden-state matching",
              ["distill.hidden_weight=1.0"]),
             ("gentle-wiki-qa", "ProSparse 0.25, wiki + qa text", ["data.sources=[wiki, qa]"])):
