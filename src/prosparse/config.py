@@ -115,6 +115,15 @@ class ThresholdConfig:
     """Thresholds tried when ``value`` is None."""
     tolerance: float = 0.01
     """Sweep: largest t whose held-out perplexity is within this relative tolerance of t=0."""
+    train: float = 0.0
+    """Threshold-aware training (not in the paper): the FATReLU threshold the model trains under
+    at the end, reached by a linear ramp from the swapped-in activation's own threshold (0 for
+    relu) over ``train_ramp`` steps after step ``train_start``, then held to the last step, so
+    the weights adapt to the shift the final sweep applies. 0 disables."""
+    train_start: int = 0
+    """Last step before the ramp (the threshold starts rising at ``train_start + 1``)."""
+    train_ramp: int = 0
+    """Ramp length in steps; 0 = the full threshold from ``train_start + 1`` on."""
 
 
 @dataclass
@@ -264,6 +273,23 @@ class Recipe:
                 f"data.weights has {len(self.data.weights)} entries for "
                 f"{len(self.data.sources)} data.sources; give one weight per source or null"
             )
+        th = self.threshold
+        if th.train > 0:
+            if self.activation not in ("relu", "fatrelu"):
+                raise UsageError(f"threshold.train ({th.train}) trains under FATReLU; it needs "
+                                 f"activation relu or fatrelu (got {self.activation!r})")
+            base = self.activation_param if self.activation == "fatrelu" else 0.0
+            if th.train < base:
+                raise UsageError(f"threshold.train ({th.train}) is below activation_param "
+                                 f"({base}); the ramp only raises the threshold")
+            if th.train_start + th.train_ramp > self.total_steps:
+                raise UsageError(f"threshold.train_start + threshold.train_ramp "
+                                 f"({th.train_start} + {th.train_ramp}) runs past the last step "
+                                 f"({self.total_steps}); start the ramp earlier or shorten it")
+            if th.train_start < self.anneal.steps:
+                raise UsageError(f"threshold.train_start ({th.train_start}) falls inside the "
+                                 f"activation annealing ramp (anneal.steps {self.anneal.steps}); "
+                                 "start the threshold ramp after it")
         if self.distill.hidden_weight > 0 and self.distill.weight == 0:
             raise UsageError("distill.hidden_weight > 0 matches the original model's hidden "
                              "states, which needs its teacher: set distill.weight > 0 too")
@@ -304,6 +330,9 @@ _FIELD_CHECKS = {
     "distill.hidden_weight": checks.nonneg_float,
     "threshold.value": checks.threshold,
     "threshold.tolerance": checks.nonneg_float,
+    "threshold.train": checks.threshold,
+    "threshold.train_start": checks.nonneg_int,
+    "threshold.train_ramp": checks.nonneg_int,
     "log.eval_every": checks.nonneg_int,
     "log.eval_tokens": checks.positive_int,
     "checkpoint.every": checks.nonneg_int,

@@ -1,5 +1,6 @@
 """Recipe options of the loop: activation annealing (a pure ramp, resumed exactly, the model
-exactly ReLU when it ends) and a pruned model's zero weights kept through training."""
+exactly ReLU when it ends), threshold-aware training (a FATReLU ramp at the end) and a pruned
+model's zero weights kept through training."""
 
 import pytest
 import torch
@@ -231,3 +232,53 @@ def test_bf16_teacher_linears_give_autocasts_logits_bit_for_bit():
         want = model(input_ids=ids).logits
         got = teacher(input_ids=ids).logits
     assert torch.equal(got, want)
+
+
+# --- threshold-aware training: FATReLU t ramped in at the end of training ------------------------
+
+def test_train_threshold_first_middle_last():
+    from prosparse.sparsity import train_threshold
+
+    assert train_threshold(480, 0.3, 480, 60) == 0.0  # up to the start: the base
+    assert train_threshold(481, 0.3, 480, 60) == pytest.approx(0.3 / 60)
+    assert train_threshold(510, 0.3, 480, 60) == pytest.approx(0.15)
+    assert train_threshold(540, 0.3, 480, 60) == 0.3 and train_threshold(600, 0.3, 480, 60) == 0.3
+    values = [train_threshold(s, 0.3, 480, 60) for s in range(1, 601)]
+    assert values == sorted(values)  # never decreases
+    assert train_threshold(481, 0.3, 480, 0) == 0.3  # no ramp: the full threshold at once
+    assert train_threshold(5, 0.3, 4, 2, base=0.1) == pytest.approx(0.2)  # from a fatrelu base
+
+
+def test_threshold_ramp_is_trained_under_logged_and_resumed(tiny_dir, text_file, tmp_path):
+    t = "threshold.train=0.05", "threshold.train_start=2", "threshold.train_ramp=2"
+    _reset_accelerate()
+    train(tiny_recipe(tiny_dir, text_file), tmp_path / "plain", progress=False)
+    _reset_accelerate()
+    train(tiny_recipe(tiny_dir, text_file, *t), tmp_path / "full", progress=False)
+    plain, full = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "full")
+    assert [m["threshold"] for m in full] == pytest.approx([0, 0, 0.025, 0.05, 0.05, 0.05])
+    assert "threshold" not in plain[0]
+    for x, y in zip(plain[:2], full[:2]):  # threshold 0: the same ReLU model
+        assert x["loss"] == y["loss"]
+    # from step 3 the FFNs run FATReLU: more exact zeros than the plain run, a different loss
+    assert full[2]["train_sparsity"] > plain[2]["train_sparsity"]
+    assert full[2]["loss"] != plain[2]["loss"]
+    _reset_accelerate()
+    train(tiny_recipe(tiny_dir, text_file, *t), tmp_path / "part", stop_after=3,
+          progress=False)  # inside the ramp
+    _reset_accelerate()
+    train(tiny_recipe(tiny_dir, text_file, *t), tmp_path / "part", resume=True, progress=False)
+    for x, y in zip(full, read_metrics(tmp_path / "part")):
+        for key in ("threshold", "lm_loss", "loss", "train_sparsity"):
+            assert x[key] == y[key], f"step {x['step']} {key}: {x[key]} vs {y[key]}"
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["threshold.train_start=5", "threshold.train_ramp=2"], "runs past the last step"),
+    (["activation=shifted_relu"], "needs activation relu or fatrelu"),
+    (["activation=fatrelu", "activation_param=0.2"], "below activation_param"),
+    (["anneal.steps=2", "threshold.train_start=1"], "inside the activation annealing ramp"),
+])
+def test_threshold_ramp_refuses_bad_recipes(tiny_dir, text_file, extra, match):
+    with pytest.raises(UsageError, match=match):
+        tiny_recipe(tiny_dir, text_file, "threshold.train=0.1", *extra)

@@ -91,6 +91,18 @@ def l1_factor(step: int, stages: Sequence[Stage]) -> float:
     return float(prev.lam + eta * (s.lam - prev.lam))
 
 
+def train_threshold(step: int, target: float, start: int, ramp: int, base: float = 0.0) -> float:
+    """The FATReLU threshold of threshold-aware training at 1-based ``step``: ``base`` up to step
+    ``start``, then a linear rise reaching exactly ``target`` at step ``start + ramp`` (at
+    ``start + 1`` when ``ramp`` is 0), held from then on. A pure function of the step, like
+    lambda: a resumed run lands on the same value."""
+    if step <= start:
+        return float(base)
+    if ramp <= 0 or step >= start + ramp:
+        return float(target)
+    return float(base + (target - base) * (step - start) / ramp)
+
+
 def schedule_curve(stages: Sequence[Stage], every: int = 1) -> dict:
     """``{"steps": [...], "lambda": [...]}`` for steps 1..T_S (every ``every``-th, last included)."""
     if every < 1:

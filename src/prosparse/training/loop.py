@@ -28,7 +28,7 @@ from prosparse.models.anneal import anneal_factor, begin_anneal_, set_anneal_
 from prosparse.models.relufy import find_gated_ffns
 from prosparse.sparsity.hooks import capture_x1
 from prosparse.sparsity.penalty import PenaltyCollector
-from prosparse.sparsity.schedule import l1_factor, stage_index
+from prosparse.sparsity.schedule import l1_factor, stage_index, train_threshold
 from prosparse.training.checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
 from prosparse.training.data import build_blocks, heldout_blocks, micro_batch
 from prosparse.training.metrics import MetricsLog
@@ -248,6 +248,13 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
         begin_anneal_(model, originals)
         resumed = 0 if ckpt is None else checkpoint_step(ckpt)
         set_anneal_(model, anneal_factor(resumed, an.steps, an.shape))  # the checkpoint's modules
+    th = recipe.threshold  # threshold-aware training: FATReLU t rising at the end
+    t_base = recipe.activation_param if recipe.activation == "fatrelu" else 0.0
+    t_now = None  # set at the first step
+    if th.train > 0 and ckpt is not None:  # the checkpoint's modules (and threshold buffers)
+        t_now = train_threshold(checkpoint_step(ckpt), th.train, th.train_start, th.train_ramp,
+                                t_base)
+        relufy_(model, "fatrelu", t_now)
     keep = recipe.weights.keep_mask
     if keep is None:
         keep = bool(getattr(model.config, "prosparse_pruning", None))
@@ -302,6 +309,11 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
         alpha = anneal_factor(step, an.steps, an.shape) if an.steps > 0 else 1.0
         if an.steps > 0:
             set_anneal_(model, alpha)
+        if th.train > 0:
+            t = train_threshold(step, th.train, th.train_start, th.train_ramp, t_base)
+            if t != t_now:  # unwrapped, so the config (and each checkpoint) names it too
+                relufy_(accelerator.unwrap_model(model), "fatrelu", t)
+                t_now = t
         lr = lr_at(step, recipe)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -357,6 +369,8 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
             record["hidden_loss"] = hid_v
         if an.steps > 0:
             record["anneal"] = alpha
+        if th.train > 0:
+            record["threshold"] = t_now
         evaluate_now = (recipe.log.eval_every and step % recipe.log.eval_every == 0) or \
             step == recipe.total_steps
         if evaluate_now:
