@@ -101,6 +101,11 @@ def entries(budget: int = 1) -> list[Entry]:
             # The two knobs that each helped, together: do they add up?
             ("gentle-ffn-kd-t2", "ProSparse 0.25, FFN only + KD temperature 2",
              ["optim.train_params=ffn", "distill.temperature=2.0"]),
+            # ... and trained under the sweep's largest threshold for the last 60 steps
+            # (threshold-aware training: ramp 200 -> 230, held to 260).
+            ("gentle-ffn-kd-t2-tat", "ProSparse 0.25, FFN only + KD T 2, trained at t 0.3",
+             ["optim.train_params=ffn", "distill.temperature=2.0", "threshold.train=0.3",
+              "threshold.train_start=200", "threshold.train_ramp=30"]),
             ("gentle-hidden", "ProSparse 0.25, + hidden-state matching",
              ["distill.hidden_weight=1.0"]),
             ("gentle-wiki-qa", "ProSparse 0.25, wiki + qa text", ["data.sources=[wiki, qa]"])):
