@@ -9,6 +9,7 @@ import torch
 
 from prosparse import find_gated_ffns, relufy_
 from prosparse.data import load_texts, pack_blocks
+from prosparse.errors import UsageError
 from prosparse.evaluation.heldout import evaluate_blocks
 from prosparse.models.relufy import current_activation
 from prosparse.sparsity import ZeroCounter, capture_x1
@@ -120,3 +121,19 @@ def test_pruned_model_reports_weight_sparsity(llama, tokenizer, text_file):
     w = out["weight_sparsity"]
     assert w["pattern"] == "2:4" and w["compliance"] == 1.0
     assert w["zeros"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_threshold_sweep_tolerance_is_relative_to_baseline_t(llama, tokenizer, text_file):
+    """A model trained under FATReLU t is judged against its own t, not against t = 0."""
+    relufy_(llama)
+    out = threshold_sweep(llama, tokenizer, [0.01, 0.5, 5.0], data=[str(text_file)],
+                          tolerance=0.02, tokens=256, seq_len=32, progress=False,
+                          baseline_t=0.5)
+    rows = {r["t"]: r for r in out["thresholds"]}
+    assert out["baseline_t"] == 0.5
+    assert out["baseline_perplexity"] == pytest.approx(rows[0.5]["perplexity"])
+    ok = [t for t, r in rows.items() if r["perplexity"] <= rows[0.5]["perplexity"] * 1.02]
+    assert out["recommended"] == max(ok) and out["recommended"] >= 0.5
+    with pytest.raises(UsageError, match="baseline_t"):
+        threshold_sweep(llama, tokenizer, [0.1], data=[str(text_file)], tokens=256, seq_len=32,
+                        progress=False, baseline_t=-1.0)

@@ -111,7 +111,7 @@ def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, 
                                     data=recipe.data.heldout, tolerance=th.tolerance,
                                     tokens=recipe.data.heldout_tokens,
                                     seq_len=recipe.data.heldout_seq_len or recipe.data.seq_len,
-                                    progress=False)
+                                    progress=False, baseline_t=th.train)
             report["threshold_sweep"] = sweep
             t = float(sweep["recommended"])
         else:
