@@ -46,6 +46,17 @@ def test_threshold_command_json(model_dir, text_file, tmp_path):
     assert result["recommended"] in (0, 0.01, 1)
 
 
+def test_threshold_command_baseline_t(model_dir, text_file, tmp_path, capsys):
+    js = tmp_path / "t.json"
+    assert main(["threshold", str(model_dir), "--act", "relu", "--data", str(text_file),
+                 "--thresholds", "0,0.01,1", "--tokens", "128", "--seq-len", "32",
+                 "--baseline-t", "0.01", "--tolerance", "0", "--json", str(js)]) == 0
+    result = json.loads(js.read_text())
+    rows = {r["t"]: r["perplexity"] for r in result["thresholds"]}
+    assert result["baseline_t"] == 0.01 and result["baseline_perplexity"] == rows[0.01]
+    assert "of t = 0.01:" in capsys.readouterr().out
+
+
 def test_errors_are_clear_and_nothing_is_written(tmp_path, capsys):
     assert main(["sparsity", "nowhere", "--tokens", "64"]) == 2
     assert "no model at 'nowhere'" in capsys.readouterr().err

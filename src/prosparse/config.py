@@ -114,7 +114,8 @@ class ThresholdConfig:
     sweep: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.02, 0.03, 0.05])
     """Thresholds tried when ``value`` is None."""
     tolerance: float = 0.01
-    """Sweep: largest t whose held-out perplexity is within this relative tolerance of t=0."""
+    """Sweep: largest t whose held-out perplexity is within this relative tolerance of the
+    perplexity at the trained t (``train``; t = 0 when the model trained under plain ReLU)."""
     train: float = 0.0
     """Threshold-aware training (not in the paper): the FATReLU threshold the model trains under
     at the end, reached by a linear ramp from the swapped-in activation's own threshold (0 for

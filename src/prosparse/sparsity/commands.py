@@ -93,12 +93,13 @@ def _threshold(args) -> int:
     apply_activation_args(model, args)
     result = threshold_sweep(model, tok, args.thresholds, data=args.data or [DEFAULT_DATA],
                              tolerance=args.tolerance, tokens=args.tokens, seq_len=args.seq_len,
-                             batch_size=args.batch_size)
+                             batch_size=args.batch_size, baseline_t=args.baseline_t)
     rows = [[f"{r['t']:g}", pct(r["average_sparsity"]), f"{r['perplexity']:.3f}"]
             for r in result["thresholds"]]
     print(format_table(["t", "sparsity %", "perplexity"], rows))
     print(f"recommended t = {result['recommended']:g} (perplexity within "
-          f"{100 * args.tolerance:g}% of t = 0: {result['baseline_perplexity']:.3f})")
+          f"{100 * args.tolerance:g}% of t = {args.baseline_t:g}: "
+          f"{result['baseline_perplexity']:.3f})")
     if args.json:
         write_json(args.json, result)
     return 0
@@ -119,13 +120,18 @@ def register(sub) -> None:
 
     p = sub.add_parser("threshold", help="sweep the FATReLU threshold (paper Table 9)",
                        description="Sparsity and perplexity for each FATReLU threshold t, and "
-                                   "the largest t within a perplexity tolerance of t = 0.")
+                                   "the largest t within a perplexity tolerance of t = 0 (or of "
+                                   "--baseline-t, the t a model was trained under).")
     add_model_args(p)
     add_activation_args(p, default=None)
     add_data_args(p)
     p.add_argument("--thresholds", type=_thresholds, default=(0.0, 0.005, 0.01, 0.02),
                    help="comma-separated thresholds (default 0,0.005,0.01,0.02)")
     p.add_argument("--tolerance", type=checks.nonneg_float, default=0.01,
-                   help="relative perplexity increase allowed over t = 0 (0.01 = +1%%)")
+                   help="relative perplexity increase allowed over t = --baseline-t "
+                        "(0.01 = +1%%)")
+    p.add_argument("--baseline-t", type=checks.nonneg_float, default=0.0,
+                   help="the threshold the tolerance is judged against: 0 for a model trained "
+                        "under plain ReLU, its threshold.train for one trained under FATReLU")
     p.add_argument("--json", type=checks.output_file, help="write results as JSON here")
     p.set_defaults(func=_threshold)
