@@ -27,6 +27,8 @@ VARIANTS = {
     "wiki-kd+lm": [],
     "wiki-kd": ["distill.lm_weight=0"],
     "mix-kd+lm": ["data.sources=[wiki, austen, pydoc]", "data.weights=[0.5, 0.3, 0.2]"],
+    # The hypothesis that a lower learning rate keeps knowledge lm-eval measures.
+    "wiki-kd+lm-lr1e-4": ["optim.lr=1.0e-4"],
 }
 
 
@@ -127,7 +129,7 @@ def main() -> None:
            "(+ each variant's overrides)")
     write_json(args.out + ".json", {"recipe": cmd, "variants": VARIANTS, "results": rows})
     atomic_write(args.out + ".md", lambda tmp: tmp.write_text(
-        f"# Data study\n\nrecipe {cmd}\n\n{table}\n"))
+        f"# Data study (and one learning-rate point)\n\nrecipe {cmd}\n\n{table}\n"))
 
 
 if __name__ == "__main__":
