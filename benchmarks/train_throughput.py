@@ -7,9 +7,11 @@ Each variant runs ``configs/demo.yaml`` (distillation, the ReLU swap, the demo's
 ``--steps`` optimiser steps through ``prosparse.training.train`` itself, no held-out evaluation,
 and reads the per-step wall time the loop logs (``step_seconds``). Medians skip the first two
 steps (allocation, first-touch). Variants: the per-tensor AdamW loop (``optim.fused=false``, the
-loop before fused AdamW became the default), fused AdamW, fused AdamW + bf16 autocast. Losses are
-compared step by step with the first variant's (identical data order and seed): fp32 variants
-must agree within float rounding, bf16 within bf16 rounding. Table to stdout, JSON to
+loop before fused AdamW became the default), fused AdamW, fused AdamW + bf16 autocast, all
+training every weight; then the committed demo recipe's FFN-only training. Losses are compared
+step by step with the first variant's (identical data order and seed): fp32 variants must agree
+within float rounding, bf16 within bf16 rounding; FFN-only trains fewer weights, so only its
+first loss must agree. Table to stdout, JSON to
 benchmarks/results/train_throughput.json.
 """
 
@@ -24,9 +26,15 @@ from pathlib import Path
 import torch
 
 VARIANTS = {
-    "AdamW loop (fp32)": ["optim.fused=false", "dtype=fp32"],
-    "fused AdamW (fp32)": ["optim.fused=true", "dtype=fp32"],
-    "fused AdamW + bf16 autocast": ["optim.fused=true", "dtype=bf16"],
+    # The first three train every weight, as the demo recipe did when issue 15 measured its
+    # loop: the same computation, so their losses must agree within rounding.
+    "AdamW loop (fp32)": ["optim.fused=false", "dtype=fp32", "optim.train_params=all"],
+    "fused AdamW (fp32)": ["optim.fused=true", "dtype=fp32", "optim.train_params=all"],
+    "fused AdamW + bf16 autocast": ["optim.fused=true", "dtype=bf16", "optim.train_params=all"],
+    # The demo recipe as committed trains the FFN weights only (a recipe change, chosen on the
+    # frontier for quality): its losses part from the others after the first step by design.
+    "fused AdamW + bf16, FFN only (make demo)": ["optim.fused=true", "dtype=bf16",
+                                                 "optim.train_params=ffn"],
 }
 QUIET = ["log.measure_before=false", "log.eval_every=0", "log.tensorboard=false", "eval.tasks=[]"]
 
