@@ -282,3 +282,34 @@ def test_threshold_ramp_is_trained_under_logged_and_resumed(tiny_dir, text_file,
 def test_threshold_ramp_refuses_bad_recipes(tiny_dir, text_file, extra, match):
     with pytest.raises(UsageError, match=match):
         tiny_recipe(tiny_dir, text_file, "threshold.train=0.1", *extra)
+
+
+def test_final_benchmark_scores_the_model_as_the_original_was_and_final_loads(
+        tiny_dir, text_file, tmp_path, monkeypatch):
+    """Under dtype=bf16 the trained model runs inside accelerate's autocast wrapper; the report's
+    lm-eval of the final model must not (the original was scored in fp32, before prepare, and
+    final/ loads in fp32): bf16 scoring read run 3's lm-eval 2.6 points low."""
+    from prosparse.training import loop, report
+
+    seen = {}
+
+    def fake_benchmark(model, tokenizer, recipe):
+        # accelerate's wrapper casts outputs back to fp32, so look inside: is autocast on
+        # while the layers run?
+        state = []
+        hook = model.lm_head.register_forward_pre_hook(
+            lambda mod, args: state.append(torch.is_autocast_enabled("cpu")))
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[1, 2, 3, 4]]))
+        hook.remove()
+        seen[len(seen)] = state
+        return {"tasks": {}, "groups": {}, "average": 0.0}
+
+    monkeypatch.setattr(loop, "benchmark", fake_benchmark)
+    monkeypatch.setattr(report, "benchmark", fake_benchmark)
+    _reset_accelerate()
+    r = train(tiny_recipe(tiny_dir, text_file, "dtype=bf16", "eval.tasks=[piqa]", "eval.limit=2"),
+              tmp_path / "bf16", progress=False)
+    assert r.report["mixed_precision"] == "bf16"
+    assert set(r.report["benchmarks"]) == {"original", "final"}
+    assert seen == {0: [False], 1: [False]}

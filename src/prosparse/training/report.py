@@ -129,7 +129,11 @@ def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, 
     accelerator.wait_for_everyone()
     report["final_checkpoint"] = str(final)
     if recipe.eval.tasks and accelerator.is_main_process:
-        report.setdefault("benchmarks", {})["final"] = benchmark(unwrapped, tokenizer, recipe)
+        # Scored as the original was (before accelerate.prepare) and as final/ loads: without
+        # the mixed-precision autocast wrapper that unwrap_model keeps by default. Under bf16
+        # autocast the lm-eval of a thresholded model reads points lower than its checkpoint's.
+        plain = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        report.setdefault("benchmarks", {})["final"] = benchmark(plain, tokenizer, recipe)
     report["wall_seconds"] = time.time() - wall_start
     if accelerator.is_main_process:
         report["table"] = before_after_table(report)
