@@ -44,6 +44,12 @@ def summarize(run: Path) -> dict:
     r = json.loads((run / "report.json").read_text())
     bench = r.get("benchmarks", {})
 
+    # A report's own final lm-eval was scored under bf16 autocast before commit 979a5aa; a
+    # `prosparse eval RUN/final --json RUN/eval_fp32.json` next to it takes precedence.
+    rescored = run / "eval_fp32.json"
+    if rescored.is_file():
+        bench = {**bench, "final": json.loads(rescored.read_text())}
+
     def lm(which: str) -> dict | None:
         b = bench.get(which)
         if not b:
@@ -64,7 +70,8 @@ def summarize(run: Path) -> dict:
             "wall_seconds": r["wall_seconds"],
             "original_perplexity": r["original"]["perplexity"],
             "perplexity": r["final"]["perplexity"], "sparsity": r["final"]["average_sparsity"],
-            "lm_eval_original": lm("original"), "lm_eval": lm("final"), "evals": evals}
+            "lm_eval_original": lm("original"), "lm_eval": lm("final"),
+            "lm_eval_rescored_fp32": rescored.is_file(), "evals": evals}
 
 
 def tables(rows: dict[str, dict]) -> str:

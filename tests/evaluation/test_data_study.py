@@ -79,3 +79,13 @@ def test_table_from_finished_runs(study, tmp_path):
     assert orig.split("|")[1].strip() == "original" and "20.00" in orig
     assert "| wiki 1 " in wiki and "| kd+lm " in wiki and "1.100" in wiki and "49.00" in wiki
     assert "wiki 0.5 austen 0.5" in mix and "| kd " in mix and "1.250" in mix
+
+
+def test_fp32_rescore_next_to_a_run_takes_precedence(study, tmp_path):
+    run = _fake_run(tmp_path / "wiki", ["wiki"], None, 1.0, 22.0, {"piqa": 0.6, "boolq": 0.4})
+    (run / "eval_fp32.json").write_text(json.dumps(
+        {"tasks": {"piqa": {"value": 0.7}, "boolq": {"value": 0.5}}, "average": 0.6, "limit": 200}))
+    r = study.summarize(run)
+    assert r["lm_eval_rescored_fp32"] is True
+    assert r["lm_eval"]["average"] == 0.6 and r["lm_eval"]["tasks"] == {"piqa": 0.7, "boolq": 0.5}
+    assert r["lm_eval_original"]["average"] == 0.5  # the original stays the report's
