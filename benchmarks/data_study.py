@@ -39,6 +39,8 @@ def base_overrides(steps: int) -> list[str]:
 
 def summarize(run: Path) -> dict:
     """One row of the study from a finished ``prosparse train`` run directory."""
+    import yaml
+
     from prosparse.training import read_metrics
 
     r = json.loads((run / "report.json").read_text())
@@ -57,8 +59,6 @@ def summarize(run: Path) -> dict:
         tasks = {t: v["value"] for t, v in b["tasks"].items()}
         return {"average": b["average"], "task_mean": statistics.fmean(tasks.values()),
                 "tasks": tasks, "limit": b.get("limit")}
-
-    import yaml
 
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     data = recipe["data"]
