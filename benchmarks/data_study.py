@@ -92,11 +92,11 @@ def tables(rows: dict[str, dict]) -> str:
         data = " ".join(f"{s} {x:g}" for s, x in zip(r["sources"], w))
         obj = "kd" if not r["distill"].get("lm_weight", 1.0) else "kd+lm"
         e = r["lm_eval"]
+        scores = ([f"{100 * e['average']:.2f}", f"{100 * e['task_mean']:.2f}"]
+                  + [f"{100 * e['tasks'][t]:.1f}" for t in tasks]) if e else [""] * (2 + len(tasks))
         body.append([name, data, obj, r["tokens"], f"{r['perplexity']:.2f}",
                      f"{r['perplexity'] / r['original_perplexity']:.3f}",
-                     f"{100 * r['sparsity']:.2f}%",
-                     f"{100 * e['average']:.2f}" if e else "", f"{100 * e['task_mean']:.2f}" if e
-                     else ""] + [f"{100 * e['tasks'][t]:.1f}" if e else "" for t in tasks])
+                     f"{100 * r['sparsity']:.2f}%", *scores])
     return format_table(head, body)
 
 
@@ -107,8 +107,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="*", default=list(VARIANTS))
     p.add_argument("--runs", default="runs/data_study", help="where the runs go")
     p.add_argument("--report", nargs="*", metavar="RUN_DIR", default=None,
-                   help="build the table from these finished runs (named by their folder, "
-                        "variant names as folder prefixes) instead of training")
+                   help="build the table from these finished runs instead of training (each row "
+                        "is named by its run's folder)")
     p.add_argument("--out", default="benchmarks/results/data_study")
     p.add_argument("--prosparse", default=str(Path(sys.executable).parent / "prosparse"))
     args = p.parse_args()
@@ -118,10 +118,11 @@ def main() -> None:
     if args.report is not None:
         runs = {Path(d).name: Path(d) for d in args.report}
     else:
+        unknown = [n for n in args.variants if n not in VARIANTS]
+        if unknown:  # before any variant trains, not after the first ones have
+            p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
         runs = {}
         for name in args.variants:
-            if name not in VARIANTS:
-                p.error(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
             out = Path(args.runs) / name
             cmd = [args.prosparse, "train", args.recipe, *base_overrides(args.steps),
                    *VARIANTS[name], "--out", str(out), "--overwrite"]

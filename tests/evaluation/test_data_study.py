@@ -89,3 +89,18 @@ def test_fp32_rescore_next_to_a_run_takes_precedence(study, tmp_path):
     assert r["lm_eval_rescored_fp32"] is True
     assert r["lm_eval"]["average"] == 0.6 and r["lm_eval"]["tasks"] == {"piqa": 0.7, "boolq": 0.5}
     assert r["lm_eval_original"]["average"] == 0.5  # the original stays the report's
+
+
+def test_a_run_without_lm_eval_keeps_its_row_with_empty_scores(study, tmp_path):
+    a = study.summarize(_fake_run(tmp_path / "wiki", ["wiki"], None, 1.0, 22.0,
+                                  {"piqa": 0.6, "boolq": 0.4}))
+    run = _fake_run(tmp_path / "bare", ["wiki"], None, 1.0, 24.0, {"piqa": 0.6})
+    report = json.loads((run / "report.json").read_text())
+    del report["benchmarks"]
+    (run / "report.json").write_text(json.dumps(report))
+    b = study.summarize(run)
+    assert b["lm_eval"] is None and b["lm_eval_original"] is None
+    cells = [c.strip() for c in study.tables({"wiki": a, "bare": b}).splitlines()[4].split("|")]
+    assert cells[1] == "bare" and "1.200" in cells
+    # avg, task mean, piqa, boolq empty, and the sparsity still in its own column
+    assert cells[-6:-1] == ["66.00%", "", "", "", ""]

@@ -291,7 +291,7 @@ def test_final_benchmark_scores_the_model_as_the_original_was_and_final_loads(
     final/ loads in fp32): bf16 scoring read run 3's lm-eval 2.6 points low."""
     from prosparse.training import loop, report
 
-    seen = {}
+    seen = []
 
     def fake_benchmark(model, tokenizer, recipe):
         # accelerate's wrapper casts outputs back to fp32, so look inside: is autocast on
@@ -302,7 +302,7 @@ def test_final_benchmark_scores_the_model_as_the_original_was_and_final_loads(
         with torch.no_grad():
             model(input_ids=torch.tensor([[1, 2, 3, 4]]))
         hook.remove()
-        seen[len(seen)] = state
+        seen.append(state)
         return {"tasks": {}, "groups": {}, "average": 0.0}
 
     monkeypatch.setattr(loop, "benchmark", fake_benchmark)
@@ -312,4 +312,4 @@ def test_final_benchmark_scores_the_model_as_the_original_was_and_final_loads(
               tmp_path / "bf16", progress=False)
     assert r.report["mixed_precision"] == "bf16"
     assert set(r.report["benchmarks"]) == {"original", "final"}
-    assert seen == {0: [False], 1: [False]}
+    assert seen == [[False], [False]]  # the original, then the final model
