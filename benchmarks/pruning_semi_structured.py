@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/pruning_semi_structured.py runs/wanda-2of4 \
         --json benchmarks/results/pruning_semi_structured.json
 
-MODEL is a 2:4 checkpoint (``prosparse prune ... --pattern 2:4``). Needs CUDA with compute
-capability 8.0+; without it the script stops with the reason. Each side is timed with CUDA
-events after warm-up; the median of ``--repeats`` runs is reported.
+MODEL is a 2:4 checkpoint (``prosparse prune ... --pattern 2:4``); ``--llama2-7b-shape``
+instead builds a random LLaMA2-7B-shaped model of ``--layers`` layers and prunes every decoder
+linear 2:4 by magnitude (speed only). Needs CUDA with compute capability 8.0+; without it the
+script stops with the reason. Each side is timed with CUDA events after warm-up; the median of
+``--repeats`` runs is reported.
 """
 
 from __future__ import annotations
@@ -50,7 +52,10 @@ def measure(model, prefill: int, new_tokens: int, repeats: int) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("model", help="a 2:4 checkpoint folder")
+    p.add_argument("model", nargs="?", default=None, help="a 2:4 checkpoint folder")
+    p.add_argument("--llama2-7b-shape", action="store_true",
+                   help="a random LLaMA2-7B-shaped model, magnitude-pruned 2:4, instead of MODEL")
+    p.add_argument("--layers", type=int, default=8, help="layers of the 7B-shaped model")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     p.add_argument("--prefill", type=int, default=2048)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -60,6 +65,8 @@ def main() -> int:
 
     from prosparse.pruning.semi_structured import to_semi_structured_, unavailable_reason
 
+    if args.llama2_7b_shape == (args.model is not None):
+        p.error("give either MODEL or --llama2-7b-shape")
     reason = unavailable_reason()
     if reason:
         print(f"pruning_semi_structured: error: {reason}; run it on an Ampere or newer GPU",
@@ -70,7 +77,16 @@ def main() -> int:
     from prosparse.tables import format_table
 
     dtype = getattr(torch, args.dtype)
-    model, _ = load_model(args.model, dtype=args.dtype, device="cuda")
+    if args.llama2_7b_shape:
+        from prosparse.inference.decode import llama2_7b_shaped
+        from prosparse.pruning import prunable_linears
+        from prosparse.pruning.baselines import magnitude_prune_
+
+        model = llama2_7b_shaped(args.layers, dtype, device="cuda")
+        magnitude_prune_(prunable_linears(model), 2, 4)
+        args.model = f"random LLaMA2-7B shape, {args.layers} of 32 layers, magnitude 2:4"
+    else:
+        model, _ = load_model(args.model, dtype=args.dtype, device="cuda")
     model.eval()
     dense = measure(model, args.prefill, args.new_tokens, args.repeats)
     report = to_semi_structured_(model)

@@ -16,7 +16,12 @@ pytestmark = pytest.mark.skipif(
     reason="needs triton, and CUDA or TRITON_INTERPRET=1",
 )
 DEV = "cuda" if dispatch.HAS_CUDA else "cpu"
-needs_cuda = pytest.mark.skipif(not dispatch.HAS_CUDA, reason="needs a CUDA device")
+
+
+def needs_cuda(test):
+    """A GPU test: marked ``gpu`` (``pytest -m gpu`` selects it) and skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not dispatch.HAS_CUDA,
+                                              reason="needs a CUDA device")(test))
 
 
 def tk():
@@ -152,3 +157,65 @@ def test_sparse_mlp_under_torch_compile_reduce_overhead():
         for _ in range(3):  # record, then replay the CUDA graph
             out = compiled(x)
     assert_close(out, eager, torch.bfloat16, "compiled vs eager SparseMLP")
+
+
+def _predicted_mlp(dev, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import prosparse
+    from prosparse.inference.predicted import attach_predictors_
+    from prosparse.predictors.model import PredictorSet
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=173, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    model = LlamaForCausalLM(config).to(dev, dtype).eval()
+    prosparse.relufy_(model, "relu")
+    pset = PredictorSet(64, 173, 1, 16).eval()
+    pset.thresholds.fill_(0.0)
+    attach_predictors_(model, pset, backend="triton")
+    return model
+
+
+def test_predicted_mlp_forward_never_asks_the_host(monkeypatch):
+    """The predictor-driven FFN counts its predicted neurons on the device: no item(), so a
+    decode step with predictors can be captured in a CUDA graph."""
+    from prosparse.inference.predicted import mean_predicted_sparsity, reset_predicted_counts
+
+    model = _predicted_mlp(DEV)
+    reset_predicted_counts(model)
+    x = torch.randn(1, 1, 64, device=DEV)
+
+    def host_sync(*a, **k):
+        raise AssertionError("host sync in the predicted FFN")
+
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        for name in ("nonzero", "item", "tolist", "__int__", "__bool__"):
+            monkeypatch.setattr(torch.Tensor, name, host_sync)
+        # the norm's hook hands the residual to the predicted FFN, as in a decoder layer
+        y = layer.mlp(layer.post_attention_layernorm(x))
+        monkeypatch.undo()
+    assert y.shape == (1, 1, 64) and torch.isfinite(y).all()
+    assert 0.0 <= mean_predicted_sparsity(model) <= 1.0
+    assert layer.mlp.tokens == 1
+
+
+@needs_cuda
+def test_predicted_decode_step_counts_inside_a_cuda_graph():
+    from prosparse.inference.predicted import reset_predicted_counts
+
+    model = _predicted_mlp("cuda", torch.bfloat16)
+    layer = model.model.layers[0]
+    x = torch.randn(1, 1, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = layer.mlp(layer.post_attention_layernorm(x))
+        reset_predicted_counts(model)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer.mlp(layer.post_attention_layernorm(x))
+        for _ in range(3):
+            graph.replay()
+    torch.cuda.synchronize()
+    assert_close(out, eager, torch.bfloat16, "graph replay of the predicted FFN")
+    assert layer.mlp.tokens == 3  # capture records the step without running it

@@ -19,6 +19,7 @@ def test_without_cuda_the_swap_says_why(llama):
     with pytest.raises(UsageError, match="needs CUDA|compute capability"):
         to_semi_structured_(llama)
 
+@pytest.mark.gpu
 @pytest.mark.skipif(REASON is not None, reason=REASON or "")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_semi_structured_matches_masked_dense(dtype):
@@ -32,6 +33,7 @@ def test_semi_structured_matches_masked_dense(dtype):
     assert diff.max() < 2e-2 * ref.float().abs().max(), (f"max {diff.max():.3g}, mean "
                                                          f"{diff.mean():.3g}")
 
+@pytest.mark.gpu
 @pytest.mark.skipif(REASON is not None, reason=REASON or "")
 def test_to_semi_structured_swaps_only_exact_2of4(llama):
     model = llama.cuda().half()

@@ -77,6 +77,24 @@ def _timer(device: torch.device):
     return run
 
 
+def copy_bandwidth_gbps(device: torch.device, nbytes: int = 2**30, reps: int = 10) -> float:
+    """The device's achievable memory bandwidth in GB/s: the median of ``reps`` device-to-device
+    copies of ``nbytes``, counting bytes read plus bytes written (CUDA only)."""
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(reps + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= 2:
+            times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
 def _random_gate(tokens: int, d_ff: int, active: int, dtype, device, gen) -> torch.Tensor:
     """Gate pre-activations with exactly ``active`` positive entries per token, a fresh random
     set per token (so a batch's union grows as independent tokens would make it)."""
@@ -121,11 +139,16 @@ def bench_ops(
     warmup: int = 5,
     backend: str | None = None,
     seed: int = 0,
+    predicted: bool = False,
 ) -> dict:
     """Time dense vs sparse steps (2) and (3); returns the ``bench ops`` JSON as a dict.
 
     ``sparse_*`` keys time the backend's path (on CPU the compiled kernels when they build);
     where that is the compiled one, ``torch_*`` keys time the pure-torch kernels in the same run.
+    With ``predicted``, rows with ``"step": "predicted"`` time the predictor-driven FFN (the
+    predicted rows of W_gate, W_up and W2 at each sparsity) against the dense FFN's three
+    products. On CUDA the report carries the device's copy bandwidth (``peak_gbps``) and each
+    row its ``peak_share``: the GB/s the sparse path achieved on the rows it reads over it.
     """
     dev = torch.device(device)
     name = dispatch.resolve_backend(dev, backend)
@@ -143,13 +166,16 @@ def bench_ops(
     # The dense baseline reads W2 as a dense model stores it, (d_model, d_ff) contiguous; the
     # sparse step reads W2^T contiguous (d_ff, d_model), the layout SparseMLP keeps for it.
     w2ts_dense = [w.t().contiguous().t() for w in w2ts]
+    wgs = ([torch.randn(d_ff, d_model, generator=gen).to(dtype=dtype, device=dev) * 0.02
+            for _ in range(copies)] if predicted else [])
+    peak = copy_bandwidth_gbps(dev) if dev.type == "cuda" else None
     timer = _timer(dev)
     force = dict(backend=name, dense_below=0.0, max_tokens=1 << 30)  # never fall back here
     results = []
     cases = [(b, s) for b in batches for s in sparsities]
     for batch, s in tqdm(cases, desc=f"bench ops {d_model}x{d_ff} {dtype} {dev.type}"):
         active = round((1 - s) * d_ff)
-        times = {k: [] for k in ("d2", "s2", "d3", "s3", "t2", "t3")}
+        times = {k: [] for k in ("d2", "s2", "d3", "s3", "t2", "t3", "dp", "sp")}
         n_union = []
         for i in range(warmup + reps):
             # Sparse reads copy i, dense copy i + copies/2, pure torch copy i - 1: none finds
@@ -166,6 +192,12 @@ def bench_ops(
                      ("s2", partial(dispatch.up_step, x, g, w1, **force)),
                      ("d3", partial(dense.down_step, x1, w2ts_dense[j])),
                      ("s3", partial(dispatch.down_step, x1, w2t, **force))]
+            if predicted:
+                mask = torch.rand(batch, d_ff, generator=gen).argsort(dim=1) < active
+                mask = mask.to(dev)
+                pairs += [("dp", partial(_dense_ffn, x, wgs[j], w1s[j], w2ts_dense[j])),
+                          ("sp", partial(dispatch.predicted_ffn, x, mask, wgs[i % copies], w1,
+                                         w2t, backend=name, max_tokens=1 << 30))]
             if "torch" in paths and len(paths) > 1:
                 pairs += [("t2", partial(_pure_torch, dispatch.up_step, x, g, w1s[k], **force)),
                           ("t3", partial(_pure_torch, dispatch.down_step, x1, w2ts[k], **force))]
@@ -176,9 +208,14 @@ def bench_ops(
                 if i >= warmup:
                     times[key].append(t)
         union = statistics.median(n_union)
-        for step in (2, 3):
-            dense_us = statistics.median(times[f"d{step}"])
-            sparse_us = statistics.median(times[f"s{step}"])
+        for step in (2, 3, "predicted") if predicted else (2, 3):
+            key = "p" if step == "predicted" else step
+            dense_us = statistics.median(times[f"d{key}"])
+            sparse_us = statistics.median(times[f"s{key}"])
+            # The predicted FFN reads each token's predicted rows of three matrices; the
+            # steps the union's rows of one.
+            n_mat = 3 if step == "predicted" else 1
+            rows_read = batch * active if step == "predicted" else union
             results.append({
                 "step": step,
                 "sparsity": s,
@@ -187,14 +224,17 @@ def bench_ops(
                 "dense_us": dense_us,
                 "sparse_us": sparse_us,
                 "speedup": dense_us / sparse_us,
-                "gbps": union * d_model * elem / sparse_us / 1e3,
-                "dense_gbps": matrix / dense_us / 1e3,
+                "gbps": n_mat * rows_read * d_model * elem / sparse_us / 1e3,
+                "dense_gbps": n_mat * matrix / dense_us / 1e3,
                 "bound": 1 / (1 - s) if s < 1 else math.inf,
             })
+            if peak is not None:
+                results[-1].update(peak_share=results[-1]["gbps"] / peak,
+                                   dense_peak_share=results[-1]["dense_gbps"] / peak)
             paper = PAPER_SPEEDUP.get((d_model, d_ff, step))
             if dev.type == "cuda" and paper is not None and abs(s - 0.8932) < 1e-9:
                 results[-1]["paper_speedup"] = paper
-            if times[f"t{step}"]:
+            if times.get(f"t{step}"):
                 torch_us = statistics.median(times[f"t{step}"])
                 results[-1].update(torch_us=torch_us, torch_speedup=dense_us / torch_us,
                                    torch_gbps=union * d_model * elem / torch_us / 1e3)
@@ -207,6 +247,7 @@ def bench_ops(
         "d_model": d_model,
         "d_ff": d_ff,
         "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+        "peak_gbps": peak,
         "reps": reps,
         "warmup": warmup,
         "method": (
@@ -219,6 +260,13 @@ def bench_ops(
         ),
         "results": results,
     }
+
+
+def _dense_ffn(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w2t: torch.Tensor
+               ) -> torch.Tensor:
+    """The dense FFN the predictor-driven one replaces: three dense products and the ReLU."""
+    g = dense.matvec(w_gate, x[0]).unsqueeze(0) if x.shape[0] == 1 else x @ w_gate.t()
+    return dense.down_step(dense.up_step(x, g, w_up), w2t)
 
 
 def _device_name(dev: torch.device) -> str:
@@ -238,22 +286,27 @@ def _device_name(dev: torch.device) -> str:
 def ops_table(report: dict) -> str:
     """The ``bench ops`` report as a table for people."""
     twin = any("torch_us" in r for r in report["results"])
+    peak = report.get("peak_gbps")
     lines = [
         f"{report['device']}  {report['dtype']}  backend={report['backend']} "
         f"({report.get('sparse_path', report['backend'])})  "
         f"d_model={report['d_model']} d_ff={report['d_ff']}",
-        f"{'step':>4} {'batch':>5} {'sparsity':>8} {'union':>6} {'dense us':>9} {'sparse us':>9} "
+        f"{'step':>9} {'batch':>5} {'sparsity':>8} {'union':>6} {'dense us':>9} {'sparse us':>9} "
         f"{'speedup':>7} {'bound':>6} {'GB/s':>6} {'dense GB/s':>10}"
+        + (f" {'% peak':>6}" if peak else "")
         + (f" {'torch us':>9} {'torch x':>7} {'torch GB/s':>10}" if twin else ""),
     ]
     for r in report["results"]:
         lines.append(
-            f"{r['step']:>4} {r['batch']:>5} {r['sparsity']:>8.4f} {r['union_sparsity']:>6.3f} "
+            f"{r['step']:>9} {r['batch']:>5} {r['sparsity']:>8.4f} {r['union_sparsity']:>6.3f} "
             f"{r['dense_us']:>9.1f} {r['sparse_us']:>9.1f} {r['speedup']:>6.2f}x "
             f"{r['bound']:>5.2f}x {r['gbps']:>6.1f} {r['dense_gbps']:>10.1f}"
+            + (f" {100 * r['peak_share']:>5.1f}%" if peak else "")
             + (f" {r['torch_us']:>9.1f} {r['torch_speedup']:>6.2f}x {r['torch_gbps']:>10.1f}"
                if "torch_us" in r else "")
         )
+    if peak:
+        lines.append(f"device copy bandwidth (peak): {peak:.0f} GB/s")
     lines.append(f"method: {report['method']}")
     return "\n".join(lines)
 

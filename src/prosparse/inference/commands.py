@@ -35,6 +35,9 @@ def register(subparsers) -> None:
                      help="untimed calls first (default 5)")
     ops.add_argument("--threads", type=checks.positive_int, default=None,
                      help="CPU threads (default: torch's)")
+    ops.add_argument("--predicted", action="store_true",
+                     help="also time the predictor-driven FFN (gate, up and down rows of the "
+                          "predicted neurons) against the dense FFN")
     ops.add_argument("--json", type=checks.output_file, default=None, metavar="OUT",
                      help="write results here")
     ops.set_defaults(func=run_ops)
@@ -114,7 +117,7 @@ def run_ops(args) -> int:
     report = bench_ops(
         d_model=args.d_model, d_ff=args.d_ff, sparsities=args.sparsity,
         dtype=resolve_dtype(args.dtype), device=args.device, batches=args.batch,
-        reps=args.reps, warmup=args.warmup, backend=args.backend,
+        reps=args.reps, warmup=args.warmup, backend=args.backend, predicted=args.predicted,
     )
     print(ops_table(report))
     _write(report, args.json)

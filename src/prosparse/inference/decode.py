@@ -67,13 +67,15 @@ def greedy_decode(
 
 
 def llama2_7b_shaped(
-    layers: int = 2, dtype: torch.dtype = torch.bfloat16, seed: int = 0
+    layers: int = 2, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> nn.Module:
     """A random LLaMA2-7B-shaped ``LlamaForCausalLM`` (d_model 4096, d_ff 11008, 32 heads).
 
     ``layers`` of the real 32 keep memory small; the vocabulary is scaled by ``layers / 32``
     (32000 for 32 layers) so the LM head keeps its share of each decode step's weight traffic
     and the end-to-end bound stays the 7B one (about 1.64x at 89.3%: ``docs/kernels.md``).
+    The weights are drawn on ``device`` directly, in ``dtype``.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -87,7 +89,14 @@ def llama2_7b_shaped(
         vocab_size=max(256, round(32000 * layers / 32)),
         max_position_embeddings=4096,
     )
-    return LlamaForCausalLM(config).to(dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.to(dtype).eval()
 
 
 @torch.inference_mode()

@@ -40,8 +40,21 @@ class PredictedSparseMLP(SparseFFN):
         self.threshold = float(threshold)
         self._residual: torch.Tensor | None = None
         self.reads_input = False  # True: the predictor reads this FFN's own input (post-norm)
-        self.predicted_active = 0  # neurons predicted active, summed over tokens (statistics)
-        self.tokens = 0
+        # Statistics kept on the device, so a decode step never waits for the host and a CUDA
+        # graph's replays count too: [neurons predicted active summed over tokens, tokens].
+        self.register_buffer("counts", torch.zeros(2, dtype=torch.long,
+                                                   device=self.down_proj.weight.device),
+                             persistent=False)
+
+    @property
+    def predicted_active(self) -> int:
+        """Neurons predicted active, summed over tokens, since the last reset."""
+        return int(self.counts[0])
+
+    @property
+    def tokens(self) -> int:
+        """Tokens seen since the last reset."""
+        return int(self.counts[1])
 
     def set_residual(self, r: torch.Tensor) -> None:
         self._residual = r
@@ -68,8 +81,8 @@ class PredictedSparseMLP(SparseFFN):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (tokens, d_model)
         mask = self.predict(r)  # (tokens, d_ff)
-        self.tokens += mask.shape[0]
-        self.predicted_active += int(mask.sum())
+        self.counts[0].add_(mask.sum())
+        self.counts[1].add_(mask.shape[0])
         w_gate, w_up, b_gate, b_up = self.weights()
         y = dispatch.predicted_ffn(x2, mask, w_gate, w_up, self.w2t, self.act, self.param,
                                    b_gate, b_up, backend=self.backend,
@@ -173,7 +186,7 @@ def reset_predicted_counts(model: nn.Module) -> None:
     """Zero every attached predictor's counters (before the run to be measured)."""
     for m in model.modules():
         if isinstance(m, PredictedSparseMLP):
-            m.predicted_active = m.tokens = 0
+            m.counts.zero_()
 
 
 def mean_predicted_sparsity(model: nn.Module) -> float:

@@ -305,21 +305,28 @@ def up_step_fixed(
     param: float = 0.0,
     block_n: int = 16,
     block_k: int = 256,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Step (2) on a grid fixed by d_ff, inactive rows skipped in-kernel (no host sync):
-    x (tokens, d_model), g (tokens, d_ff) -> x1 (tokens, d_ff)."""
+    x (tokens, d_model), g (tokens, d_ff) -> x1 (tokens, d_ff). ``num_warps`` None: Triton's
+    default."""
     check_act(act)
     x, g, w1 = x.contiguous(), g.contiguous(), w1.contiguous()
     tokens, d_ff = g.shape
     out = torch.empty(tokens, d_ff, dtype=x.dtype, device=x.device)  # (tokens, d_ff)
     grid = (triton.cdiv(d_ff, block_n), tokens)
     _up_fixed_kernel[grid](x, g, w1, out, x.shape[1], d_ff, float(param), ACT=_ACT_CODE[act],
-                           BLOCK_N=block_n, BLOCK_K=block_k)
+                           BLOCK_N=block_n, BLOCK_K=block_k, **_warps(num_warps))
     return out
 
 
+def _warps(num_warps: int | None) -> dict:
+    return {} if num_warps is None else {"num_warps": num_warps}
+
+
 def down_step_fixed(
-    x1: torch.Tensor, w2t: torch.Tensor, rows: int = 512, block_a: int = 64, block_d: int = 128
+    x1: torch.Tensor, w2t: torch.Tensor, rows: int = 512, block_a: int = 64, block_d: int = 128,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Step (3) on a grid fixed by (d_ff / rows, d_model / block_d), reading only the rows of
     w2t (d_ff, d_model) where some token's x1 is non-zero (no host sync): (tokens, d_model)."""
@@ -332,7 +339,8 @@ def down_step_fixed(
     part = torch.empty(splits, tokens, d_model, dtype=torch.float32, device=x1.device)
     grid = (splits, triton.cdiv(d_model, block_d))
     _down_fixed_kernel[grid](x1, w2t, part, d_model, d_ff, tokens, ROWS=rows, BLOCK_A=block_a,
-                             BLOCK_D=block_d, BLOCK_T=triton.next_power_of_2(tokens))
+                             BLOCK_D=block_d, BLOCK_T=triton.next_power_of_2(tokens),
+                             **_warps(num_warps))
     return part.sum(dim=0).to(x1.dtype)  # (tokens, d_model), fp32 accumulation
 
 
