@@ -22,6 +22,7 @@ import argparse
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -90,6 +91,7 @@ class StepDecoder:
         self.pos.add_(1)
         self.count.add_(1)
 
+    @torch.inference_mode()
     def reset(self) -> None:
         for live, saved in self.counters:
             live.copy_(saved)
@@ -97,6 +99,7 @@ class StepDecoder:
         self.pos.fill_(self.prompt_len)
         self.count.zero_()
 
+    @torch.inference_mode()
     def run(self) -> float:
         """Decode ``new_tokens`` tokens from the prompt; returns tokens/s."""
         self.reset()
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-graph", action="store_true", help="step eagerly (CPU dry run)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames
 
     from prosparse.evaluation.heldout import evaluate_blocks
     from prosparse.inference.benchmark import _device_name
@@ -168,13 +172,30 @@ def main(argv: list[str] | None = None) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
 
     keep_alive = []  # every weight a captured graph reads must outlive the graphs
+
+    def alive() -> None:
+        keep_alive.extend(f.down_proj.weight for f in find_gated_ffns(model))
+        keep_alive.extend(m.predictor for m in model.modules() if hasattr(m, "predictor"))
+
     decoders: dict[str, StepDecoder] = {}
+    enters = {"dense": lambda: (lambda: None)}
     info: dict[str, dict] = {}
     dense_bytes = weight_bytes_per_token(cfg, elem, (1, 1, 1))
+    graph_error = None
 
     # Dense first: its tokens calibrate the predictors (on the text the decode will see) and
     # measure the FFN sparsity the thresholds give in decode.
-    decoders["dense"] = StepDecoder(model, prompt, args.new_tokens, graph)
+    if graph:
+        try:
+            decoders["dense"] = StepDecoder(model, prompt, args.new_tokens, graph=True)
+        except Exception as e:  # the record says why; every path then steps eagerly
+            graph_error = f"{type(e).__name__}: {e}"[:500]
+            print(f"gpu_decode: CUDA graph capture failed ({graph_error}); stepping eagerly",
+                  flush=True)
+            graph = False
+            args.rounds = min(args.rounds, 2)
+    if not graph:
+        decoders["dense"] = StepDecoder(model, prompt, args.new_tokens, graph=False)
     decoders["dense"].run()
     dense_tokens = decoders["dense"].tokens()
     seq = torch.cat([prompt, torch.tensor([dense_tokens], device=prompt.device)], dim=1)
@@ -192,32 +213,41 @@ def main(argv: list[str] | None = None) -> int:
                             args.predictor_hidden).eval()
         calibrate_thresholds_(model, pset, seq, p)
         psets[p] = pset
-    keep_alive += [f.down_proj.weight for f in find_gated_ffns(model)]
+    alive()
 
-    _, restore = sparsify_with_restore_(model)
-    keep_alive += [f.down_proj.weight for f in find_gated_ffns(model)]
-    decoders["exact"] = StepDecoder(model, prompt, args.new_tokens, graph)
     s = ffn_sparsity
+    enters["exact"] = lambda: sparsify_with_restore_(model)[1]
     info["exact"] = {"bound": dense_bytes / weight_bytes_per_token(cfg, elem, (1, 1 - s, 1 - s))}
-    restore()
     for p, pset in psets.items():
-        restore = attach_predictors_(model, pset)
-        keep_alive += [f.down_proj.weight for f in find_gated_ffns(model)]
-        keep_alive += [m.predictor for m in model.modules() if hasattr(m, "predictor")]
-        name = f"predicted {p:g}"
+        enters[f"predicted {p:g}"] = lambda pset=pset: attach_predictors_(model, pset)
+        info[f"predicted {p:g}"] = {"bound": dense_bytes / weight_bytes_per_token(
+            cfg, elem, (1 - p,) * 3, args.predictor_hidden)}
+    for name, enter in enters.items():
+        if name == "dense":
+            continue
+        restore = enter()
+        alive()
         decoders[name] = StepDecoder(model, prompt, args.new_tokens, graph)
-        reset_predicted_counts(model)
-        decoders[name].run()
-        info[name] = {"decode_predicted_sparsity": mean_predicted_sparsity(model),
-                      "bound": dense_bytes / weight_bytes_per_token(
-                          cfg, elem, (1 - p,) * 3, args.predictor_hidden)}
+        if name.startswith("predicted"):
+            reset_predicted_counts(model)
+            decoders[name].run()
+            info[name]["decode_predicted_sparsity"] = mean_predicted_sparsity(model)
         restore()
-        keep_alive += [f.down_proj.weight for f in find_gated_ffns(model)]
+        alive()
+
+    def timed(name: str) -> float:
+        if graph:
+            return decoders[name].run()
+        restore = enters[name]()  # eager steps run whatever modules the model holds now
+        try:
+            return decoders[name].run()
+        finally:
+            restore()
 
     runs = {k: [] for k in decoders}
     for _ in range(args.rounds):  # alternate, so drift in clocks lands on every path alike
-        for k, d in decoders.items():
-            runs[k].append(d.run())
+        for k in decoders:
+            runs[k].append(timed(k))
     rates = {k: statistics.median(v) for k, v in runs.items()}
     tokens = {k: d.tokens() for k, d in decoders.items()}
     rows, paths = [], {}
@@ -237,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "model": f"random LLaMA2-7B shape, {args.layers} of 32 layers, vocab {cfg.vocab_size}",
         "device": _device_name(torch.device(args.device)), "dtype": args.dtype,
-        "torch": torch.__version__, "cuda_graphs": graph, "static_cache": True,
+        "torch": torch.__version__, "cuda_graphs": graph, "graph_error": graph_error,
+        "static_cache": True,
         "new_tokens": args.new_tokens, "rounds": args.rounds, "sparsity_target": args.sparsity,
         "ffn_sparsity": ffn_sparsity, "thresholds": thresholds,
         "predictor_hidden": args.predictor_hidden, "graph_matches_eager": graph_matches_eager,

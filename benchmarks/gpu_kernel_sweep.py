@@ -5,9 +5,9 @@ block sizes and warp counts read the active rows fastest.
 
 Each variant is first checked against the plain-torch reference on fresh inputs, then timed:
 a CUDA graph holds ``--calls`` calls, each on its own weight copy and its own random active
-set (so rows come from memory, not L2), and its replay is timed with CUDA events; medians of
-``--reps`` replays, per call. Step (2) variants are (block_n, block_k, num_warps); step (3)
-variants are (rows, block_a, block_d, num_warps).
+set, and each replay is timed with CUDA events after the L2 is overwritten (so rows come
+from memory); medians of ``--reps`` replays, per call. Step (2) variants are (block_n, block_k, num_warps); step (3)
+variants are (rows, block_a, block_d, num_warps, fused_sum).
 """
 
 from __future__ import annotations
@@ -24,35 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-UP = [(16, 256, None), (16, 256, 8), (8, 512, 4), (8, 1024, 8), (4, 1024, 4), (4, 2048, 8),
-      (4, 4096, 8), (2, 4096, 8), (2, 2048, 4), (32, 128, 4), (8, 256, 2), (1, 4096, 4)]
-DOWN = [(512, 64, 128, None), (512, 64, 128, 8), (256, 64, 128, 4), (256, 32, 256, 4),
-        (512, 32, 256, 4), (1024, 64, 128, 4), (128, 64, 256, 4), (256, 64, 256, 8),
-        (512, 64, 512, 8), (128, 32, 512, 4), (256, 16, 512, 4), (1024, 32, 256, 8)]
-
-
-def graph_time_us(fns, reps: int) -> float:
-    """Median microseconds per call of a CUDA graph running ``fns`` in order."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    times = []
-    for i in range(reps + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        if i >= 3:
-            times.append(start.elapsed_time(end) * 1e3 / len(fns))
-    return statistics.median(times)
+UP = [(2, 2048, 4), (1, 4096, 4), (2, 4096, 4), (4, 1024, 4), (2, 1024, 4), (2, 2048, 2),
+      (1, 2048, 4), (4, 2048, 4), (16, 256, None)]
+DOWN = [(128, 32, 512, 4, False), (128, 32, 512, 4, True), (64, 64, 512, 4, True),
+        (64, 32, 512, 4, True), (32, 32, 512, 4, True), (64, 64, 256, 4, True),
+        (128, 64, 512, 4, True), (128, 32, 1024, 8, True), (256, 32, 512, 4, True),
+        (64, 64, 1024, 8, True), (32, 32, 1024, 4, True), (128, 16, 512, 4, True),
+        (512, 64, 128, None, False)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_kernel_sweep: error: needs a CUDA device", file=sys.stderr)
         return 2
     from prosparse.inference.benchmark import copy_bandwidth_gbps
+    from prosparse.inference.benchmark import graph_time_us as graph_times
     from prosparse.kernels import dense, reference
     from prosparse.kernels import triton as tk
 
@@ -88,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         gs.append(g.to(dt))
     x1s = [reference.up_step(x, g, w1[i]) for i, (x, g) in enumerate(zip(xs, gs))]
     peak = copy_bandwidth_gbps(dev)
+    flush = torch.empty(2 * torch.cuda.get_device_properties(dev).L2_cache_size // 4 + 1,
+                        device=dev)
+
+    def graph_time_us(fns, reps):
+        return statistics.median(graph_times(fns, reps, flush))
+
     elem = 2
     read = active * d * elem
 
@@ -115,15 +100,16 @@ def main(argv: list[str] | None = None) -> int:
             r = {"variant": name, "error": f"{type(e).__name__}: {e}"[:300]}
         results["up"].append(r)
         print("up  ", json.dumps(r), flush=True)
-    for rows, ba, bd, nw in DOWN:
-        name = f"rows={rows} block_a={ba} block_d={bd} warps={nw or 'default'}"
+    for rows, ba, bd, nw, fs in DOWN:
+        name = (f"rows={rows} block_a={ba} block_d={bd} warps={nw or 'default'} "
+                f"sum={'triton' if fs else 'torch'}")
         try:
             ref = reference.down_step(x1s[0].float(), w2t[0].float())
             out = tk.down_step_fixed(x1s[0], w2t[0], rows=rows, block_a=ba, block_d=bd,
-                                     num_warps=nw)
+                                     num_warps=nw, fused_sum=fs)
             err = float((out.float() - ref).norm() / ref.norm())
             us = graph_time_us([partial(tk.down_step_fixed, x1s[i], w2t[i], rows=rows,
-                                        block_a=ba, block_d=bd, num_warps=nw)
+                                        block_a=ba, block_d=bd, num_warps=nw, fused_sum=fs)
                                 for i in range(n)], args.reps)
             r = {**row(name, us, read), "speedup": dense_down / us, "rel_err": err}
         except Exception as e:

@@ -58,6 +58,10 @@ def test_fixed_grid_steps_match_reference(dtype, sparsity, tokens):
     y = tk().down_step_fixed(ref1, w2t, rows=128, block_a=64, block_d=32)
     assert y.dtype == dtype and y.shape == (tokens, 67)
     assert_close(y, ref3, dtype, f"step 3 [{case}]")
+    # three row splits summed by the fused Triton reduction instead of torch
+    y2 = tk().down_step_fixed(ref1, w2t, rows=64, block_a=32, block_d=32, fused_sum=True)
+    assert y2.dtype == dtype and y2.shape == (tokens, 67)
+    assert_close(y2, ref3, dtype, f"step 3, fused sum [{case}]")
 
 
 def test_grid_is_fixed_by_shapes_not_by_the_active_count(monkeypatch):

@@ -5,7 +5,8 @@ Operator timings measure memory, not cache, as real decoding does: every call dr
 active set, and calls cycle through enough weight copies ("layers") that their total exceeds the
 last-level cache at least twice, so no call finds its rows still cached from the previous one.
 Dense and sparse are timed in the same run, interleaved call by call; medians after warm-up.
-On CUDA each timed call is captured in a CUDA graph and its replay timed with device events, so
+On CUDA the timed calls are captured several at a time in a CUDA graph, back to back as a decode
+step runs them, and each replay is timed with device events after the L2 is overwritten, so
 launch overhead (which a host clock around single launches counts) is left out of both sides.
 """
 
@@ -95,6 +96,38 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 2**30, reps: int = 1
     return 2 * nbytes / statistics.median(times) / 1e9
 
 
+def graph_time_us(fns, reps: int = 5, flush: torch.Tensor | None = None) -> list[float]:
+    """Microseconds per call of ``fns`` (CUDA): run once eagerly on a side stream (compiles,
+    creates handles), capture them in order in one CUDA graph, then time ``reps`` replays with
+    CUDA events, each after ``flush`` is overwritten (so no call finds its rows in L2). A graph
+    of several calls times them as a decode step runs them: back to back, no launch gaps.
+    Returns one per-call time per replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    times = []
+    for _ in range(reps):
+        if flush is not None:
+            flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(fns))
+    return times
+
+
+GRAPH_CALLS = 8  # calls per CUDA graph in bench ops
+
+
 def _random_gate(tokens: int, d_ff: int, active: int, dtype, device, gen) -> torch.Tensor:
     """Gate pre-activations with exactly ``active`` positive entries per token, a fresh random
     set per token (so a batch's union grows as independent tokens would make it)."""
@@ -169,6 +202,9 @@ def bench_ops(
     wgs = ([torch.randn(d_ff, d_model, generator=gen).to(dtype=dtype, device=dev) * 0.02
             for _ in range(copies)] if predicted else [])
     peak = copy_bandwidth_gbps(dev) if dev.type == "cuda" else None
+    # Overwritten before every timed graph replay: twice the L2, so nothing stays cached.
+    flush = (torch.empty(2 * llc // 4 + 1, dtype=torch.float32, device=dev)
+             if dev.type == "cuda" else None)
     timer = _timer(dev)
     force = dict(backend=name, dense_below=0.0, max_tokens=1 << 30)  # never fall back here
     results = []
@@ -176,6 +212,7 @@ def bench_ops(
     for batch, s in tqdm(cases, desc=f"bench ops {d_model}x{d_ff} {dtype} {dev.type}"):
         active = round((1 - s) * d_ff)
         times = {k: [] for k in ("d2", "s2", "d3", "s3", "t2", "t3", "dp", "sp")}
+        pending: dict[str, list] = {}
         n_union = []
         for i in range(warmup + reps):
             # Sparse reads copy i, dense copy i + copies/2, pure torch copy i - 1: none finds
@@ -203,6 +240,14 @@ def bench_ops(
                           ("t3", partial(_pure_torch, dispatch.down_step, x1, w2ts[k], **force))]
             if i % 2:
                 pairs.reverse()
+            if dev.type == "cuda" and i >= warmup:  # timed in graphs of GRAPH_CALLS calls
+                for key, fn in pairs:
+                    pending.setdefault(key, []).append(fn)
+                if len(pending["s2"]) == GRAPH_CALLS or i == warmup + reps - 1:
+                    for key in sorted(pending, reverse=bool(i % 2)):
+                        times[key] += graph_time_us(pending[key], reps=3, flush=flush)
+                    pending = {}
+                continue
             for key, fn in pairs:
                 t = timer(fn, warm=i < warmup)
                 if i >= warmup:
@@ -255,7 +300,9 @@ def bench_ops(
             f"every call; calls cycle through {copies} copies of each weight matrix "
             f"({copies * matrix / 2**20:.0f} MiB per step, last-level cache {llc / 2**20:.0f} MiB) "
             "so active rows come from memory, not cache; dense and sparse interleaved"
-            + ("; each call captured in a CUDA graph, its replay timed by CUDA events"
+            + (f"; calls captured {GRAPH_CALLS} at a time in a CUDA graph (back to back, as "
+               "a decode step runs them), each replay timed by CUDA events after the L2 is "
+               "overwritten, per-call time = replay time / calls"
                if dev.type == "cuda" else "; host perf_counter per call")
         ),
         "results": results,

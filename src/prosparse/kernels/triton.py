@@ -177,7 +177,9 @@ def down_step(
 @triton.jit
 def _round_like(v, like):
     """fp32 ``v`` rounded to ``like``'s dtype (round to nearest even, as torch rounds), back in
-    fp32. bf16 is rounded on the bits: the interpreter's bf16 cast truncates instead."""
+    fp32. bf16 is rounded on the bits: the interpreter's bf16 cast truncates instead. ``v`` is
+    made fp32 first: under torch.compile a Python float argument arrives as fp64."""
+    v = v.to(tl.float32)
     if like.dtype == tl.bfloat16:
         bits = v.to(tl.uint32, bitcast=True)
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
@@ -303,13 +305,14 @@ def up_step_fixed(
     w1: torch.Tensor,
     act: str = "relu",
     param: float = 0.0,
-    block_n: int = 16,
-    block_k: int = 256,
-    num_warps: int | None = None,
+    block_n: int = 2,
+    block_k: int = 2048,
+    num_warps: int | None = 4,
 ) -> torch.Tensor:
     """Step (2) on a grid fixed by d_ff, inactive rows skipped in-kernel (no host sync):
-    x (tokens, d_model), g (tokens, d_ff) -> x1 (tokens, d_ff). ``num_warps`` None: Triton's
-    default."""
+    x (tokens, d_model), g (tokens, d_ff) -> x1 (tokens, d_ff). The defaults read the active
+    rows fastest on an H200 at LLaMA2-7B shapes (``benchmarks/gpu_kernel_sweep.py``): few rows
+    per program, long row segments per load."""
     check_act(act)
     x, g, w1 = x.contiguous(), g.contiguous(), w1.contiguous()
     tokens, d_ff = g.shape
@@ -324,12 +327,29 @@ def _warps(num_warps: int | None) -> dict:
     return {} if num_warps is None else {"num_warps": num_warps}
 
 
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, splits, n, BLOCK_S: tl.constexpr, BLOCK: tl.constexpr):
+    """out[j] = sum over s of part[s, j] in fp32, in a fixed order, stored in out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s0 in range(0, splits, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        v = tl.load(part_ptr + offs_s[:, None] * n + offs[None, :],
+                    mask=(offs_s[:, None] < splits) & m[None, :], other=0.0)
+        acc += tl.sum(v, axis=0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
 def down_step_fixed(
-    x1: torch.Tensor, w2t: torch.Tensor, rows: int = 512, block_a: int = 64, block_d: int = 128,
-    num_warps: int | None = None,
+    x1: torch.Tensor, w2t: torch.Tensor, rows: int = 128, block_a: int = 32, block_d: int = 512,
+    num_warps: int | None = 4, fused_sum: bool = False,
 ) -> torch.Tensor:
     """Step (3) on a grid fixed by (d_ff / rows, d_model / block_d), reading only the rows of
-    w2t (d_ff, d_model) where some token's x1 is non-zero (no host sync): (tokens, d_model)."""
+    w2t (d_ff, d_model) where some token's x1 is non-zero (no host sync): (tokens, d_model).
+    The per-split fp32 partials are summed by torch, or with ``fused_sum`` by one Triton
+    kernel that also casts (one launch instead of two). Defaults: the fastest measured on an
+    H200 at LLaMA2-7B shapes (``benchmarks/gpu_kernel_sweep.py``)."""
     if rows % block_a:
         raise ValueError(f"rows ({rows}) must be a multiple of block_a ({block_a})")
     x1, w2t = x1.contiguous(), w2t.contiguous()
@@ -341,6 +361,11 @@ def down_step_fixed(
     _down_fixed_kernel[grid](x1, w2t, part, d_model, d_ff, tokens, ROWS=rows, BLOCK_A=block_a,
                              BLOCK_D=block_d, BLOCK_T=triton.next_power_of_2(tokens),
                              **_warps(num_warps))
+    if fused_sum:
+        out = torch.empty(tokens, d_model, dtype=x1.dtype, device=x1.device)
+        n = tokens * d_model
+        _sum_splits_kernel[(triton.cdiv(n, 256),)](part, out, splits, n, BLOCK_S=16, BLOCK=256)
+        return out
     return part.sum(dim=0).to(x1.dtype)  # (tokens, d_model), fp32 accumulation
 
 
@@ -362,8 +387,9 @@ def predicted_ffn(
     param: float = 0.0,
     b_gate: torch.Tensor | None = None,
     b_up: torch.Tensor | None = None,
-    block_n: int = 16,
-    block_k: int = 256,
+    block_n: int = 2,
+    block_k: int = 2048,
+    num_warps: int | None = 4,
 ) -> torch.Tensor:
     """:func:`prosparse.kernels.reference.predicted_ffn` over each token's predicted neurons
     only, sync-free: x (tokens, d_model), mask (tokens, d_ff) -> (tokens, d_model)."""
@@ -378,5 +404,5 @@ def predicted_ffn(
     _predicted_up_kernel[grid](
         x, mask.contiguous().view(torch.uint8), w_gate, w_up, bg, bu, x1, d_model, d_ff,
         float(param), HAS_BG=b_gate is not None, HAS_BU=b_up is not None, ACT=_ACT_CODE[act],
-        BLOCK_N=block_n, BLOCK_K=block_k)
+        BLOCK_N=block_n, BLOCK_K=block_k, **_warps(num_warps))
     return down_step_fixed(x1, w2t)
