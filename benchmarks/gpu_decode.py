@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             args.rounds = min(args.rounds, 2)
     if not graph:
         decoders["dense"] = StepDecoder(model, prompt, args.new_tokens, graph=False)
+    alive()  # the dense graph reads these; calibrating the predictors below swaps them out
     decoders["dense"].run()
     dense_tokens = decoders["dense"].tokens()
     seq = torch.cat([prompt, torch.tensor([dense_tokens], device=prompt.device)], dim=1)
