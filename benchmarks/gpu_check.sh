@@ -176,6 +176,7 @@ out.write_text(json.dumps(report, indent=1) + "\n")
 bad = [s["step"] for s in report["steps"] if s["status"] != "ok"]
 print(f"wrote {out}; steps not ok: {', '.join(bad) or 'none'}")
 EOF
+"$PY" benchmarks/gpu_targets.py "$OUT/gpu_check.json" --write
 rm -rf "$RAW/demo/final" "$RAW/demo/data" "$RAW/demo/checkpoints" 2>/dev/null
 tar -czf "$OUT/raw.tar.gz" -C "$RAW" . 2>/dev/null
 rm -rf "$RAW"
