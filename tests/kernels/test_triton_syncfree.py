@@ -223,3 +223,28 @@ def test_predicted_decode_step_counts_inside_a_cuda_graph():
     torch.cuda.synchronize()
     assert_close(out, eager, torch.bfloat16, "graph replay of the predicted FFN")
     assert layer.mlp.tokens == 3  # capture records the step without running it
+
+
+if dispatch.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from prosparse.kernels.triton import _activate
+
+    @triton.jit
+    def _act_kernel(g_ptr, p_ptr, out_ptr, N: tl.constexpr, ACT: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(out_ptr + offs, _activate(tl.load(g_ptr + offs), tl.load(p_ptr), ACT))
+
+
+def test_activation_takes_a_float64_scalar():
+    """torch.compile hands a Python float to a user Triton kernel as fp64: the activation must
+    round it like any other threshold (it once failed to compile: a 64-bit bitcast to 32)."""
+    from prosparse.kernels.activations import activate
+
+    g = torch.randn(64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).to(DEV)
+    for act, code in (("fatrelu", 1), ("shifted_relu", 2)):
+        param = torch.tensor([0.3], dtype=torch.float64, device=DEV)
+        out = torch.empty(64, dtype=torch.float32, device=DEV)
+        _act_kernel[(1,)](g, param, out, N=64, ACT=code)
+        assert torch.equal(out, activate(g, act, 0.3).float()), act
