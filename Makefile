@@ -37,7 +37,8 @@ clean:
 	rm -rf $(VENV) runs
 
 # Optional corpora from Debian (data sources `austen` and `pydoc`): the packages are downloaded
-# and unpacked into the environment, without root and without R.
+# and unpacked into the environment, without root; the novels' R data is turned into text
+# without R.
 DEB_DATA := r-cran-janeaustenr python3.11-doc
 DEB_ROOT := $(VENV)/share/prosparse/deb
 extra-data: $(STAMP)
@@ -45,3 +46,4 @@ extra-data: $(STAMP)
 	cd $(DEB_ROOT)/.debs && apt-get download $(DEB_DATA)
 	for d in $(DEB_ROOT)/.debs/*.deb; do dpkg-deb -x "$$d" $(DEB_ROOT); done
 	rm -rf $(DEB_ROOT)/.debs
+	$(PY) benchmarks/rserial.py $(DEB_ROOT) $(DEB_ROOT)/prosparse/austen.jsonl

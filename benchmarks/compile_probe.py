@@ -29,8 +29,8 @@ def main() -> None:
     ap.add_argument("--json", default="benchmarks/results/compile_probe.json")
     args = ap.parse_args()
 
+    from prosparse.core.io import write_json
     from prosparse.inference.benchmark import _device_name
-    from prosparse.io import write_json
     from prosparse.kernels.fused import cpu_isa
     from prosparse.models.loading import load_model
     from prosparse.models.relufy import relufy_

@@ -75,7 +75,7 @@ def summarize(run: Path) -> dict:
 
 
 def tables(rows: dict[str, dict]) -> str:
-    from prosparse.tables import format_table
+    from prosparse.core.tables import format_table
 
     first = next(iter(rows.values()))
     orig = first["lm_eval_original"]
@@ -113,7 +113,7 @@ def main() -> None:
     p.add_argument("--prosparse", default=str(Path(sys.executable).parent / "prosparse"))
     args = p.parse_args()
 
-    from prosparse.io import atomic_write, write_json
+    from prosparse.core.io import atomic_write, write_json
 
     if args.report is not None:
         runs = {Path(d).name: Path(d) for d in args.report}

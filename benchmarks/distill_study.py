@@ -37,9 +37,9 @@ def main() -> None:
 
     from accelerate.state import AcceleratorState, GradientState
 
-    from prosparse.config import load_recipe
-    from prosparse.tables import format_table
+    from prosparse.core.tables import format_table
     from prosparse.training import read_metrics, train
+    from prosparse.training.recipe import load_recipe
 
     s = args.steps
     # A compressed demo schedule: stage 0 (lambda 0), flat warm-up, sine ramp, flat.

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prosparse.io import write_json
+from prosparse.core.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -232,7 +232,7 @@ def study_table(rows: list[dict], original: float | None, prefix: str = "gentle-
     """Issue 15's one-knob study: each ``prefix`` row against ``baseline`` (same recipe, same
     precision, no knob) at equal sparsity. ``noise``: make demo's run-to-run spread in ppl
     (benchmarks/results/demo_runs.md); a knob helps or hurts only beyond it."""
-    from prosparse.tables import format_table
+    from prosparse.core.tables import format_table
 
     study = {r["name"]: r for r in rows if r["name"].startswith(prefix)}
     base = study.get(baseline)
@@ -315,9 +315,9 @@ def add_lm_eval(row: dict, e: Entry, prosparse: str, limit: int) -> None:
 
 def report(rows: list[dict], out_dir: Path) -> str:
     """The frontier table (markdown) and plots from the rows' JSON."""
-    from prosparse.plots import plot_frontier, plot_lambda_fit
+    from prosparse.core.plots import plot_frontier, plot_lambda_fit
+    from prosparse.core.tables import format_table
     from prosparse.sparsity.fit import fit_points
-    from prosparse.tables import format_table
 
     table = []
     series: dict[str, list[tuple[float, float]]] = {}
@@ -364,7 +364,7 @@ def series_label(r: dict, rows: list[dict]) -> str:
 def best_points(rows: list[dict], original: float | None, floors=(0.7, 0.8, 0.85)) -> str:
     """Per row, its lowest-perplexity measured point at or above each sparsity floor (issue 15's
     targets: >= 80% within 1.25x of the original, >= 85% within 1.15x), as a markdown table."""
-    from prosparse.tables import format_table
+    from prosparse.core.tables import format_table
 
     table = []
     for r in sorted(rows, key=lambda r: (r["method"], r["name"])):

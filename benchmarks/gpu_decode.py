@@ -23,11 +23,8 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
 def weight_bytes_per_token(config, elem: int, ffn_share: float, predictor_hidden: int = 0
@@ -140,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames
 
-    from prosparse.evaluation.heldout import evaluate_blocks
+    from prosparse.core.io import write_json
+    from prosparse.core.tables import format_table
     from prosparse.inference.benchmark import _device_name
     from prosparse.inference.decode import calibrate_fatrelu_, llama2_7b_shaped
     from prosparse.inference.predicted import (
@@ -150,10 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         reset_predicted_counts,
     )
     from prosparse.inference.sparse_mlp import sparsify_with_restore_
-    from prosparse.io import write_json
+    from prosparse.measure.heldout import evaluate_blocks
     from prosparse.models.relufy import find_gated_ffns
     from prosparse.predictors.model import PredictorSet
-    from prosparse.tables import format_table
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_decode: error: --device cuda but CUDA is not available; pass --device cpu "

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
 
 def _version(name: str) -> str | None:
     try:

@@ -22,8 +22,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
 UP = [(2, 2048, 4), (1, 4096, 4), (2, 4096, 4), (4, 1024, 4), (2, 1024, 4), (2, 2048, 2),
       (1, 2048, 4), (4, 2048, 4), (16, 256, None)]
 DOWN = [(128, 32, 512, 4, False), (128, 32, 512, 4, True), (64, 64, 512, 4, True),

@@ -44,7 +44,7 @@ def targets(report: dict) -> list[dict]:
     for name, path in paths.items():
         if name.startswith("predicted"):
             at_least(f"7B decode, {name} vs dense", path["speedup"], 1.8)
-    for key, v in report.get("train", {}).get("variants", {}).items():
+    for v in report.get("train", {}).get("variants", {}).values():
         if v["variant"] == "L1 on":
             at_most(f"L1 penalty's share of a training step ({v['model']})",
                     v["cost_vs_l1_off"], 0.05)

@@ -27,8 +27,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
 QUIET = ["log.measure_before=false", "log.eval_every=0", "log.tensorboard=false", "threshold.train=0",
          "eval.tasks=[]", "checkpoint.every=0", "data.cache=false"]
 
@@ -75,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from accelerate.state import AcceleratorState, GradientState
 
-    from prosparse.config import load_recipe
+    from prosparse.core.io import write_json
+    from prosparse.core.tables import format_table
     from prosparse.inference.benchmark import _device_name
-    from prosparse.io import write_json
-    from prosparse.tables import format_table
     from prosparse.training import read_metrics, train
+    from prosparse.training.recipe import load_recipe
 
     cuda = torch.cuda.is_available()
     base = load_recipe(args.recipe, [])

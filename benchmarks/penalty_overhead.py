@@ -32,8 +32,8 @@ def main() -> None:
 
     from prosparse import load_model, relufy_
     from prosparse.data import load_texts, pack_blocks
+    from prosparse.measure.hooks import capture_x1
     from prosparse.models.relufy import find_gated_ffns
-    from prosparse.sparsity.hooks import capture_x1
     from prosparse.sparsity.penalty import PenaltyCollector
     from prosparse.training.loop import lm_loss
 

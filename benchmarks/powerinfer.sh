@@ -43,7 +43,7 @@ PY=${PY:-$ROOT/.venv/bin/python}
 WORK=${WORK:-/tmp/prosparse-powerinfer/$NAME}
 
 cd "$ROOT"
-exec "$PY" -c 'import sys; from prosparse.deploy.benchmark import cli; sys.exit(cli(sys.argv[1:]))' \
+exec "$PY" -c 'import sys; from benchmarks.powerinfer_bench import cli; sys.exit(cli(sys.argv[1:]))' \
     "$PI_DIR" "$CKPT" ${PRED:+"$PRED"} --name "$NAME" --work "$WORK" \
     --python "${PI_PYTHON:-python3}" --tokens "${TOKENS:-8192}" --seq-len "${SEQ_LEN:-256}" \
     --dtype "${DTYPE:-float32}" ${DECODE_DTYPE:+--decode-dtype "$DECODE_DTYPE"} \

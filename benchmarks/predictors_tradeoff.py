@@ -17,14 +17,14 @@ import platform
 
 import torch
 
+from prosparse.core.io import write_json
+from prosparse.core.tables import format_table
 from prosparse.data import load_texts, pack_blocks
-from prosparse.evaluation.heldout import evaluate_blocks
 from prosparse.inference import attach_predictors_, mean_predicted_sparsity
-from prosparse.io import write_json
+from prosparse.measure.heldout import evaluate_blocks
 from prosparse.models import load_model
 from prosparse.predictors import PairData, load_predictors
 from prosparse.predictors.train import calibrate_predictors, evaluate_predictors
-from prosparse.tables import format_table
 
 
 def main() -> None:

@@ -15,17 +15,17 @@ import time
 
 import torch
 
-from prosparse.tables import format_table
+from prosparse.core.tables import format_table
 
 TASKS = ["piqa", "hellaswag", "arc_easy", "boolq", "winogrande"]
 METHODS = ["dense", "magnitude", "wanda", "proxsparse", "sparsegpt"]
 
 
 def run(args) -> dict:
+    from prosparse.core.io import write_json
     from prosparse.data import load_texts, pack_blocks
     from prosparse.evaluation import evaluate
-    from prosparse.evaluation.heldout import evaluate_blocks
-    from prosparse.io import write_json
+    from prosparse.measure.heldout import evaluate_blocks
     from prosparse.models.loading import load_model
     from prosparse.pruning import prunable_linears, weight_sparsity
     from prosparse.pruning.calibration import calibration_blocks

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prosparse.io import write_json
+from prosparse.core.io import write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from frontier import selected  # noqa: E402  (--only: exact names, then family prefixes)
@@ -104,7 +104,7 @@ def run_row(row: Row, prosparse: str) -> dict:
 
 
 def report(results: list[dict]) -> str:
-    from prosparse.tables import format_table
+    from prosparse.core.tables import format_table
 
     order = {r.name: i for i, r in enumerate(rows())}
     table = []

@@ -72,9 +72,9 @@ def main() -> int:
         print(f"pruning_semi_structured: error: {reason}; run it on an Ampere or newer GPU",
               file=sys.stderr)
         return 2
-    from prosparse.io import write_json
+    from prosparse.core.io import write_json
+    from prosparse.core.tables import format_table
     from prosparse.models.loading import load_model
-    from prosparse.tables import format_table
 
     dtype = getattr(torch, args.dtype)
     if args.llama2_7b_shape:

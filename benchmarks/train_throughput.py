@@ -49,12 +49,12 @@ def main() -> None:
 
     from accelerate.state import AcceleratorState, GradientState
 
-    from prosparse.config import load_recipe
+    from prosparse.core.io import write_json
+    from prosparse.core.tables import format_table
     from prosparse.inference.benchmark import _device_name
-    from prosparse.io import write_json
     from prosparse.kernels.fused import cpu_isa
-    from prosparse.tables import format_table
     from prosparse.training import read_metrics, train
+    from prosparse.training.recipe import load_recipe
 
     names = args.only.split(",") if args.only else list(VARIANTS)
     results = {}

@@ -9,7 +9,7 @@ import pytest
 from prosparse import load_model, relufy_
 from prosparse.cli import main
 from prosparse.data import load_texts, pack_blocks
-from prosparse.evaluation.heldout import evaluate_blocks
+from prosparse.measure.heldout import evaluate_blocks
 
 pytestmark = pytest.mark.slow  # loads the real SmolLM2-135M (about 40 s the first time)
 

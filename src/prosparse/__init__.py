@@ -1,9 +1,8 @@
 """prosparse: high, controllable activation sparsity for gated-FFN LLMs, and sparse inference."""
 
-from prosparse.errors import UsageError
+from prosparse.core import __version__
+from prosparse.core.errors import UsageError
 from prosparse.models import FATReLU, find_gated_ffns, load_model, relufy_, save_model
-
-__version__ = "0.1.0"
 
 __all__ = [
     "FATReLU",

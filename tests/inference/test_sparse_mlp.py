@@ -7,10 +7,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import prosparse
-from prosparse.evaluation.heldout import evaluate_blocks
 from prosparse.inference import SparseMLP, sparsify_
 from prosparse.inference.decode import calibrate_fatrelu_, greedy_decode
 from prosparse.kernels import cpu, dispatch
+from prosparse.measure.heldout import evaluate_blocks
 
 BACKENDS = ["cpu"] + (["triton"] if dispatch.HAS_TRITON and (
     dispatch.HAS_CUDA or dispatch.triton_interpreting()) else [])

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from prosparse.errors import UsageError
+from prosparse.core.errors import UsageError
 from prosparse.predictors import (
     PredictorSet,
     export_powerinfer,

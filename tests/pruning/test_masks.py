@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from prosparse.errors import UsageError
+from prosparse.core.errors import UsageError
 from prosparse.pruning import (
     keep_masks_,
     load_masks,

@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from prosparse.errors import UsageError
+from prosparse.core.errors import UsageError
 from prosparse.pruning import prox_2of4, regularizer_2of4
 from prosparse.pruning.prox import prox_objective
 

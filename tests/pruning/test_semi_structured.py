@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prosparse.errors import UsageError
+from prosparse.core.errors import UsageError
 from prosparse.pruning import prunable_linears, to_semi_structured_
 from prosparse.pruning.baselines import magnitude_prune_
 from prosparse.pruning.semi_structured import SemiStructuredLinear, unavailable_reason

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from prosparse.sparsity.hooks import capture_x1
+from prosparse.measure.hooks import capture_x1
 from prosparse.sparsity.penalty import PenaltyCollector, l1_penalty
 
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from prosparse.config import load_recipe
 from prosparse.sparsity.schedule import Stage, l1_factor, schedule_curve, validate_stages
+from prosparse.training.recipe import load_recipe
 
 TABLE6_7B = [Stage(5000, 0.0), Stage(6000, 5e-3), Stage(10000, 5e-2), Stage(12000, 5e-2),
              Stage(16000, 2e-1), Stage(16500, 2e-1)]

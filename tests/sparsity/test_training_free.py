@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 import prosparse
 from prosparse import find_gated_ffns
-from prosparse.evaluation.heldout import evaluate_blocks
 from prosparse.inference import SparseInputLinear, SparseMLP, sparsify_
 from prosparse.inference.decode import greedy_decode
+from prosparse.measure.heldout import evaluate_blocks
 from prosparse.models.activations import CATS
 from prosparse.models.teal import TEALLinear, block_linears, teal_mask
 from prosparse.sparsity.training_free import calibrate_cats, cats_, teal_

@@ -13,8 +13,8 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-from prosparse.config import load_recipe
 from prosparse.training.loop import train
+from prosparse.training.recipe import load_recipe
 
 out, overrides = sys.argv[1], sys.argv[2:]
 recipe = load_recipe(None, overrides)

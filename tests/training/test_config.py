@@ -2,7 +2,8 @@
 
 import pytest
 
-from prosparse.config import apply_overrides, dump_recipe, load_recipe, recipe_from_dict
+from prosparse.core.config import apply_overrides
+from prosparse.training.recipe import dump_recipe, load_recipe, recipe_from_dict
 
 
 def test_dotted_overrides_reach_lists_and_nested_keys():

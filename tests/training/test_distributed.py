@@ -54,7 +54,7 @@ def _launch(out: Path, overrides: list[str], *flags: str, port: int) -> None:
 @pytest.mark.slow  # two accelerate processes: about 20 s
 def test_two_processes(tmp_path, text_file):
     from prosparse import load_model
-    from prosparse.evaluation.heldout import evaluate_heldout
+    from prosparse.measure.heldout import evaluate_heldout
     from prosparse.training.data import heldout_blocks
     from prosparse.training.metrics import read_metrics
 

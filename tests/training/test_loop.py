@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from prosparse.config import load_recipe
 from prosparse.training import read_metrics, train
+from prosparse.training.recipe import load_recipe
 
 
 def tiny_recipe(model_dir, text_file, *extra):

@@ -5,7 +5,7 @@ model's zero weights kept through training."""
 import pytest
 import torch
 
-from prosparse.errors import UsageError
+from prosparse.core.errors import UsageError
 from prosparse.training import read_metrics, train
 from tests.training.test_loop import _reset_accelerate, tiny_recipe
 
@@ -72,7 +72,7 @@ def test_pruned_zeros_stay_zero(tiny_dir, text_file, tmp_path, keep):
 
 def test_fit_lambda_reads_finished_runs(tiny_dir, text_file, tmp_path, capsys):
     from prosparse.cli import main
-    from prosparse.training.commands import run_point
+    from prosparse.cli.train import run_point
 
     runs = []
     for lam in (0.5, 2.0):
@@ -126,9 +126,9 @@ def test_fused_adamw_choice():
     (set(), True, "bf16"),                     # CUDA
 ])
 def test_dtype_auto_is_bf16_where_the_hardware_has_it(monkeypatch, flags, cuda, want):
-    from prosparse.config import load_recipe
     from prosparse.kernels import fused
     from prosparse.training import loop
+    from prosparse.training.recipe import load_recipe
 
     monkeypatch.setattr(fused, "cpu_flags", lambda: set(flags))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from prosparse.errors import UsageError
+from prosparse.core.errors import UsageError
 from prosparse.training import read_metrics, train
 from prosparse.training.runs import RESUME_MAY_CHANGE, model_fingerprint, recipe_diff
 from tests.training.test_loop import _reset_accelerate, tiny_recipe
@@ -151,7 +151,7 @@ def test_train_refuses_a_folder_prosparse_did_not_write(tiny_dir, text_file, tmp
 
 
 def test_a_run_being_trained_is_refused(tiny_dir, text_file, tmp_path):
-    from prosparse.io import reserve
+    from prosparse.core.io import reserve
 
     with reserve(tmp_path / "run"):
         with pytest.raises(UsageError, match="is being written by another prosparse process"):
@@ -196,8 +196,8 @@ def test_shifted_relu_run_keeps_its_shift(tiny_dir, text_file, tmp_path):
     """configs/shifted-relu.yaml on a tiny model: the final checkpoint loads back as shifted ReLU
     with the recipe's shift, the sweep is skipped and the report says why."""
     from prosparse import load_model
-    from prosparse.config import load_recipe
     from prosparse.models.relufy import current_activation
+    from prosparse.training.recipe import load_recipe
 
     overrides = [f"model={tiny_dir}", f"data.sources=[{text_file}]", f"data.heldout=[{text_file}]",
                  "data.seq_len=32", "data.heldout_tokens=128", "log.eval_tokens=64",
@@ -214,7 +214,7 @@ def test_shifted_relu_run_keeps_its_shift(tiny_dir, text_file, tmp_path):
     assert report["final"] == report["trained"] == res.report["final"]
     model, _ = load_model(str(tmp_path / "run/final"))
     assert current_activation(model) == ("shifted_relu", 0.1)
-    from prosparse.evaluation.heldout import evaluate_heldout
+    from prosparse.measure.heldout import evaluate_heldout
     from prosparse.training.data import heldout_blocks
 
     _, tok = load_model(str(tiny_dir))
@@ -237,7 +237,7 @@ def test_shifted_relu_run_keeps_its_shift(tiny_dir, text_file, tmp_path):
 
 _KILLED_SCRIPT = """
 import sys
-from prosparse.config import load_recipe
+from prosparse.training.recipe import load_recipe
 from prosparse.training import train
 train(load_recipe(None, sys.argv[2:]), sys.argv[1], progress=False)
 """
@@ -289,6 +289,6 @@ def test_kill_9_while_checkpointing(tiny_dir, text_file, tmp_path):
 
 
 def load_recipe_equal(recipe, overrides):
-    from prosparse.config import load_recipe
+    from prosparse.training.recipe import load_recipe
 
     return load_recipe(None, overrides) == recipe

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from prosparse.core.errors import UsageError
 from prosparse.data.sources import DataSpec, _select, parse_data_spec, read_text_file
-from prosparse.errors import UsageError
 
 
 def load_conversations(spec: str | DataSpec, split: str = "train") -> list[list[dict]]:

@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from prosparse.errors import UsageError
+from prosparse.core.errors import UsageError
 
 
 def pack_blocks(

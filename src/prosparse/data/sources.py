@@ -10,8 +10,9 @@ A data spec on the command line is ``NAME=PATH``, a bare built-in name, or a bar
   far sparser than prose (paper Table 8). Same hash split by question. Its PIQA and ARC items
   are the validation splits lm-eval scores (PIQA) or sits next to (ARC): never train on ``qa``
   and then report those benchmarks.
-- ``austen``: Jane Austen's six novels (Debian's ``r-cran-janeaustenr``, read from its R
-  lazy-load database without R), one document per chapter, hash split by chapter.
+- ``austen``: Jane Austen's six novels (Debian's ``r-cran-janeaustenr``, whose R data
+  ``make extra-data`` turns into text without R), one document per chapter, hash split by
+  chapter.
 - ``pydoc``: the Python documentation's reStructuredText sources (Debian's ``python3.11-doc``,
   ``/usr/share/doc/python3.*/html/_sources``), one document per page, hash split by page.
   ``make extra-data`` unpacks both Debian packages into ``.venv/share/prosparse/deb`` (no root,
@@ -39,8 +40,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from prosparse.errors import UsageError
-from prosparse.models.loading import shipped_file
+from prosparse.core.assets import shipped_file
+from prosparse.core.errors import UsageError
 
 SPLITS = ("train", "heldout", "all")
 BUILTIN = {
@@ -128,40 +129,22 @@ def _debian_path(name: str, patterns: tuple[str, ...]) -> Path:
                      f"`{BUILTIN[name]}`")
 
 
-_AUSTEN_RDX = tuple(f"{lib}/janeaustenr/data/Rdata.rdx" for lib in (
-    "usr/lib/R/site-library", "usr/local/lib/R/site-library", "usr/lib/R/library"))
-_CHAPTER = re.compile(r"^\s*(CHAPTER|Chapter)\s+[0-9IVXLC]+\.?\s*$")
-
-
-def rdata_items(rdx: Path) -> list[tuple[str, str]]:
-    """``(book:chapter, text)`` from the character vectors of an R lazy-load database: each
-    vector's lines joined into paragraphs (blank lines), cut into documents at chapter headings
-    (a vector without them is one document)."""
-    from prosparse.data.rserial import lazyload_objects
-
-    items = []
-    for book, lines in sorted(lazyload_objects(rdx).items()):
-        if not isinstance(lines, list) or not all(isinstance(x, str | None) for x in lines):
-            continue
-        chapters: list[list[str]] = [[]]
-        for line in lines:
-            if line is not None and _CHAPTER.match(line):
-                chapters.append([])
-            else:
-                chapters[-1].append(line or "")
-        for i, chapter in enumerate(chapters):
-            paras = [" ".join(p.split()) for p in "\n".join(chapter).split("\n\n")]
-            text = "\n\n".join(p for p in paras if p)
-            if text:
-                items.append((f"{book}:{i}", text))
-    if not items:
-        raise UsageError(f"{rdx} holds no character vectors to read text from")
-    return items
+AUSTEN_JSONL = "prosparse/austen.jsonl"
+"""Where ``make extra-data`` writes the novels (under the unpack root), one chapter per line:
+``{"id": "novel:chapter", "text": ...}``, read out of the R package's data by
+``benchmarks/rserial.py``."""
 
 
 def austen_items() -> list[tuple[str, str]]:
-    """``(novel:chapter, text)`` for Jane Austen's six novels (``r-cran-janeaustenr``)."""
-    return rdata_items(_debian_path("austen", _AUSTEN_RDX))
+    """``(novel:chapter, text)`` for Jane Austen's six novels (``r-cran-janeaustenr``, as
+    ``make extra-data`` prepares them)."""
+    path = _debian_path("austen", (AUSTEN_JSONL,))
+    items = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            items.append((row["id"], row["text"]))
+    return items
 
 
 def pydoc_items() -> list[tuple[str, str]]:
@@ -321,7 +304,7 @@ def check_data(specs: Iterable[str | DataSpec]) -> list[DataSpec]:
         ds = parse_data_spec(spec) if isinstance(spec, str) else spec
         if ds.source not in BUILTIN and not ds.source.startswith("hf:"):
             path = Path(ds.source).expanduser()
-            if path.is_file() and path.suffix != ".rdx":  # .rdx: gzip, an R lazy-load index
+            if path.is_file():
                 with open(path, "rb") as f:
                     if b"\0" in f.read(_SNIFF_BYTES):
                         raise UsageError(f"data file {path} is binary, not text; give a UTF-8 "
@@ -358,8 +341,6 @@ def load_texts(spec: str | DataSpec, split: str = "heldout") -> list[str]:
         if not files:
             raise UsageError(f"data folder {path} holds no files")
         items = [item for f in files for item in _file_texts(f)]
-    elif path.is_file() and path.suffix == ".rdx":
-        items = rdata_items(path)
     elif path.is_file():
         items = _file_texts(path)
     else:

@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from prosparse.errors import UnknownNameError, UsageError
+from prosparse.core.errors import UnknownNameError, UsageError
 from prosparse.evaluation.tasks import (
     GROUPS,
     OTHER_GROUP,

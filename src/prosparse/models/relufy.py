@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prosparse.errors import UsageError
+from prosparse.core.errors import UsageError
 from prosparse.kernels.activations import ACTS, check_act
 from prosparse.models.activations import activation_params, make_activation
 

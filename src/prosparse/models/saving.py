@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from prosparse.io import atomic_dir
+from prosparse.core.io import atomic_dir
 from prosparse.kernels.activations import ACTS
 from prosparse.models.relufy import current_activation, relufy_, set_activation_config
 

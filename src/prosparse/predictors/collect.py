@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from prosparse.errors import UsageError
+from prosparse.core.errors import UsageError
 from prosparse.models.activations import activation_params
 from prosparse.models.relufy import find_gated_ffns
 
@@ -356,8 +356,8 @@ def collect_from_data(
     source, then :func:`collect_pairs` into ``out`` written atomically. ``kwargs`` go to
     :func:`collect_pairs` (``clip_top``, ``batch_size``, ``shard_tokens``, ``mass_tokens``,
     ``meta``)."""
+    from prosparse.core.io import atomic_dir
     from prosparse.data import load_texts, pack_blocks, parse_data_spec
-    from prosparse.io import atomic_dir
 
     per_source = tokens // len(data)
     blocks = torch.cat([pack_blocks(tokenizer, load_texts(parse_data_spec(s), split), seq_len,

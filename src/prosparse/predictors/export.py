@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from prosparse.errors import UsageError
-from prosparse.io import atomic_dir
+from prosparse.core.errors import UsageError
+from prosparse.core.io import atomic_dir
 from prosparse.predictors.model import PredictorSet
 
 FORMAT = "prosparse-predictors"

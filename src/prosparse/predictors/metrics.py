@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from prosparse.tables import format_table, pct
+from prosparse.core.tables import format_table, pct
 
 
 @dataclass

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from prosparse.errors import UsageError
+from prosparse.core.errors import UsageError
 from prosparse.predictors.collect import PairData
 from prosparse.predictors.metrics import LayerCounts, summarize
 from prosparse.predictors.model import Predictor, PredictorSet

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from prosparse.core.errors import UsageError
 from prosparse.data import load_texts, pack_blocks
-from prosparse.errors import UsageError
 
 
 def calibration_blocks(tokenizer, data: str, samples: int, seq_len: int, seed: int = 0

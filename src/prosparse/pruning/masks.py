@@ -6,47 +6,21 @@ dim of an ``nn.Linear`` weight ``[out, in]``), the layout of sparse tensor cores
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from prosparse.errors import UsageError
+from prosparse.core.errors import UsageError
+from prosparse.measure.weights import (  # noqa: F401  (re-exported)
+    nm_compliance,
+    parse_pattern,
+    weight_sparsity,
+)
+from prosparse.models.linears import decoder_layers, prunable_linears  # noqa: F401
 
 MASKS_FILE = "masks.safetensors"
-
-
-def parse_pattern(text: str) -> tuple[int, int]:
-    """``"2:4"`` -> ``(2, 4)``; anything but N:M with 0 < N < M is a :class:`UsageError`."""
-    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
-    if not m or not 0 < int(m.group(1)) < int(m.group(2)):
-        raise UsageError(f"--pattern {text!r} must be N:M with 0 < N < M (e.g. 2:4 or 4:8)")
-    return int(m.group(1)), int(m.group(2))
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
-    """The decoder's stack of blocks: the longest ``ModuleList`` whose entries hold linears."""
-    best = None
-    for module in model.modules():
-        if (isinstance(module, nn.ModuleList) and len(module)
-                and all(any(isinstance(c, nn.Linear) for c in b.modules()) for b in module)
-                and (best is None or len(module) > len(best))):
-            best = module
-    return best
-
-
-def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` inside the decoder blocks, by full module name (for LLaMA-style
-    models: q/k/v/o_proj and gate/up/down_proj). Embeddings and the LM head sit outside the
-    blocks and are never pruned."""
-    layers = decoder_layers(model)
-    if layers is None:
-        return {}
-    inside = {id(m) for m in layers.modules()}
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and id(m) in inside}
 
 
 def split_divisible(linears: dict[str, nn.Linear], m: int
@@ -72,12 +46,6 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.view(scores.shape)
 
 
-def nm_compliance(w: torch.Tensor, n: int, m: int) -> float:
-    """Share of groups of ``m`` along the last dim with at most ``n`` non-zeros."""
-    nnz = (w.reshape(-1, m) != 0).sum(1)
-    return float((nnz <= n).float().mean()) if nnz.numel() else 1.0
-
-
 @torch.no_grad()
 def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
     """Zero every weight of ``model``'s linears where ``masks[name]`` is False (in place)."""
@@ -86,30 +54,6 @@ def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
         w = modules[name].weight
         w.mul_(mask.to(device=w.device, dtype=w.dtype))
     return model
-
-
-def weight_sparsity(model: nn.Module, pattern: str = "2:4") -> dict:
-    """Zeros and N:M compliance of every prunable linear (JSON-ready).
-
-    ``{"pattern", "zeros", "compliance", "layers": {name: {"zeros", "compliance"}}}``: zeros is
-    the share of exact zeros, compliance the share of groups with at most N non-zeros (1.0 for
-    an exactly N:M layer); the totals weigh layers by size. A layer whose in_features is not
-    divisible by M reports ``compliance: null``.
-    """
-    n, m = parse_pattern(pattern)
-    layers, zeros, total, ok, groups = {}, 0, 0, 0.0, 0
-    for name, lin in prunable_linears(model).items():
-        w = lin.weight.detach()
-        z = int((w == 0).sum())
-        entry = {"zeros": z / w.numel(), "compliance": None}
-        if w.shape[-1] % m == 0:
-            entry["compliance"] = nm_compliance(w, n, m)
-            ok += entry["compliance"] * (w.numel() // m)
-            groups += w.numel() // m
-        layers[name] = entry
-        zeros, total = zeros + z, total + w.numel()
-    return {"pattern": f"{n}:{m}", "zeros": zeros / total if total else 0.0,
-            "compliance": ok / groups if groups else None, "layers": layers}
 
 
 def masks_from_zeros(model: nn.Module) -> dict[str, torch.Tensor]:

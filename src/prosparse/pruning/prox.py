@@ -33,7 +33,7 @@ import itertools
 
 import torch
 
-from prosparse.errors import UsageError
+from prosparse.core.errors import UsageError
 
 # Groups solved at once: (4, CHUNK) fp32 columns, 1 MiB per candidate, stay in L2.
 CHUNK = 1 << 16

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from prosparse.errors import UsageError
+from prosparse.core.errors import UsageError
 from prosparse.pruning.masks import nm_mask
 from prosparse.pruning.prox import group_nonzeros, prox_2of4
 

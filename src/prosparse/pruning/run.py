@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from prosparse.errors import UsageError
+from prosparse.core.errors import UsageError
 from prosparse.pruning.masks import (
     MASKS_FILE,
     parse_pattern,
@@ -117,7 +117,7 @@ def prune(cfg: PruneConfig, out: str | Path, overwrite: bool = False,
     if world > 1 and cfg.method != "proxsparse":
         raise UsageError(f"--method {cfg.method} runs in one process; drop accelerate launch "
                          "(only proxsparse trains data-parallel)")
-    from prosparse.io import check_output
+    from prosparse.core.io import check_output
 
     out = Path(out)
     check_output(out, kind="dir", overwrite=overwrite)  # before any work, as atomic_dir will
@@ -170,7 +170,7 @@ def prune(cfg: PruneConfig, out: str | Path, overwrite: bool = False,
     result["config"] = _plain(cfg)
     _save(model, tok, masks, result, out, overwrite)
     result["wall_seconds"] = time.perf_counter() - wall
-    from prosparse.io import write_json
+    from prosparse.core.io import write_json
 
     write_json(out / RESULT_FILE, result)
     if accelerator is not None:
@@ -201,7 +201,7 @@ def run_method(model, linears, blocks, cfg: PruneConfig, n: int, m: int, progres
 def _perplexity(model, blocks) -> float | None:
     if blocks is None:
         return None
-    from prosparse.evaluation.heldout import evaluate_blocks
+    from prosparse.measure.heldout import evaluate_blocks
 
     return evaluate_blocks(model, blocks).perplexity
 
@@ -213,7 +213,7 @@ def _plain(cfg: PruneConfig) -> dict:
 
 
 def _save(model, tok, masks, result: dict, out: Path, overwrite: bool) -> None:
-    from prosparse.io import atomic_dir, write_json
+    from prosparse.core.io import atomic_dir, write_json
     from prosparse.models.saving import save_model
 
     model.config.prosparse_pruning = {k: result[k] for k in

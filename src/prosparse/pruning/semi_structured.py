@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prosparse.errors import UsageError
+from prosparse.core.errors import UsageError
 from prosparse.pruning.masks import nm_compliance, prunable_linears
 
 DTYPES = (torch.float16, torch.bfloat16)

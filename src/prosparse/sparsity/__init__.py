@@ -1,12 +1,12 @@
 """Activation capture and counting, the L1 penalty, Algorithm 1's schedule and the lambda fit.
 
 Measurement on held-out text goes through the one evaluator,
-:mod:`prosparse.evaluation.heldout`; :mod:`.measure` (``prosparse sparsity``) and
+:mod:`prosparse.measure.heldout`; :mod:`.measure` (``prosparse sparsity``) and
 :mod:`.threshold` (the threshold sweep) build on it and are imported by their paths.
 """
 
+from prosparse.measure.hooks import ZeroCounter, capture_x1
 from prosparse.sparsity.fit import SparsityFit, fit_points, lambda_for_sparsity, sparsity_for_lambda
-from prosparse.sparsity.hooks import ZeroCounter, capture_x1
 from prosparse.sparsity.penalty import PenaltyCollector, l1_penalty
 from prosparse.sparsity.schedule import (
                                          Stage,

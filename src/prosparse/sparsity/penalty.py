@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from prosparse.sparsity.hooks import ZeroCounter
+from prosparse.measure.hooks import ZeroCounter
 
 
 def l1_norm(x1: torch.Tensor, normalization: str = "mean", scale: float = 1e-8,

@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from prosparse.errors import UsageError
+from prosparse.core.errors import UsageError
 
 
 @dataclass

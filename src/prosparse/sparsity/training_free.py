@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from prosparse.errors import UsageError
+from prosparse.core.errors import UsageError
 from prosparse.models.activations import CATS
 from prosparse.models.relufy import find_gated_ffns, relufy_
 from prosparse.models.teal import block_linears, tealify_

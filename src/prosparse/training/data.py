@@ -69,7 +69,7 @@ def build_blocks(tokenizer, sources: list[str], weights: list[float] | None, seq
     blocks = torch.stack([parts[i][0][j] for i, j in order])
     mask = torch.stack([parts[i][1][j] for i, j in order]) if chat else None
     if path is not None:
-        from prosparse.io import atomic_write
+        from prosparse.core.io import atomic_write
 
         obj = {"ids": blocks, "mask": mask} if chat else blocks
         atomic_write(path, lambda tmp: torch.save(obj, tmp))

@@ -20,18 +20,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from prosparse.config import Recipe
-from prosparse.errors import UsageError
-from prosparse.evaluation.heldout import evaluate_heldout
-from prosparse.io import reserve
+from prosparse.core.errors import UsageError
+from prosparse.core.io import reserve
+from prosparse.measure.heldout import evaluate_heldout
+from prosparse.measure.hooks import capture_x1
 from prosparse.models.anneal import anneal_factor, begin_anneal_, set_anneal_
 from prosparse.models.relufy import find_gated_ffns
-from prosparse.sparsity.hooks import capture_x1
 from prosparse.sparsity.penalty import PenaltyCollector
 from prosparse.sparsity.schedule import l1_factor, stage_index, train_threshold
 from prosparse.training.checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
 from prosparse.training.data import build_blocks, heldout_blocks, micro_batch
 from prosparse.training.metrics import MetricsLog
+from prosparse.training.recipe import Recipe
 from prosparse.training.report import benchmark, finish_run
 from prosparse.training.runs import check_resume_overwrite, check_run_folder, start_run_folder
 

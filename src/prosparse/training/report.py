@@ -13,10 +13,10 @@ import logging
 import time
 from pathlib import Path
 
-from prosparse.evaluation.heldout import evaluate_heldout
-from prosparse.io import atomic_dir, write_json
+from prosparse.core.io import atomic_dir, write_json
+from prosparse.core.tables import format_table, pct
+from prosparse.measure.heldout import evaluate_heldout
 from prosparse.models.relufy import current_activation, relufy_
-from prosparse.tables import format_table, pct
 from prosparse.training.checkpoint import full_state_dict
 from prosparse.training.metrics import read_metrics
 
@@ -63,7 +63,7 @@ def benchmark_table(report: dict) -> str:
 
 def _plots(run: Path, report: dict) -> list[str]:
     try:
-        from prosparse.plots import plot_curves, plot_layer_sparsity
+        from prosparse.core.plots import plot_curves, plot_layer_sparsity
     except ImportError:
         return []
     made = []
@@ -105,7 +105,7 @@ def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, 
         report.update(threshold=None, shift=param, threshold_skipped=reason)
     else:
         if th.value is None:
-            from prosparse.sparsity.threshold import threshold_sweep
+            from prosparse.measure.threshold import threshold_sweep
 
             sweep = threshold_sweep(accelerator.unwrap_model(model), tokenizer, list(th.sweep),
                                     data=recipe.data.heldout, tolerance=th.tolerance,

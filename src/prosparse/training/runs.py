@@ -1,7 +1,7 @@
 """Run folders: what a run records, so that ``--resume`` continues the same run and a new run
 never replaces an old one by accident.
 
-``<run>/.prosparse.json`` is the marker of :mod:`prosparse.io` (``kind: "run"``) plus the model's
+``<run>/.prosparse.json`` is the marker of :mod:`prosparse.core.io` (``kind: "run"``) plus the model's
 fingerprint (:func:`model_fingerprint`); ``<run>/recipe.yaml`` is the recipe. Before any work:
 
 - ``train`` into a folder holding a run (started, checkpointed or finished) is refused unless
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import yaml
 
-from prosparse.config import Recipe, dump_recipe, recipe_from_dict, to_dict
-from prosparse.errors import UsageError
-from prosparse.io import MARKER, check_output, read_marker, write_marker
+from prosparse.core.errors import UsageError
+from prosparse.core.io import MARKER, check_output, read_marker, write_marker
 from prosparse.training.checkpoint import CHECKPOINTS, latest_checkpoint
+from prosparse.training.recipe import Recipe, dump_recipe, recipe_from_dict, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def model_fingerprint(spec: str) -> dict:
     """``{"spec", "files": {name: digest}}`` of the model ``spec`` names, without loading it:
     a folder's config, tokenizer and weights files, a ``.gguf`` file, or an embedded model's
     shipped file. A hub id has no local files: its fingerprint is its name."""
-    from prosparse.models.loading import EMBEDDED, embedded_model_path
+    from prosparse.core.assets import EMBEDDED, embedded_model_path
 
     path = Path(spec).expanduser()
     if spec in EMBEDDED:
@@ -166,7 +166,7 @@ def check_run_folder(run: Path, recipe: Recipe, *, resume: bool, overwrite: bool
     """Decide, before any work, whether ``recipe`` may train into ``run``.
 
     Returns ``(checkpoint to resume from or None, the model's fingerprint)``; raises
-    :class:`~prosparse.errors.UsageError` naming the folder and the fix otherwise.
+    :class:`~prosparse.core.errors.UsageError` naming the folder and the fix otherwise.
     """
     check_resume_overwrite(resume, overwrite)
     fingerprint = model_fingerprint(recipe.model)

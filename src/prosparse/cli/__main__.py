@@ -1,0 +1,5 @@
+import sys
+
+from prosparse.cli.main import main
+
+sys.exit(main())

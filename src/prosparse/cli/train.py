@@ -1,0 +1,158 @@
+"""``prosparse train RECIPE [overrides]`` and ``prosparse schedule RECIPE`` (check lambda before
+spending GPU days)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prosparse.core import checks
+from prosparse.core.errors import UsageError
+
+
+def _schedule(args) -> int:
+    from prosparse.core.io import write_json
+    from prosparse.core.tables import format_table
+    from prosparse.sparsity.schedule import schedule_curve
+    from prosparse.training.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    curve = schedule_curve(recipe.stages, every=args.every)
+    rows, prev = [], 0
+    for i, s in enumerate(recipe.stages):
+        kind = "fixed" if s.fixed else "zero" if s.lam == 0 else "flat" if (
+            i == 0 or recipe.stages[i - 1].lam in (0, s.lam) or recipe.stages[i - 1].fixed
+        ) else "sine"
+        rows.append([s.name or str(i), f"{prev + 1}-{s.steps}", f"{s.lam:g}", kind])
+        prev = s.steps
+    print(format_table(["stage", "steps", "lambda (end)", "shape"], rows))
+    print(f"normalisation: {recipe.penalty.normalization}"
+          + (f" (scale {recipe.penalty.scale:g})" if recipe.penalty.normalization == "sum_scaled"
+             else ""))
+    if args.json:
+        write_json(args.json, curve)
+        print(f"wrote {args.json} ({len(curve['steps'])} points)")
+    if args.plot:
+        from prosparse.core.plots import plot_curves
+
+        plot_curves(curve["steps"], {"lambda": curve["lambda"]}, args.plot,
+                    title=f"L1 factor schedule: {Path(args.recipe).name}")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _train(args) -> int:
+    from prosparse.training.loop import train
+    from prosparse.training.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = args.out or str(Path("runs") / Path(args.recipe).stem)
+    result = train(recipe, out, resume=args.resume, overwrite=args.overwrite)
+    if result.report:
+        print(result.report["table"])
+        print(json.dumps({k: result.report[k] for k in ("threshold", "tokens_trained",
+                                                        "wall_seconds")}))
+    print(f"run folder: {result.run}")
+    return 0
+
+
+def run_point(run: str | Path) -> tuple[float, float]:
+    """``(lambda_S, sparsity %)`` of a finished ``prosparse train`` run: the last stage's lambda
+    from its ``recipe.yaml`` and the held-out sparsity of the trained model before any
+    threshold shift (paper Fig. 3) from its ``report.json``."""
+    from prosparse.training.recipe import load_recipe
+
+    run = Path(run)
+    if run.is_file() and run.suffix == ".json":
+        return _row_point(run)
+    report, recipe = run / "report.json", run / "recipe.yaml"
+    if not report.is_file() or not recipe.is_file():
+        raise UsageError(f"--run {run}: no report.json and recipe.yaml there; give the folder of "
+                         "a finished `prosparse train` run, or a trained row's JSON of "
+                         "benchmarks/frontier.py")
+    trained = json.loads(report.read_text()).get("trained")
+    if not trained:
+        raise UsageError(f"--run {run}: report.json has no 'trained' measurement")
+    return load_recipe(recipe).stages[-1].lam, 100 * trained["average_sparsity"]
+
+
+def _row_point(path: Path) -> tuple[float, float]:
+    """``(lambda_S, sparsity %)`` of a trained row of ``benchmarks/frontier.py``
+    (``benchmarks/results/frontier/NAME.json``): the recipe it keeps and its t = 0 point, so
+    the committed rows fit without their run folders."""
+    import yaml
+
+    from prosparse.training.recipe import recipe_from_dict
+
+    try:
+        row = json.loads(path.read_text())
+        lam = recipe_from_dict(yaml.safe_load(row["recipe"])).stages[-1].lam
+        t0 = next(p for p in row["points"] if not p.get("t"))
+    except (ValueError, KeyError, TypeError, IndexError, StopIteration, yaml.YAMLError):
+        raise UsageError(f"--run {path}: not a trained frontier row (it needs 'recipe' with "
+                         "stages and a t = 0 point); give a run folder or a trained row's "
+                         "JSON") from None
+    return lam, 100 * t0["sparsity"]
+
+
+def _point(item: str) -> tuple[float, float]:
+    try:
+        lam, sp = (float(v) for v in item.split(":"))
+    except ValueError:
+        raise UsageError(f"--point {item!r} must look like LAMBDA:SPARSITY_PERCENT "
+                         "(e.g. 0.05:85.9)") from None
+    return lam, sp
+
+
+def _fit_lambda(args) -> int:
+    from prosparse.sparsity.fit import PAPER_7B, fit_points
+
+    fit = PAPER_7B
+    pairs = [_point(p) for p in args.point] + [run_point(r) for r in args.run]
+    if pairs:
+        fit = fit_points([p[0] for p in pairs], [p[1] for p in pairs])
+        for lam, sp in pairs:
+            print(f"  lambda_S {lam:g}: sparsity {sp:.2f}%")
+    source = "your points" if pairs else "the paper's ProSparse-7B fit"
+    print(f"sparsity(%) = 100 - exp(-{fit.a:.4g} * lambda^{fit.alpha:.3g} + {fit.b:.4g})  "
+          f"({source})")
+    for target in args.target:
+        print(f"target {target:g}% -> lambda_S = {fit.lam(target):.4g}")
+    for lam in args.predict:
+        print(f"lambda_S {lam:g} -> predicted sparsity {fit.sparsity(lam):.2f}%")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="ProSparse training from a recipe (configs/*.yaml)")
+    p.add_argument("recipe", help="YAML recipe, e.g. configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.4.lambda=0.1")
+    p.add_argument("--out", default=None, help="run folder (default runs/<recipe name>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in the run folder (refused when "
+                        "the model or recipe changed, beyond logging and checkpoint cadence)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in the run folder (only a folder prosparse wrote)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("schedule", help="print / save / plot a recipe's lambda curve")
+    p.add_argument("recipe", help="YAML recipe")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.4.lambda=0.1")
+    p.add_argument("--json", default=None, type=checks.output_file,
+                   help='write {"steps": [...], "lambda": [...]}')
+    p.add_argument("--plot", default=None, type=checks.output_file,
+                   help="write the curve as a PNG")
+    p.add_argument("--every", type=checks.positive_int, default=1,
+                   help="keep every k-th step (last kept)")
+    p.set_defaults(func=_schedule)
+
+    p = sub.add_parser("fit-lambda", help="lambda_S for a target sparsity (paper fit or yours)")
+    p.add_argument("--target", type=float, nargs="*", default=[], help="target sparsity in %%")
+    p.add_argument("--predict", type=float, nargs="*", default=[], help="lambda_S to predict")
+    p.add_argument("--point", action="append", default=[],
+                   help="a measured LAMBDA:SPARSITY_PERCENT of your model (repeat; >= 2)")
+    p.add_argument("--run", action="append", default=[], metavar="RUN",
+                   help="a finished `prosparse train` run folder, or a trained row's JSON "
+                        "of benchmarks/frontier.py: its last-stage lambda and trained "
+                        "sparsity are one point (repeat; mixes with --point)")
+    p.set_defaults(func=_fit_lambda)
