@@ -118,3 +118,31 @@ def test_bench_decode_alternates_rounds_and_leaves_the_model_dense():
     assert not any(isinstance(m, SparseMLP) for m in model.modules()), "left dense"
     with pytest.raises(ValueError, match="repeats"):
         bench_decode(model, prompt, new_tokens=2, repeats=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@torch.inference_mode()
+def test_threshold_moved_after_the_swap_is_the_one_that_runs(backend):
+    """The activation module is the threshold's one home: relufy_ after sparsify_ (as
+    threshold-aware training and the sweep do) changes what the sparse FFN computes, and the
+    dense module put back by restore() carries the new threshold too."""
+    from prosparse.inference.sparse_mlp import sparsify_with_restore_
+    from prosparse.models.activations import fatrelu
+
+    dev = "cuda" if backend == "triton" and dispatch.HAS_CUDA else "cpu"
+    model = tiny_llama().to(dev)
+    prosparse.relufy_(model, "fatrelu", 0.01)
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(3)).to(dev)
+    _, restore = sparsify_with_restore_(model, backend=backend, dense_below=0.0)
+    mlp = model.model.layers[0].mlp
+    before = mlp(x)
+    prosparse.relufy_(model, "fatrelu", 0.3)
+    assert mlp.activation == ("fatrelu", 0.3)
+    after = mlp(x)
+    ref = mlp.down_proj(fatrelu(mlp.gate_proj(x), 0.3) * mlp.up_proj(x))
+    assert not torch.allclose(before, after), "the new threshold changed nothing"
+    torch.testing.assert_close(after, ref, rtol=1e-5, atol=1e-6)
+    restore()
+    dense = model.model.layers[0].mlp
+    assert not isinstance(dense, SparseMLP)
+    torch.testing.assert_close(dense(x), ref, rtol=1e-5, atol=1e-6)

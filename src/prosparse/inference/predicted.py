@@ -84,7 +84,8 @@ class PredictedSparseMLP(SparseFFN):
         self.counts[0].add_(mask.sum())
         self.counts[1].add_(mask.shape[0])
         w_gate, w_up, b_gate, b_up = self.weights()
-        y = dispatch.predicted_ffn(x2, mask, w_gate, w_up, self.w2t, self.act, self.param,
+        act, param = self.activation
+        y = dispatch.predicted_ffn(x2, mask, w_gate, w_up, self.w2t, act, param,
                                    b_gate, b_up, backend=self.backend,
                                    max_tokens=self.max_tokens)  # (tokens, d_model)
         if self.down_proj.bias is not None:

@@ -37,13 +37,11 @@ class SparseFFN(nn.Module):
                  backend: str | None = None):
         super().__init__()
         act_mod = getattr(ffn, act_attr)
-        params = activation_params(act_mod)
-        if params is None:
+        if activation_params(act_mod) is None:
             raise ValueError(
                 f"{type(self).__name__} needs a ReLU-family activation, got "
                 f"{type(act_mod).__name__}; run prosparse.relufy_(model, 'fatrelu', t) first"
             )
-        self.act, self.param = params
         self.act_attr, self.fused, self.backend = act_attr, fused, backend
         if fused:
             self.gate_up_proj = ffn.gate_up_proj
@@ -67,6 +65,17 @@ class SparseFFN(nn.Module):
             raise ValueError(f"{type(mlp).__name__} is not a gated FFN")
         ffn = found[0]
         return cls(mlp, act_attr=ffn.act_attr, fused=ffn.fused, **kwargs)
+
+    @property
+    def activation(self) -> tuple[str, float]:
+        """``(name, param)`` of the activation module this FFN holds, read at every call: the
+        module is the threshold's one home, so ``relufy_`` (or threshold-aware training, or a
+        sweep) moving it after the swap is what the next forward uses."""
+        params = activation_params(getattr(self, self.act_attr))
+        if params is None:
+            raise ValueError(f"{type(self).__name__} holds a {type(getattr(self, self.act_attr)).__name__} "
+                             "activation; the sparse FFN needs a ReLU-family one (relufy_)")
+        return params
 
     @property
     def w2t(self) -> torch.Tensor:
@@ -117,6 +126,12 @@ def swap_ffns_(model: nn.Module, build: Callable[[GatedFFN], nn.Module],
 
     def restore() -> None:
         for parent, child, original in swapped:
+            # The activation moves with the FFN: whatever the swapped module holds now (relufy_
+            # may have changed it since) is what the original gets back.
+            current = getattr(parent, child)
+            attr = getattr(current, "act_attr", None)
+            if attr is not None and hasattr(original, attr):
+                setattr(original, attr, getattr(current, attr))
             setattr(parent, child, original)
             w = original.down_proj.weight
             if not w.is_contiguous():
@@ -147,20 +162,22 @@ class SparseMLP(SparseFFN):
         if x2.shape[0] > self.max_tokens:  # prefill: the original module's dense formula
             return self.dense(x)
         w_gate, w1, b_gate, b1 = self.weights()
+        act, param = self.activation
         g = F.linear(x2, w_gate, b_gate)  # step (1), dense: (tokens, d_ff)
         kw = dict(backend=self.backend, dense_below=self.dense_below, max_tokens=self.max_tokens)
         if b1 is None:
-            y = dispatch.sparse_ffn(x2, g, w1, self.w2t, self.act, self.param, **kw)
+            y = dispatch.sparse_ffn(x2, g, w1, self.w2t, act, param, **kw)
         else:  # act(g) * (x W1^T + b1) = x1 + act(g) * b1: still exactly zero where act(g) is
             a = getattr(self, self.act_attr)(g)
-            x1 = dispatch.up_step(x2, g, w1, self.act, self.param, **kw) + a * b1
+            x1 = dispatch.up_step(x2, g, w1, act, param, **kw) + a * b1
             y = dispatch.down_step(x1, self.w2t, **kw)
         if self.down_proj.bias is not None:
             y = y + self.down_proj.bias
         return y.reshape(*shape[:-1], y.shape[-1])
 
     def extra_repr(self) -> str:
-        return f"act={self.act}, param={self.param:g}, backend={self.backend or 'auto'}"
+        act, param = self.activation
+        return f"act={act}, param={param:g}, backend={self.backend or 'auto'}"
 
 
 class SparseInputLinear(nn.Module):

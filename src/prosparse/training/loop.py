@@ -209,14 +209,48 @@ def _on_any_rank(accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
-def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after: int | None,
-           progress: bool, wall_start: float) -> TrainResult:
+@dataclass
+class _Session:
+    """Everything the step loop needs, built once by :func:`_setup`."""
+
+    recipe: Recipe
+    run: Path
+    accelerator: object
+    model: torch.nn.Module
+    tok: object
+    opt: torch.optim.Optimizer
+    teacher: torch.nn.Module | None
+    blocks: torch.Tensor
+    """Training blocks (n, seq_len); micro-batch k of step s is k = (s - 1) * grad_accum + m."""
+    masks: torch.Tensor | None
+    """Chat data: which tokens carry the LM loss (answers only); None for plain text."""
+    heldout: dict
+    eval_blocks: dict
+    report: dict
+    start_step: int
+    n_layers: int
+    t_base: float
+    t_now: float | None
+    """Threshold-aware training: the FATReLU threshold the model holds now."""
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def per_step(self) -> int:
+        """Sequences per optimiser step, all processes together."""
+        return self.recipe.grad_accum * self.recipe.batch_size * self.world
+
+
+def _setup(recipe: Recipe, run: Path, ckpt: Path | None, accelerator) -> _Session:
+    """Load the model, measure it, make the teacher, swap the activation, build the optimiser
+    and the data, and restore a checkpoint's state when resuming."""
     from accelerate.utils import set_seed
 
     from prosparse.models.loading import load_model
     from prosparse.models.relufy import relufy_
 
-    main = accelerator.is_main_process
     set_seed(recipe.seed)
 
     # --- model, teacher, activation swap -------------------------------------------------------
@@ -258,6 +292,7 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
     keep = recipe.weights.keep_mask
     if keep is None:
         keep = bool(getattr(model.config, "prosparse_pruning", None))
+    keeper = None
     if keep:  # a pruned model's zero weights stay exactly zero (gradient hooks)
         from prosparse.pruning import keep_masks_
 
@@ -280,8 +315,7 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
     model, opt = accelerator.prepare(model, opt)
 
     # --- data: global micro-batch k of step s is k = (s - 1) * grad_accum + m -------------------
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_step = recipe.grad_accum * recipe.batch_size * world
+    per_step = recipe.grad_accum * recipe.batch_size * accelerator.num_processes
     with accelerator.main_process_first():
         blocks, masks = build_blocks(tok, recipe.data.sources, recipe.data.weights,
                                      recipe.data.seq_len, recipe.total_steps * per_step,
@@ -291,108 +325,127 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
     start_step = 0
     if ckpt is not None:
         start_step = load_checkpoint(accelerator, ckpt)["step"]
-        if keep:
+        if keeper is not None:
             keeper.remask()  # moments restored from a checkpoint cannot move a masked weight
-    log = MetricsLog(run, main, recipe.log.tensorboard, start_step)
-    last = recipe.total_steps if stop_after is None else min(recipe.total_steps,
-                                                             start_step + stop_after)
-    n_layers = len(find_gated_ffns(model))
-    bar = tqdm(range(start_step + 1, last + 1), initial=start_step, total=recipe.total_steps,
-               disable=not (progress and main), desc="train")
-    record: dict = {}
-    lambdas = []
+    return _Session(recipe=recipe, run=run, accelerator=accelerator, model=model, tok=tok,
+                    opt=opt, teacher=teacher, blocks=blocks, masks=masks, heldout=heldout,
+                    eval_blocks=eval_blocks, report=report, start_step=start_step,
+                    n_layers=len(find_gated_ffns(model)), t_base=t_base, t_now=t_now)
+
+
+def _step(s: _Session, step: int) -> dict:
+    """One optimiser step (``grad_accum`` micro-batches); returns its metrics record."""
+    from prosparse.models.relufy import relufy_
+
+    recipe, accelerator, model = s.recipe, s.accelerator, s.model
+    t_step = time.perf_counter()
+    lam = l1_factor(step, recipe.stages)
+    an, th = recipe.anneal, recipe.threshold
+    alpha = anneal_factor(step, an.steps, an.shape) if an.steps > 0 else 1.0
+    if an.steps > 0:
+        set_anneal_(model, alpha)
+    if th.train > 0:
+        t = train_threshold(step, th.train, th.train_start, th.train_ramp, s.t_base)
+        if t != s.t_now:  # unwrapped, so the config (and each checkpoint) names it too
+            relufy_(accelerator.unwrap_model(model), "fatrelu", t)
+            s.t_now = t
+    lr = lr_at(step, recipe)
+    for group in s.opt.param_groups:
+        group["lr"] = lr
     match_hidden = recipe.distill.hidden_weight > 0  # the recipe refuses it without a teacher
+    world, rank = s.world, accelerator.process_index
+    # lm, pen, kd, loss, hidden
+    sums = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
+    collector = PenaltyCollector(s.n_layers, recipe.penalty.normalization,
+                                 recipe.penalty.scale, recipe.grad_accum, enabled=lam > 0)
+    with capture_x1(model, collector):
+        for m in range(recipe.grad_accum):
+            k = (step - 1) * recipe.grad_accum + m
+            ids = micro_batch(s.blocks, k, recipe.batch_size, rank, world).to(accelerator.device)
+            mask = None if s.masks is None else micro_batch(
+                s.masks, k, recipe.batch_size, rank, world).to(accelerator.device)
+            with accelerator.accumulate(model):
+                out = model(input_ids=ids, output_hidden_states=match_hidden)
+                # (batch, seq, vocab); one fp32 copy for both losses (bf16 under autocast)
+                logits = out.logits.float()
+                lm = lm_loss(logits, ids, mask)  # chat data: answer tokens only
+                penalty = collector.take()
+                kd = torch.zeros((), device=logits.device)
+                hid = torch.zeros((), device=logits.device)
+                if s.teacher is not None:
+                    with torch.no_grad(), accelerator.autocast():
+                        t_out = s.teacher(input_ids=ids, output_hidden_states=match_hidden)
+                    kd = kd_loss(logits, t_out.logits, recipe.distill.temperature)
+                    if match_hidden:
+                        hid = hidden_loss(out.hidden_states, t_out.hidden_states)
+                # The objective, in one line (paper Section 3.2, + opt-in distillation):
+                loss = (recipe.distill.lm_weight * lm + lam * penalty
+                        + recipe.distill.weight * kd + recipe.distill.hidden_weight * hid)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if recipe.optim.grad_clip > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), recipe.optim.grad_clip)
+                    s.opt.step()
+                    s.opt.zero_grad(set_to_none=True)
+            # on the device: the step's one read-back is the reduced stats below
+            sums += torch.stack([lm.detach(), penalty.detach(), kd.detach(),
+                                 loss.detach(), hid.detach()]).to(sums)
+    counts = collector.zeros
+    stats = torch.cat([sums / recipe.grad_accum, counts.zeros.to(sums), counts.total.to(sums)])
+    stats = accelerator.reduce(stats, reduction="sum").cpu()
+    lm_v, pen_v, kd_v, loss_v, hid_v = (stats[:5] / world).tolist()
+    zeros, total = stats[5:5 + s.n_layers], stats[5 + s.n_layers:]
+    record = {"step": step, "stage": stage_index(step, recipe.stages), "lambda": lam,
+              "lr": lr, "lm_loss": lm_v, "penalty": pen_v, "kd_loss": kd_v, "loss": loss_v,
+              "train_sparsity": float((zeros / total.clamp(min=1)).mean()),
+              "tokens": step * s.per_step * recipe.data.seq_len,
+              # the optimiser step's wall time (read-back included, held-out eval not)
+              "step_seconds": time.perf_counter() - t_step}
+    if match_hidden:
+        record["hidden_loss"] = hid_v
+    if an.steps > 0:
+        record["anneal"] = alpha
+    if th.train > 0:
+        record["threshold"] = s.t_now
+    return record
+
+
+def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after: int | None,
+           progress: bool, wall_start: float) -> TrainResult:
+    s = _setup(recipe, run, ckpt, accelerator)
+    main = accelerator.is_main_process
+    log = MetricsLog(run, main, recipe.log.tensorboard, s.start_step)
+    last = recipe.total_steps if stop_after is None else min(recipe.total_steps,
+                                                             s.start_step + stop_after)
+    bar = tqdm(range(s.start_step + 1, last + 1), initial=s.start_step, total=recipe.total_steps,
+               disable=not (progress and main), desc="train")
+    lambdas = []
     for step in bar:
-        t_step = time.perf_counter()
-        lam = l1_factor(step, recipe.stages)
-        lambdas.append(lam)
-        alpha = anneal_factor(step, an.steps, an.shape) if an.steps > 0 else 1.0
-        if an.steps > 0:
-            set_anneal_(model, alpha)
-        if th.train > 0:
-            t = train_threshold(step, th.train, th.train_start, th.train_ramp, t_base)
-            if t != t_now:  # unwrapped, so the config (and each checkpoint) names it too
-                relufy_(accelerator.unwrap_model(model), "fatrelu", t)
-                t_now = t
-        lr = lr_at(step, recipe)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        # lm, pen, kd, loss, hidden
-        sums = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
-        collector = PenaltyCollector(n_layers, recipe.penalty.normalization,
-                                     recipe.penalty.scale, recipe.grad_accum, enabled=lam > 0)
-        with capture_x1(model, collector):
-            for m in range(recipe.grad_accum):
-                k = (step - 1) * recipe.grad_accum + m
-                ids = micro_batch(blocks, k, recipe.batch_size, rank, world).to(accelerator.device)
-                mask = None if masks is None else micro_batch(
-                    masks, k, recipe.batch_size, rank, world).to(accelerator.device)
-                with accelerator.accumulate(model):
-                    out = model(input_ids=ids, output_hidden_states=match_hidden)
-                    # (batch, seq, vocab); one fp32 copy for both losses (bf16 under autocast)
-                    logits = out.logits.float()
-                    lm = lm_loss(logits, ids, mask)  # chat data: answer tokens only
-                    penalty = collector.take()
-                    kd = torch.zeros((), device=logits.device)
-                    hid = torch.zeros((), device=logits.device)
-                    if teacher is not None:
-                        with torch.no_grad(), accelerator.autocast():
-                            t_out = teacher(input_ids=ids, output_hidden_states=match_hidden)
-                        kd = kd_loss(logits, t_out.logits, recipe.distill.temperature)
-                        if match_hidden:
-                            hid = hidden_loss(out.hidden_states, t_out.hidden_states)
-                    # The objective, in one line (paper Section 3.2, + opt-in distillation):
-                    loss = (recipe.distill.lm_weight * lm + lam * penalty
-                            + recipe.distill.weight * kd + recipe.distill.hidden_weight * hid)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        if o.grad_clip > 0:
-                            accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
-                # on the device: the step's one read-back is the reduced stats below
-                sums += torch.stack([lm.detach(), penalty.detach(), kd.detach(),
-                                     loss.detach(), hid.detach()]).to(sums)
-        counts = collector.zeros
-        stats = torch.cat([sums / recipe.grad_accum,
-                           counts.zeros.to(sums), counts.total.to(sums)])
-        stats = accelerator.reduce(stats, reduction="sum").cpu()
-        lm_v, pen_v, kd_v, loss_v, hid_v = (stats[:5] / world).tolist()
-        zeros, total = stats[5:5 + n_layers], stats[5 + n_layers:]
-        train_sparsity = float((zeros / total.clamp(min=1)).mean())
-        record = {"step": step, "stage": stage_index(step, recipe.stages), "lambda": lam,
-                  "lr": lr, "lm_loss": lm_v, "penalty": pen_v, "kd_loss": kd_v, "loss": loss_v,
-                  "train_sparsity": train_sparsity, "tokens": step * per_step * recipe.data.seq_len,
-                  # the optimiser step's wall time (read-back included, held-out eval not)
-                  "step_seconds": time.perf_counter() - t_step}
-        if match_hidden:
-            record["hidden_loss"] = hid_v
-        if an.steps > 0:
-            record["anneal"] = alpha
-        if th.train > 0:
-            record["threshold"] = t_now
-        evaluate_now = (recipe.log.eval_every and step % recipe.log.eval_every == 0) or \
-            step == recipe.total_steps
-        if evaluate_now:
-            ev = evaluate_heldout(model, eval_blocks, accelerator=accelerator)
+        record = _step(s, step)
+        lambdas.append(record["lambda"])
+        if (recipe.log.eval_every and step % recipe.log.eval_every == 0) or \
+                step == recipe.total_steps:
+            ev = evaluate_heldout(s.model, s.eval_blocks, accelerator=accelerator)
             record.update(heldout_perplexity=ev["perplexity"],
                           heldout_sparsity=ev["average_sparsity"],
                           heldout_layer_sparsity=ev["layer_sparsity"])
         log.write(record)
-        bar.set_postfix(loss=f"{loss_v:.3f}", lm=f"{lm_v:.3f}", lam=f"{lam:.3g}",
-                        sparsity=f"{100 * train_sparsity:.1f}%")
+        bar.set_postfix(loss=f"{record['loss']:.3f}", lm=f"{record['lm_loss']:.3f}",
+                        lam=f"{record['lambda']:.3g}",
+                        sparsity=f"{100 * record['train_sparsity']:.1f}%")
         ck = recipe.checkpoint
         if (ck.every and step % ck.every == 0) or (stop_after is not None and step == last):
             trainer = {"step": step, "micro_batches": step * recipe.grad_accum,
-                       "data_position": step * per_step, "tokens": record["tokens"],
-                       "lambda": lam, "lr": lr, "world_size": world}
-            save_checkpoint(accelerator, model, tok, run, step, trainer, ck.keep)
+                       "data_position": step * s.per_step, "tokens": record["tokens"],
+                       "lambda": record["lambda"], "lr": record["lr"], "world_size": s.world}
+            save_checkpoint(accelerator, s.model, s.tok, run, step, trainer, ck.keep)
     bar.close()
     log.close()
     if last < recipe.total_steps:
         return TrainResult(run=run, step=last, lambdas=lambdas)
 
     # --- end of training: threshold shift (paper Section 3.2, Appendix O) ----------------------
-    report["tokens_trained"] = recipe.total_steps * per_step * recipe.data.seq_len
-    report = finish_run(accelerator, model, tok, recipe, run, heldout, report, wall_start)
+    report = s.report
+    report["tokens_trained"] = recipe.total_steps * s.per_step * recipe.data.seq_len
+    report = finish_run(accelerator, s.model, s.tok, recipe, run, s.heldout, report, wall_start)
     return TrainResult(run=run, step=recipe.total_steps, report=report, lambdas=lambdas)
