@@ -122,3 +122,54 @@ def test_sft_on_chat_data(tiny_dir, text_file, tmp_path):
     assert len(metrics) == 6 and all(m["lm_loss"] > 0 for m in metrics)
     with pytest.raises(KeyError, match="unknown data.format 'sft'; choose one of text, chat"):
         tiny_recipe(tiny_dir, text_file, "data.format=sft").validate()
+
+
+def test_divergence_stops_the_run_and_keeps_only_finite_checkpoints(tiny_dir, text_file,
+                                                                    tmp_path):
+    from safetensors.torch import load_file
+
+    from prosparse.training.loop import TrainingDiverged
+
+    _reset_accelerate()
+    recipe = tiny_recipe(tiny_dir, text_file, "optim.lr=1e30", "optim.grad_clip=0",
+                         "checkpoint.every=1", "checkpoint.keep=10")
+    with pytest.raises(TrainingDiverged, match=r"diverged (at|by) step \d+.*optim.lr 1e\+30.*"
+                                                r"optim.grad_clip"):
+        train(recipe, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run/final").exists() and not (tmp_path / "run/report.json").exists()
+    for ck in sorted((tmp_path / "run/checkpoints").glob("step-*")):
+        for f in (ck / "model").glob("*.safetensors"):
+            for name, t in load_file(f).items():
+                assert torch.isfinite(t).all(), f"{ck.name} {name} holds NaN/inf"
+
+
+def test_a_loss_that_explodes_is_a_warning_in_the_report(tiny_dir, text_file, tmp_path):
+    _reset_accelerate()
+    recipe = tiny_recipe(tiny_dir, text_file, "optim.lr=1e3", "optim.warmup_steps=0",
+                         "stages=[{lambda: 0, steps: 24}]", "log.eval_every=0")
+    res = train(recipe, tmp_path / "run", progress=False)
+    assert any("climbed" in w or "near the vocabulary" in w for w in res.report["warnings"]), \
+        res.report.get("warnings")
+    report = json.loads((tmp_path / "run/report.json").read_text())
+    assert report["warnings"] == res.report["warnings"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.heldout=[/no/such/corpus.txt]", "no data at '/no/such/corpus.txt'"),
+    ("eval.tasks=[no_such_task]", "eval.tasks"),
+    ("threshold.sweep=[]", "threshold.sweep is empty"),
+    ("data.format=chat", "has no chat template"),  # known only once the tokenizer is loaded
+])
+def test_refused_before_step_one_leaves_no_run_folder(tiny_dir, text_file, tmp_path, override,
+                                                      message):
+    from prosparse.core.errors import UsageError
+
+    _reset_accelerate()
+    with pytest.raises(UsageError, match=message):
+        train(tiny_recipe(tiny_dir, text_file, override, "threshold.value=null"),
+              tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    _reset_accelerate()  # the corrected command just works
+    train(tiny_recipe(tiny_dir, text_file, "stages=[{lambda: 0, steps: 1}]"), tmp_path / "run",
+          progress=False)
+    assert (tmp_path / "run/report.json").is_file()

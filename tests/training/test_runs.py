@@ -292,3 +292,16 @@ def load_recipe_equal(recipe, overrides):
     from prosparse.training.recipe import load_recipe
 
     return load_recipe(None, overrides) == recipe
+
+
+def test_resume_refuses_training_data_that_changed(tiny_dir, text_file, tmp_path):
+    from prosparse.core.errors import UsageError
+    from prosparse.training import train
+
+    recipe = tiny_recipe(tiny_dir, text_file)
+    _reset_accelerate()
+    train(recipe, tmp_path / "run", stop_after=2, progress=False)
+    text_file.write_text(text_file.read_text() + "\n\nA new document appended later.")
+    _reset_accelerate()
+    with pytest.raises(UsageError, match="training data .* changed since"):
+        train(recipe, tmp_path / "run", resume=True, progress=False)

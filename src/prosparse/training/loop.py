@@ -10,6 +10,7 @@ lambda are pure functions of the step, so a resumed run lands on the same values
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from contextlib import ExitStack
@@ -33,7 +34,14 @@ from prosparse.training.data import build_blocks, heldout_blocks, micro_batch
 from prosparse.training.metrics import MetricsLog
 from prosparse.training.recipe import Recipe
 from prosparse.training.report import benchmark, finish_run
-from prosparse.training.runs import check_resume_overwrite, check_run_folder, start_run_folder
+from prosparse.training.runs import (
+    check_recipe_inputs,
+    check_resume_overwrite,
+    check_run_folder,
+    start_run_folder,
+)
+
+log = logging.getLogger(__name__)
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
@@ -170,6 +178,7 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, stop_after: int
             "have; set threshold.value to 0 or null (the final model keeps relu(g - shift))")
     run = Path(out)
     check_resume_overwrite(resume, overwrite)  # before the Accelerator: a usage error, no work
+    check_recipe_inputs(recipe)
     if accelerator is None:
         accelerator = Accelerator(gradient_accumulation_steps=recipe.grad_accum,
                                   mixed_precision=_mixed_precision(recipe))
@@ -194,12 +203,30 @@ def train(recipe: Recipe, out: str | Path, resume: bool = False, stop_after: int
         if _on_any_rank(accelerator, busy is not None):  # every rank stops, none waits forever
             raise busy or UsageError(f"{run} is being written by another prosparse process; "
                                      "wait for it to finish or choose another --out")
+        fresh = not resume and not (run.is_dir() and any(run.iterdir()))
         if accelerator.is_main_process:
             step = 0 if ckpt is None else checkpoint_step(ckpt)
             start_run_folder(run, recipe, fingerprint, resume=resume, overwrite=overwrite,
                              step=step)
         accelerator.wait_for_everyone()
-        return _train(recipe, run, ckpt, accelerator, stop_after, progress, wall_start)
+        try:
+            return _train(recipe, run, ckpt, accelerator, stop_after, progress, wall_start)
+        except UsageError:
+            # Refused before step 1 (a check that needs the model, the data or the tokenizer):
+            # a folder this run created holds nothing worth keeping, so the corrected command
+            # just works.
+            if fresh and accelerator.is_main_process and not _any_step_logged(run):
+                import shutil
+
+                shutil.rmtree(run, ignore_errors=True)
+            raise
+
+
+def _any_step_logged(run: Path) -> bool:
+    from prosparse.training.metrics import METRICS_FILE
+
+    path = run / METRICS_FILE
+    return path.is_file() and path.stat().st_size > 0
 
 
 def _on_any_rank(accelerator, flag: bool) -> bool:
@@ -255,6 +282,10 @@ def _setup(recipe: Recipe, run: Path, ckpt: Path | None, accelerator) -> _Sessio
 
     # --- model, teacher, activation swap -------------------------------------------------------
     model, tok = load_model(recipe.model)
+    if recipe.data.format == "chat" and not getattr(tok, "chat_template", None):
+        raise UsageError(f"data.format is chat but {recipe.model}'s tokenizer has no chat template "
+                         "to render the messages with; use an instruct model's tokenizer or "
+                         "data.format=text")
     model.to(accelerator.device)
     eval_len = recipe.data.heldout_seq_len or recipe.data.seq_len
     heldout = heldout_blocks(tok, recipe.data.heldout, eval_len, recipe.data.heldout_tokens)
@@ -410,6 +441,65 @@ def _step(s: _Session, step: int) -> dict:
     return record
 
 
+class TrainingDiverged(UsageError):
+    """The loss or the weights went non-finite: the run stops, keeps its last finite
+    checkpoint and writes no final model (one line, exit 2, on the command line)."""
+
+
+class _LossWatch:
+    """Divergence: a non-finite loss or non-finite weights stop the run (naming the step and
+    the likely cause); a loss that climbs far above where it started is a warning, logged once
+    and kept in the report."""
+
+    WINDOW = 10  # steps whose median is compared
+    RISE = 1.0  # nats above the start (e ~ 2.7x the perplexity) that count as an explosion
+
+    def __init__(self, s: _Session):
+        self.s = s
+        self.first: list[float] = []
+        self.recent: list[float] = []
+        self.warnings: list[str] = []
+
+    def _cause(self) -> str:
+        o = self.s.recipe.optim
+        clip = "no gradient clipping (optim.grad_clip 0)" if o.grad_clip == 0 else \
+            f"optim.grad_clip {o.grad_clip:g}"
+        return (f"optim.lr {o.lr:g} with {clip}: lower optim.lr"
+                + (" or set optim.grad_clip (e.g. 1.0)" if o.grad_clip == 0 else ""))
+
+    def _last_checkpoint(self) -> str:
+        from prosparse.training.checkpoint import latest_checkpoint
+
+        ck = latest_checkpoint(self.s.run)
+        return (f"; the last finite checkpoint is {ck} (--resume continues from it)" if ck
+                else "; no checkpoint was written")
+
+    def check(self, step: int, record: dict) -> None:
+        loss, lm = record["loss"], record["lm_loss"]
+        if not (math.isfinite(loss) and math.isfinite(lm)):
+            raise TrainingDiverged(f"training diverged at step {step}: the loss is {loss} "
+                                   f"(likely cause: {self._cause()}); no final model was "
+                                   f"written{self._last_checkpoint()}")
+        if len(self.first) < self.WINDOW:
+            self.first.append(lm)
+            return
+        self.recent = (self.recent + [lm])[-self.WINDOW:]
+        start, now = sorted(self.first)[self.WINDOW // 2], sorted(self.recent)[len(self.recent) // 2]
+        if not self.warnings and len(self.recent) == self.WINDOW and now > start + self.RISE:
+            msg = (f"the LM loss climbed from {start:.2f} at the start to {now:.2f} by step "
+                   f"{step} (perplexity x{math.exp(now - start):.1f}); the run is diverging "
+                   f"({self._cause()})")
+            log.warning("warning: %s", msg)
+            self.warnings.append(msg)
+
+    def check_weights(self, step: int) -> None:
+        bad = any(not torch.isfinite(p).all() for p in self.s.model.parameters())
+        if _on_any_rank(self.s.accelerator, bad):
+            raise TrainingDiverged(f"training diverged by step {step}: the weights hold NaN or "
+                                   f"inf (likely cause: {self._cause()}); no final model was "
+                                   f"written{self._last_checkpoint()}")
+
+
 def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after: int | None,
            progress: bool, wall_start: float) -> TrainResult:
     s = _setup(recipe, run, ckpt, accelerator)
@@ -420,9 +510,11 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
     bar = tqdm(range(s.start_step + 1, last + 1), initial=s.start_step, total=recipe.total_steps,
                disable=not (progress and main), desc="train")
     lambdas = []
+    watch = _LossWatch(s)
     for step in bar:
         record = _step(s, step)
         lambdas.append(record["lambda"])
+        watch.check(step, record)  # a non-finite loss stops the run here, before any save
         if (recipe.log.eval_every and step % recipe.log.eval_every == 0) or \
                 step == recipe.total_steps:
             ev = evaluate_heldout(s.model, s.eval_blocks, accelerator=accelerator)
@@ -435,6 +527,7 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
                         sparsity=f"{100 * record['train_sparsity']:.1f}%")
         ck = recipe.checkpoint
         if (ck.every and step % ck.every == 0) or (stop_after is not None and step == last):
+            watch.check_weights(step)  # never a non-finite checkpoint
             trainer = {"step": step, "micro_batches": step * recipe.grad_accum,
                        "data_position": step * s.per_step, "tokens": record["tokens"],
                        "lambda": record["lambda"], "lr": record["lr"], "world_size": s.world}
@@ -445,7 +538,10 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
         return TrainResult(run=run, step=last, lambdas=lambdas)
 
     # --- end of training: threshold shift (paper Section 3.2, Appendix O) ----------------------
+    watch.check_weights(recipe.total_steps)  # no final model from diverged weights
     report = s.report
     report["tokens_trained"] = recipe.total_steps * s.per_step * recipe.data.seq_len
+    if watch.warnings:
+        report["warnings"] = list(watch.warnings)
     report = finish_run(accelerator, s.model, s.tok, recipe, run, s.heldout, report, wall_start)
     return TrainResult(run=run, step=recipe.total_steps, report=report, lambdas=lambdas)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+METRICS_FILE = "metrics.jsonl"
 
 class MetricsLog:
     """JSONL (always) and TensorBoard (optional) metrics, on the main process only."""
 
     def __init__(self, run: Path, enabled: bool, tensorboard: bool, resume_step: int = 0):
         self.enabled = enabled
-        self.path = run / "metrics.jsonl"
+        self.path = run / METRICS_FILE
         self.tb = None
         if not enabled:
             return
@@ -51,5 +52,5 @@ class MetricsLog:
 
 
 def read_metrics(run: str | Path) -> list[dict]:
-    path = Path(run) / "metrics.jsonl"
+    path = Path(run) / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line]

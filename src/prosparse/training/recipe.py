@@ -285,6 +285,12 @@ class Recipe:
                 raise UsageError(f"threshold.train_start ({th.train_start}) falls inside the "
                                  f"activation annealing ramp (anneal.steps {self.anneal.steps}); "
                                  "start the threshold ramp after it")
+        if th.value is None and not th.sweep:
+            raise UsageError("threshold.sweep is empty and threshold.value is null: give the "
+                             "thresholds to try (e.g. threshold.sweep=[0.01,0.02]) or a fixed "
+                             "threshold.value")
+        if self.seed >= 2**32:
+            raise UsageError(f"seed ({self.seed}) must be below 2**32 (numpy's limit)")
         if self.distill.hidden_weight > 0 and self.distill.weight == 0:
             raise UsageError("distill.hidden_weight > 0 matches the original model's hidden "
                              "states, which needs its teacher: set distill.weight > 0 too")

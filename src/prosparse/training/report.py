@@ -119,6 +119,13 @@ def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, 
         report["threshold"] = t
         relufy_(accelerator.unwrap_model(model), "fatrelu", t)
     report["final"] = evaluate_heldout(model, heldout, accelerator=accelerator)
+    vocab = getattr(getattr(accelerator.unwrap_model(model), "config", None), "vocab_size", None)
+    if vocab and report["final"]["perplexity"] > vocab / 2:
+        msg = (f"the final held-out perplexity {report['final']['perplexity']:.1f} is near the "
+               f"vocabulary size ({vocab}): the model predicts almost uniformly; training "
+               "diverged or the learning rate is far too high")
+        log.warning("warning: %s", msg)
+        report.setdefault("warnings", []).append(msg)
     final = run / "final"
     unwrapped = accelerator.unwrap_model(model)
     state_dict = full_state_dict(accelerator, model)

