@@ -173,3 +173,61 @@ def test_refused_before_step_one_leaves_no_run_folder(tiny_dir, text_file, tmp_p
     train(tiny_recipe(tiny_dir, text_file, "stages=[{lambda: 0, steps: 1}]"), tmp_path / "run",
           progress=False)
     assert (tmp_path / "run/report.json").is_file()
+
+
+def test_convert_then_train_distils_from_the_original_and_so_does_a_second_recipe(
+        tiny_dir, text_file, tmp_path):
+    import json as _json
+
+    from prosparse import load_model, relufy_, save_model
+    from prosparse.measure.heldout import evaluate_heldout
+    from prosparse.training.data import heldout_blocks
+
+    silu, tok = load_model(str(tiny_dir))
+    blocks = heldout_blocks(tok, [str(text_file)], 32, 128)
+    want = evaluate_heldout(silu, blocks)["perplexity"]  # the SiLU original, independently
+    relufy_(silu, "fatrelu", 0.01)  # what `prosparse convert` does
+    save_model(silu, tok, tmp_path / "converted")
+    assert _json.loads((tmp_path / "converted/config.json").read_text())[
+        "prosparse_original_act"] == "silu"
+
+    _reset_accelerate()
+    first = train(tiny_recipe(tiny_dir, text_file, f"model={tmp_path / 'converted'}",
+                              "distill.weight=0.5"), tmp_path / "run1", progress=False).report
+    assert first["original"]["perplexity"] == pytest.approx(want, rel=1e-6)
+    assert first["original"]["average_sparsity"] == 0.0  # SiLU, not the ReLU model
+    assert "original (SiLU)" in first["table"]
+    final = _json.loads((tmp_path / "run1/final/config.json").read_text())
+    assert final["prosparse_trained_from"] == str(tmp_path / "converted")
+
+    _reset_accelerate()  # a second recipe on the trained checkpoint: the same original
+    second = train(tiny_recipe(tiny_dir, text_file, f"model={tmp_path / 'run1/final'}",
+                               "distill.weight=0.5"), tmp_path / "run2", progress=False).report
+    assert second["original"]["perplexity"] == pytest.approx(want, rel=1e-6)
+
+
+def test_a_relu_model_with_no_original_needs_a_named_teacher(tiny_dir, text_file, tmp_path):
+    import json as _json
+
+    from prosparse import load_model, relufy_, save_model
+    from prosparse.core.errors import UsageError
+
+    model, tok = load_model(str(tiny_dir))
+    relufy_(model, "relu")
+    save_model(model, tok, tmp_path / "relu")
+    cfg = _json.loads((tmp_path / "relu/config.json").read_text())
+    cfg.pop("prosparse_original_act")  # a ReLU model from elsewhere: nothing recorded
+    (tmp_path / "relu/config.json").write_text(_json.dumps(cfg))
+    _reset_accelerate()
+    with pytest.raises(UsageError, match="records no original model.*distill.teacher"):
+        train(tiny_recipe(tiny_dir, text_file, f"model={tmp_path / 'relu'}",
+                          "distill.weight=0.5"), tmp_path / "run", progress=False)
+    _reset_accelerate()
+    plain = train(tiny_recipe(tiny_dir, text_file, f"model={tmp_path / 'relu'}"),
+                  tmp_path / "plain", progress=False).report
+    assert "original" not in plain and "starting checkpoint" in plain["table"]
+    _reset_accelerate()
+    named = train(tiny_recipe(tiny_dir, text_file, f"model={tmp_path / 'relu'}",
+                              "distill.weight=0.5", f"distill.teacher={tiny_dir}"),
+                  tmp_path / "named", progress=False).report
+    assert named["original"]["average_sparsity"] == 0.0

@@ -142,6 +142,8 @@ def relufy_(
             raise ValueError(f"threshold ({p}) must be >= 0 for {act}")
     if act in ("fatrelu", "shifted_relu") and not any(values):
         act = "relu"
+    if filter is None and hasattr(model, "config"):
+        record_original_activation(model)
     changed = []
     for ffn, p in zip(ffns, values):
         old = ffn.act
@@ -154,6 +156,61 @@ def relufy_(
         same = len(set(values)) <= 1
         set_activation_config(model.config, act, values[0] if same and values else values)
     return changed
+
+
+ORIGINAL_ACT_KEY = "prosparse_original_act"
+"""Config key: the activation the model had before its first swap (``silu``), so a converted
+checkpoint's original can be rebuilt (its weights are the original's) for distillation and for
+the "original" row of a training report."""
+TRAINED_FROM_KEY = "prosparse_trained_from"
+"""Config key of a checkpoint ``prosparse train`` wrote: the original model its training
+started from (a model spec), the teacher of any later recipe run on it."""
+
+
+def config_activation(config) -> str | None:
+    """The activation name a transformers config gives (``hidden_act`` or ``hidden_activation``,
+    of the text config too)."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        for key in ("hidden_act", "hidden_activation"):
+            value = getattr(cfg, key, None) if cfg is not None else None
+            if isinstance(value, str):
+                return value
+    return None
+
+
+def record_original_activation(model: nn.Module) -> None:
+    """Before a first swap away from the model's own activation (SiLU, GELU), note it in the
+    config under :data:`ORIGINAL_ACT_KEY`; a later swap keeps the first record."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, ORIGINAL_ACT_KEY, None):
+        return
+    if current_activation(model)[0].startswith("other:"):
+        original = config_activation(config)
+        if original is not None:
+            setattr(config, ORIGINAL_ACT_KEY, original)
+
+
+def restore_original_activation_(model: nn.Module) -> str | None:
+    """Put back the activation recorded under :data:`ORIGINAL_ACT_KEY` on every gated FFN
+    (and in the config); returns its name, or None when nothing is recorded."""
+    from transformers.activations import ACT2FN
+
+    config = getattr(model, "config", None)
+    original = getattr(config, ORIGINAL_ACT_KEY, None) if config is not None else None
+    if not original:
+        return None
+    for ffn in find_gated_ffns(model):
+        device = ffn.down_proj.weight.device
+        setattr(ffn.module, ffn.act_attr, ACT2FN[original].to(device))
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is None:
+            continue
+        for key in ("hidden_act", "hidden_activation"):
+            if isinstance(getattr(cfg, key, None), str):
+                setattr(cfg, key, original)
+        if hasattr(cfg, "hidden_act_param"):
+            delattr(cfg, "hidden_act_param")
+    return original
 
 
 def set_activation_config(config, act: str, param: float) -> None:

@@ -26,7 +26,14 @@ from prosparse.core.io import reserve
 from prosparse.measure.heldout import evaluate_heldout
 from prosparse.measure.hooks import capture_x1
 from prosparse.models.anneal import anneal_factor, begin_anneal_, set_anneal_
-from prosparse.models.relufy import find_gated_ffns
+from prosparse.models.relufy import (
+    ORIGINAL_ACT_KEY,
+    TRAINED_FROM_KEY,
+    config_activation,
+    current_activation,
+    find_gated_ffns,
+    restore_original_activation_,
+)
 from prosparse.sparsity.penalty import PenaltyCollector
 from prosparse.sparsity.schedule import l1_factor, stage_index, train_threshold
 from prosparse.training.checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
@@ -286,24 +293,42 @@ def _setup(recipe: Recipe, run: Path, ckpt: Path | None, accelerator) -> _Sessio
         raise UsageError(f"data.format is chat but {recipe.model}'s tokenizer has no chat template "
                          "to render the messages with; use an instruct model's tokenizer or "
                          "data.format=text")
+    measure_before = recipe.log.measure_before and ckpt is None
+    needs_original = measure_before or recipe.distill.weight > 0 or \
+        (recipe.eval.tasks and ckpt is None)
+    original, origin = _original_model(recipe, model) if needs_original else (model, None)
+    if TRAINED_FROM_KEY not in vars(model.config) and origin is not None:
+        setattr(model.config, TRAINED_FROM_KEY, origin)  # final/ and checkpoints record it
     model.to(accelerator.device)
+    if original is not None and original is not model:
+        original.to(accelerator.device).eval()
     eval_len = recipe.data.heldout_seq_len or recipe.data.seq_len
     heldout = heldout_blocks(tok, recipe.data.heldout, eval_len, recipe.data.heldout_tokens)
     eval_blocks = {k: v[: max(1, recipe.log.eval_tokens // eval_len)]
                    for k, v in heldout.items()}
     report: dict = {"model": recipe.model, "recipe": str(run / "recipe.yaml"),
                     "mixed_precision": accelerator.mixed_precision}  # what dtype: auto chose
-    measure_before = recipe.log.measure_before and ckpt is None
+    if original is not None:
+        act = config_activation(original.config) or "original"
+        report["original_activation"] = {"silu": "SiLU", "swish": "SiLU", "gelu": "GELU",
+                                          "gelu_pytorch_tanh": "GELU"}.get(act, act)
     if measure_before:
-        report["original"] = evaluate_heldout(model, heldout, accelerator=accelerator)
+        if original is not None:
+            report["original"] = evaluate_heldout(original, heldout, accelerator=accelerator)
+        else:  # a ReLU-family model that records no original: its own row, never "original"
+            report["start"] = evaluate_heldout(model, heldout, accelerator=accelerator)
     if recipe.eval.tasks and ckpt is None and accelerator.is_main_process:
-        report["benchmarks"] = {"original": benchmark(model, tok, recipe)}
+        key = "original" if original is not None else "start"
+        report["benchmarks"] = {key: benchmark(original if original is not None else model,
+                                               tok, recipe)}
     teacher = None
     if recipe.distill.weight > 0:
-        teacher = copy.deepcopy(model).eval()
+        teacher = (copy.deepcopy(model) if original is model else original).eval()
         teacher.requires_grad_(False)
         if accelerator.mixed_precision == "bf16":
             bf16_teacher_linears_(teacher)
+    if original is not model:
+        original = None  # the teacher keeps it when distilling; the row is measured
     originals = [f.act for f in find_gated_ffns(model)]
     relufy_(model, recipe.activation, recipe.activation_param)
     if measure_before:
@@ -362,6 +387,46 @@ def _setup(recipe: Recipe, run: Path, ckpt: Path | None, accelerator) -> _Sessio
                     opt=opt, teacher=teacher, blocks=blocks, masks=masks, heldout=heldout,
                     eval_blocks=eval_blocks, report=report, start_step=start_step,
                     n_layers=len(find_gated_ffns(model)), t_base=t_base, t_now=t_now)
+
+
+def _original_model(recipe: Recipe, model: torch.nn.Module
+                    ) -> tuple[torch.nn.Module | None, str | None]:
+    """The original model of a run (its "original" row, and the teacher when distilling) and
+    the spec it is recorded under in the checkpoints the run writes.
+
+    ``model`` itself when it still runs its own activation (SiLU); ``distill.teacher`` when the
+    recipe names one; the model a ``prosparse train`` checkpoint records it started from; a
+    converted checkpoint with its recorded original activation put back (its weights are the
+    original's). ``(None, None)`` for a ReLU-family model that records none of these, which
+    then cannot distil."""
+    from prosparse.models.loading import load_model
+
+    def load(spec: str, why: str) -> torch.nn.Module:
+        try:
+            m, _ = load_model(spec)
+        except UsageError as e:
+            raise UsageError(f"{why} {spec!r}, which does not load ({e}); name the teacher with "
+                             "distill.teacher=PATH") from None
+        restore_original_activation_(m)  # a converted checkpoint as teacher: its original
+        return m
+
+    if recipe.distill.teacher:
+        return load(recipe.distill.teacher, "distill.teacher is"), recipe.distill.teacher
+    act = current_activation(model)[0]
+    if act.startswith("other:"):
+        return model, recipe.model
+    started = getattr(model.config, TRAINED_FROM_KEY, None)
+    if started:
+        return load(started, f"{recipe.model} was trained from"), started
+    if getattr(model.config, ORIGINAL_ACT_KEY, None):
+        original = copy.deepcopy(model)
+        restore_original_activation_(original)
+        return original, recipe.model
+    if recipe.distill.weight > 0:
+        raise UsageError(f"distill.weight is {recipe.distill.weight:g} but {recipe.model} already "
+                         f"runs {act} and records no original model to learn from; name the "
+                         "teacher with distill.teacher=PATH, or set distill.weight=0")
+    return None, None
 
 
 def _step(s: _Session, step: int) -> dict:

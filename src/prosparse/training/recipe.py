@@ -93,6 +93,10 @@ class DistillConfig:
     """Softmax temperature of both distributions; the KL is multiplied by T^2."""
     lm_weight: float = 1.0
     """Weight of the plain LM cross-entropy (1 in the paper; may be lowered when distilling)."""
+    teacher: str | None = None
+    """The teacher's model spec; None = the original the model records (the pre-swap model, or
+    the one a ``prosparse train`` checkpoint started from). Needed for a ReLU-family model that
+    records neither."""
     hidden_weight: float = 0.0
     """Weight of hidden-state matching against the teacher: the mean over decoder layers of
     ||h_student - h_teacher||^2 / ||h_teacher||^2 (each layer's output, the last one after the

@@ -22,7 +22,8 @@ from prosparse.training.metrics import read_metrics
 
 log = logging.getLogger(__name__)
 
-ROWS = (("original", "original (SiLU)"), ("relu_swap", "bare ReLU swap"),
+ROWS = (("original", "original (SiLU)"), ("start", "starting checkpoint (no original recorded)"),
+        ("relu_swap", "bare ReLU swap"),
         ("trained", "after training"), ("final", "after threshold shift"))
 
 
@@ -43,7 +44,9 @@ def before_after_table(report: dict) -> str:
         r = report.get(key)
         if r is None:
             continue
-        if key == "final" and report.get("threshold") is None and "shift" in report:
+        if key == "original" and report.get("original_activation"):
+            label = f"original ({report['original_activation']})"
+        elif key == "final" and report.get("threshold") is None and "shift" in report:
             label = f"final, shifted ReLU kept (b={report['shift']:g}, no threshold)"
         elif key == "final":
             label = f"{label} (t={report.get('threshold', 0):g})"
