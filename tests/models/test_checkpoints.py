@@ -113,3 +113,33 @@ def test_unknown_model_error_names_what_was_tried(tmp_path):
 
 def test_public_api():
     assert prosparse.relufy_ is relufy_ and callable(prosparse.load_model)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is empty, not a GGUF model"),
+    (bytes(range(256)) * 16, "is not a GGUF file"),
+    (b"GGUF" + (7).to_bytes(4, "little") + b"\0" * 64, "unknown GGUF version"),
+    (b"GGUF" + (3).to_bytes(4, "little") + b"\xff" * 64, "not a readable GGUF model"),
+])
+def test_malformed_gguf_is_one_line_naming_the_file(tmp_path, content, message):
+    from prosparse.core.errors import UsageError
+    from prosparse.models.loading import load_model
+
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(content)
+    with pytest.raises(UsageError, match=message) as err:
+        load_model(str(bad))
+    assert str(bad) in str(err.value) and "\n" not in str(err.value)
+    assert len(str(err.value)) < 300  # never echoes the file
+
+
+def test_model_folder_without_tokenizer_says_so(llama, tokenizer, tmp_path):
+    from prosparse.core.errors import UsageError
+    from prosparse.models.loading import TOKENIZER_FILES, load_model
+
+    save_model(llama, tokenizer, tmp_path / "m")
+    for name in TOKENIZER_FILES + ("special_tokens_map.json",):
+        (tmp_path / "m" / name).unlink(missing_ok=True)
+    with pytest.raises(UsageError, match="has no tokenizer files") as err:
+        load_model(str(tmp_path / "m"))
+    assert "sentencepiece" not in str(err.value)

@@ -127,3 +127,22 @@ def test_powerinfer_refuses_untrained_layers(tmp_path):
     assert not (tmp_path / "pi").exists()
     with pytest.raises(FileNotFoundError, match="neither predictors.json"):
         load_predictors(tmp_path)
+
+
+def test_truncated_or_corrupt_predictor_files_are_one_line(tmp_path):
+    pset = random_set(thresholds=[0.25, -0.5])
+    save_predictors(pset, tmp_path / "p")
+    weights = tmp_path / "p" / "predictors.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UsageError, match="truncated or corrupt.*train or export"):
+        load_predictors(tmp_path / "p")
+    (tmp_path / "p" / "predictors.json").write_text("{not json")
+    with pytest.raises(UsageError, match="not a predictor description"):
+        load_predictors(tmp_path / "p")
+    export_powerinfer(random_set(thresholds=[0.25, -0.5]), tmp_path / "pi")
+    first = tmp_path / "pi" / "model_0.pt"
+    first.write_bytes(first.read_bytes()[:100])
+    with pytest.raises(UsageError, match="model_0.pt does not load") as err:
+        load_predictors(tmp_path / "pi")
+    assert "\n" not in str(err.value)

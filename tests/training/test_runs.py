@@ -305,3 +305,48 @@ def test_resume_refuses_training_data_that_changed(tiny_dir, text_file, tmp_path
     _reset_accelerate()
     with pytest.raises(UsageError, match="training data .* changed since"):
         train(recipe, tmp_path / "run", resume=True, progress=False)
+
+
+def test_full_disk_during_a_checkpoint_leaves_no_half_checkpoint(tiny_dir, text_file, tmp_path,
+                                                                 monkeypatch):
+    import errno
+
+    from prosparse.core.errors import UsageError
+    from prosparse.training import train
+
+    _reset_accelerate()
+    calls = {"n": 0}
+    from transformers import PreTrainedModel
+
+    real = PreTrainedModel.save_pretrained
+
+    def save(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save)
+    with pytest.raises(UsageError, match=r"no space left.*step 2 was not kept; --resume continues from "
+                                         r".*step-000001"):
+        train(tiny_recipe(tiny_dir, text_file, "checkpoint.every=1"), tmp_path / "run",
+              progress=False)
+    left = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
+    assert left == ["step-000001"], left  # no .step-000002.tmp holding the space
+
+
+def test_a_killed_checkpoint_is_cleaned_and_said(tiny_dir, text_file, tmp_path, caplog):
+    import logging
+
+    from prosparse.training import train
+
+    _reset_accelerate()
+    train(tiny_recipe(tiny_dir, text_file), tmp_path / "run", stop_after=1, progress=False)
+    stale = tmp_path / "run/checkpoints/.step-000007.tmp"
+    (stale / "model").mkdir(parents=True)
+    _reset_accelerate()
+    with caplog.at_level(logging.INFO):
+        train(tiny_recipe(tiny_dir, text_file), tmp_path / "run", resume=True, stop_after=1,
+              progress=False)
+    assert not stale.exists()
+    assert any("interrupted checkpoint" in r.getMessage() for r in caplog.records)

@@ -23,6 +23,7 @@ import errno
 import fcntl
 import glob
 import json
+import logging
 import os
 import shutil
 import sys
@@ -33,6 +34,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prosparse.core.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 MARKER = ".prosparse.json"
 """File inside every folder prosparse writes: ``{"written_by", "kind", "created", "command"}``."""
@@ -268,6 +271,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False, *,
         _check_path(target, "dir", overwrite)  # it may have changed meanwhile
         prefix = f".{target.name}.tmp-"
         for stale in target.parent.glob(glob.escape(prefix) + "*"):  # left by a killed writer: we hold the lock
+            log.info("removing %s, left by an interrupted write of %s", stale, target)
             shutil.rmtree(stale, ignore_errors=True)
         try:
             tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))

@@ -127,6 +127,46 @@ def _embedded_cached(name: str) -> Path:
     return target
 
 
+GGUF_MAGIC = b"GGUF"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "tokenizer_config.json")
+
+
+def check_gguf(path: Path) -> None:
+    """Raise :class:`UsageError` naming the file when it is not a readable GGUF model (empty,
+    random bytes, a bad header or a truncated tensor table), before transformers tries."""
+    redo = "re-download or re-export it"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if size == 0:
+        raise UsageError(f"{path} is empty, not a GGUF model; {redo}")
+    if head[:4] != GGUF_MAGIC:
+        raise UsageError(f"{path} is not a GGUF file (it does not start with 'GGUF'); {redo}")
+    version = int.from_bytes(head[4:8], "little") if len(head) == 8 else -1
+    if version not in (1, 2, 3):
+        raise UsageError(f"{path} has an unknown GGUF version ({version}); {redo}")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as e:  # the reader's own errors are many; each means a bad file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UsageError(f"{path} is not a readable GGUF model ({first}); {redo}") from None
+    if end > size:
+        raise UsageError(f"{path} is truncated ({size} bytes, its tensors end at {end}); {redo}")
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """A model folder must carry its tokenizer: say so plainly (transformers would ask for
+    sentencepiece, which is not what is missing)."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, "
+                         "...); save the tokenizer beside the model (tokenizer.save_pretrained"
+                         "(folder)) or copy it from the model this one came from")
+
+
 def check_checkpoint(folder: Path) -> None:
     """Raise :class:`UsageError` naming the file when a checkpoint folder's ``config.json`` is
     not JSON or a ``.safetensors`` file is truncated or corrupt (its header disagrees with its
@@ -182,10 +222,12 @@ def load_model(
     if spec in EMBEDDED:
         path = _embedded_cached(spec)
     if path.is_file() and path.suffix == ".gguf":
+        check_gguf(path)
         source, kwargs = str(path.parent), {"gguf_file": path.name}
     elif path.is_dir() and (path / "config.json").is_file():
         source = str(path)
         check_checkpoint(path)
+        check_tokenizer_files(path)
     elif path.exists() or spec.endswith(".gguf") or spec.startswith((".", "/", "~")):
         raise UsageError(_describe_failure(spec))
     else:
@@ -201,6 +243,9 @@ def load_model(
         if source == spec:  # a hub id that could not be fetched
             raise UsageError(f"{_describe_failure(spec)}; hub lookup failed: {e}") from e
         raise
+    except (ValueError, KeyError) as e:  # a file transformers cannot read: say which, briefly
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UsageError(f"{spec} does not load: {first}") from None
     if "gguf_file" in kwargs:
         dequantized_(model)
     restore_activation_(model)

@@ -160,12 +160,30 @@ def _from_layers(layers: list[dict[str, torch.Tensor]], thresholds: list[float])
 def load_predictors(path: str | os.PathLike) -> PredictorSet:
     """Load a folder in either format (ours if ``predictors.json`` exists, else PowerInfer's)."""
     path = Path(path)
+    redo = "train or export the predictors again"
     if (path / "predictors.json").is_file():
         from safetensors.torch import load_file
 
-        meta = json.loads((path / "predictors.json").read_text())
-        pset = PredictorSet(meta["d_model"], meta["d_ff"], meta["n_layers"], meta["hidden"])
-        pset.load_state_dict(load_file(str(path / "predictors.safetensors")))
+        try:
+            meta = json.loads((path / "predictors.json").read_text())
+            pset = PredictorSet(meta["d_model"], meta["d_ff"], meta["n_layers"], meta["hidden"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"{path / 'predictors.json'} is not a predictor description "
+                             f"({type(e).__name__}: {str(e)[:120]}); {redo}") from None
+        weights = path / "predictors.safetensors"
+        try:
+            state = load_file(str(weights))
+        except FileNotFoundError:
+            raise UsageError(f"{weights} is missing; {redo}") from None
+        except Exception as e:  # safetensors' errors on a truncated or corrupt file
+            raise UsageError(f"{weights} is truncated or corrupt ({str(e)[:120]}); {redo}") \
+                from None
+        try:
+            pset.load_state_dict(state)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0][:160]
+            raise UsageError(f"{weights} does not match {path / 'predictors.json'} ({first}); "
+                             f"{redo}") from None
         return pset
     files = sorted(path.glob("model_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
     if not files:
@@ -174,7 +192,14 @@ def load_predictors(path: str | os.PathLike) -> PredictorSet:
     if [int(f.stem.split("_")[1]) for f in files] != list(range(len(files))):
         raise UsageError(f"{path}: PowerInfer files must be model_0.pt .. model_{len(files) - 1}.pt "
                          "with no gaps")
-    layers = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    layers = []
+    for f in files:
+        try:
+            layers.append(torch.load(f, map_location="cpu", weights_only=True))
+        except Exception as e:  # a truncated or foreign .pt: name it, do not echo it
+            raise UsageError(f"{f} does not load as a PowerInfer predictor "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}); "
+                             f"{redo}") from None
     for f, sd in zip(files, layers):
         if set(sd) != {"fc1.weight", "fc2.weight"}:
             raise UsageError(f"{f} holds {sorted(sd)}; expected fc1.weight and fc2.weight")

@@ -10,11 +10,14 @@ Written under a temporary name and renamed once complete; the last ``keep`` are 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 CHECKPOINTS = "checkpoints"
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_dir(run: str | Path, step: int) -> Path:
@@ -55,20 +58,36 @@ def save_checkpoint(accelerator, model, tokenizer, run: str | Path, step: int, t
     final = checkpoint_dir(run, step)
     tmp = final.with_name(f".{final.name}.tmp")
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # The run folder is reserved for this process: any half checkpoint is a killed run's.
+        for stale in final.parent.glob(".step-*.tmp"):
+            log.info("removing %s, left by an interrupted checkpoint", stale)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    state_dict = full_state_dict(accelerator, model)
-    unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(tmp / "model", state_dict=state_dict,
-                              is_main_process=accelerator.is_main_process,
-                              save_function=accelerator.save, safe_serialization=True)
+    try:
+        state_dict = full_state_dict(accelerator, model)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(tmp / "model", state_dict=state_dict,
+                                  is_main_process=accelerator.is_main_process,
+                                  save_function=accelerator.save, safe_serialization=True)
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(tmp / "model")
+        accelerator.save_state(str(tmp / "state"))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
+    except BaseException as e:
+        # A full disk (or an interruption) leaves no half checkpoint holding the space.
+        shutil.rmtree(tmp, ignore_errors=True)
+        from prosparse.core.io import _translate
+
+        err = _translate(e, final, run)
+        if err is e:
+            raise
+        last = latest_checkpoint(run)
+        raise type(err)(f"{err}; the checkpoint of step {step} was not kept"
+                        + (f"; --resume continues from {last}" if last else "")) from e
     if accelerator.is_main_process:
-        tokenizer.save_pretrained(tmp / "model")
-    accelerator.save_state(str(tmp / "state"))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
