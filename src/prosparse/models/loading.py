@@ -111,6 +111,8 @@ def _embedded_cached(name: str) -> Path:
     from prosparse.core.io import atomic_dir
 
     kwargs = {"gguf_file": gguf.name}
+    log.info("converting the embedded model %s to safetensors in %s (first use only: it "
+             "dequantises the GGUF file, about 20 s on 2 cores)", name, target)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kwargs)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
     dequantized_(model)

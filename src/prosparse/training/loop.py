@@ -277,7 +277,8 @@ class _Session:
         return self.recipe.grad_accum * self.recipe.batch_size * self.world
 
 
-def _setup(recipe: Recipe, run: Path, ckpt: Path | None, accelerator) -> _Session:
+def _setup(recipe: Recipe, run: Path, ckpt: Path | None, accelerator,
+           progress: bool = False) -> _Session:
     """Load the model, measure it, make the teacher, swap the activation, build the optimiser
     and the data, and restore a checkpoint's state when resuming."""
     from accelerate.utils import set_seed
@@ -286,6 +287,7 @@ def _setup(recipe: Recipe, run: Path, ckpt: Path | None, accelerator) -> _Sessio
     from prosparse.models.relufy import relufy_
 
     set_seed(recipe.seed)
+    shown = progress and accelerator.is_main_process  # bars on the main process only
 
     # --- model, teacher, activation swap -------------------------------------------------------
     model, tok = load_model(recipe.model)
@@ -314,9 +316,11 @@ def _setup(recipe: Recipe, run: Path, ckpt: Path | None, accelerator) -> _Sessio
                                           "gelu_pytorch_tanh": "GELU"}.get(act, act)
     if measure_before:
         if original is not None:
-            report["original"] = evaluate_heldout(original, heldout, accelerator=accelerator)
+            report["original"] = evaluate_heldout(original, heldout, accelerator=accelerator,
+                                                  progress=shown)
         else:  # a ReLU-family model that records no original: its own row, never "original"
-            report["start"] = evaluate_heldout(model, heldout, accelerator=accelerator)
+            report["start"] = evaluate_heldout(model, heldout, accelerator=accelerator,
+                                               progress=shown)
     if recipe.eval.tasks and ckpt is None and accelerator.is_main_process:
         key = "original" if original is not None else "start"
         report["benchmarks"] = {key: benchmark(original if original is not None else model,
@@ -332,7 +336,8 @@ def _setup(recipe: Recipe, run: Path, ckpt: Path | None, accelerator) -> _Sessio
     originals = [f.act for f in find_gated_ffns(model)]
     relufy_(model, recipe.activation, recipe.activation_param)
     if measure_before:
-        report["relu_swap"] = evaluate_heldout(model, heldout, accelerator=accelerator)
+        report["relu_swap"] = evaluate_heldout(model, heldout, accelerator=accelerator,
+                                               progress=shown)
     an = recipe.anneal
     if an.steps > 0:  # blend act0 into the swapped-in activation; exact from step an.steps on
         begin_anneal_(model, originals)
@@ -567,7 +572,7 @@ class _LossWatch:
 
 def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after: int | None,
            progress: bool, wall_start: float) -> TrainResult:
-    s = _setup(recipe, run, ckpt, accelerator)
+    s = _setup(recipe, run, ckpt, accelerator, progress)
     main = accelerator.is_main_process
     log = MetricsLog(run, main, recipe.log.tensorboard, s.start_step)
     last = recipe.total_steps if stop_after is None else min(recipe.total_steps,
@@ -608,5 +613,6 @@ def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after
     report["tokens_trained"] = recipe.total_steps * s.per_step * recipe.data.seq_len
     if watch.warnings:
         report["warnings"] = list(watch.warnings)
-    report = finish_run(accelerator, s.model, s.tok, recipe, run, s.heldout, report, wall_start)
+    report = finish_run(accelerator, s.model, s.tok, recipe, run, s.heldout, report, wall_start,
+                        progress=progress)
     return TrainResult(run=run, step=recipe.total_steps, report=report, lambdas=lambdas)

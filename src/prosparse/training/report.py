@@ -92,9 +92,10 @@ def _plots(run: Path, report: dict) -> list[str]:
 
 
 def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, report: dict,
-               wall_start: float) -> dict:
+               wall_start: float, progress: bool = False) -> dict:
     """Measure the trained model, shift the threshold, save ``final/``, write the report."""
-    report["trained"] = evaluate_heldout(model, heldout, accelerator=accelerator)
+    shown = progress and accelerator.is_main_process
+    report["trained"] = evaluate_heldout(model, heldout, accelerator=accelerator, progress=shown)
     th = recipe.threshold
     # The unwrapped model: a DDP/FSDP wrapper has no .config, which must name the activation.
     act, param = current_activation(accelerator.unwrap_model(model))
@@ -114,14 +115,14 @@ def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, 
                                     data=recipe.data.heldout, tolerance=th.tolerance,
                                     tokens=recipe.data.heldout_tokens,
                                     seq_len=recipe.data.heldout_seq_len or recipe.data.seq_len,
-                                    progress=False, baseline_t=th.train)
+                                    progress=shown, baseline_t=th.train)
             report["threshold_sweep"] = sweep
             t = float(sweep["recommended"])
         else:
             t = float(th.value)
         report["threshold"] = t
         relufy_(accelerator.unwrap_model(model), "fatrelu", t)
-    report["final"] = evaluate_heldout(model, heldout, accelerator=accelerator)
+    report["final"] = evaluate_heldout(model, heldout, accelerator=accelerator, progress=shown)
     vocab = getattr(getattr(accelerator.unwrap_model(model), "config", None), "vocab_size", None)
     if vocab and report["final"]["perplexity"] > vocab / 2:
         msg = (f"the final held-out perplexity {report['final']['perplexity']:.1f} is near the "
