@@ -3,9 +3,10 @@ traceback, and leaves its output location as it was: all before any work starts.
 
 Each row is ``(command line, text the message must contain)``. In command lines ``{model}`` is a
 tiny saved Llama, ``{text}`` a small corpus, ``{pairs}`` / ``{pred}`` a predictor collection and
-trained predictors, ``{result}`` a ``prosparse eval --json`` file, ``{recipe}`` a valid recipe;
-``{tmp}`` is the test's own folder, holding ``taken/`` (a folder prosparse did not write),
-``file`` (a plain file), ``dir/`` (an empty folder), ``binary.bin``, ``bad.yaml``, ``nosteps.yaml``.
+trained predictors, ``{otherpred}`` predictors for another model shape, ``{result}`` a
+``prosparse eval --json`` file, ``{recipe}`` a valid recipe; ``{tmp}`` is the test's own folder,
+holding ``taken/`` (a folder prosparse did not write), ``file`` (a plain file), ``dir/`` (an
+empty folder), ``binary.bin``, ``bad.yaml``, ``nosteps.yaml``.
 Outputs go under ``{tmp}``, which must look the same afterwards.
 """
 
@@ -99,7 +100,9 @@ CASES = [
     ("eval {model} --tasks piqa --variants bogus", "unknown variant 'bogus'"),
     ("eval {model} --tasks piqa --variants fatrelu:nan", "'nan' is not a finite number"),
     ("eval {model} --tasks piqa --sparsity --data {tmp}/nope.txt", "no data at"),
-    ("eval {model} --tasks piqa --data {text}", "--data is the text for --sparsity"),
+    ("eval {model} --tasks piqa --data {text}", "--data is the text for --measure-sparsity"),
+    ("eval {model} --tasks piqa --measure-sparsity --data {tmp}/nope.txt", "no data at"),
+    ("eval {model} --tasks piqa --tokens 0", "'0' is not a positive integer"),
     ("eval {model} --tasks piqa --sparsity-tokens 0", "'0' is not a positive integer"),
     ("eval {model} --tasks piqa --data-root {tmp}/nowhere", "is not a folder"),
     ("eval {model} --json {tmp}/dir", "dir is a folder"),
@@ -110,6 +113,7 @@ CASES = [
     ("eval-table a={result} --sparsity a=1.5", "must be a fraction in [0, 1]"),
     ("eval-table a={result} --sparsity a=lots", "neither a number nor"),
     ("eval-table a={result} --json {tmp}/dir", "dir is a folder"),
+    ("eval-table a={result} --label-sparsity a=1.5", "must be a fraction in [0, 1]"),
     # bench ops, bench decode
     ("bench ops --d-ff 0", "'0' is not a positive integer"),
     ("bench ops --d-model -1", "'-1' is not a positive integer"),
@@ -119,6 +123,10 @@ CASES = [
     ("bench ops --batch 0", "'0' is not a positive integer"),
     ("bench ops --reps 0", "'0' is not a positive integer"),
     ("bench ops --warmup -1", "'-1' is not an integer >= 0"),
+    ("bench ops --target-sparsity 50", "is it a percentage? use 0.5"),
+    ("bench ops --batch-size 0", "'0' is not a positive integer"),
+    ("bench ops --repeats 0", "'0' is not a positive integer"),
+    ("bench ops --dtype float8", "invalid choice: 'float8'"),
     ("bench ops --threads 0", "'0' is not a positive integer"),
     ("bench ops --dtype fp8", "invalid choice: 'fp8'"),
     ("bench ops --backend fast", "invalid choice: 'fast'"),
@@ -129,8 +137,10 @@ CASES = [
     ("bench decode {model} --llama2-7b-shape", "give either MODEL or --llama2-7b-shape"),
     ("bench decode --llama2-7b-shape --sparsity 2", "'2' is not a fraction"),
     ("bench decode --llama2-7b-shape --layers 0", "'0' is not a positive integer"),
+    ("bench decode --llama2-7b-shape --target-sparsity 2", "'2' is not a fraction"),
     ("bench decode --llama2-7b-shape --predicted-sparsity -0.1", "'-0.1' is not a fraction"),
     ("bench decode {model} --predictors {tmp}/nowhere", "no predictor folder"),
+    ("bench decode {model} --predictors {otherpred}", "are for 3 layers, d_model 64, d_ff 256"),
     ("bench decode {model} --json {tmp}/file/d.json", "is a file, not a folder"),
     # predictors
     ("predictors collect {model} --act relu --data {text} --clip-top 0 --out {tmp}/o",
@@ -153,6 +163,12 @@ CASES = [
     ("predictors train {pairs} --layers 7 --out {tmp}/o", "--layers [7] are not in"),
     ("predictors train {pairs} --out {tmp}/taken", "taken already exists"),
     ("predictors train {pairs} --out {tmp}/o --json {tmp}/dir", "dir is a folder"),
+    ("predictors train {pairs} --config {tmp}/bad.yaml --out {tmp}/o",
+     "is not valid YAML at line 4, column 6"),
+    ("predictors train {pairs} --config {tmp}/none.yaml --out {tmp}/o",
+     "no predictor training config at"),
+    ("predictors train {pairs} hiden=8 --out {tmp}/o", "unknown predictor training config key"),
+    ("predictors train {pairs} hidden=0 --out {tmp}/o", "hidden (0) must be at least 1"),
     ("predictors eval {tmp}/nowhere {pairs}", "no predictor folder"),
     ("predictors eval {tmp}/dir {pairs}", "holds neither predictors.json"),
     ("predictors eval {pred} {tmp}/dir", "meta.json not found"),
@@ -166,6 +182,34 @@ CASES = [
     ("predictors export {tmp}/nowhere --out {tmp}/o", "no predictor folder"),
     ("predictors export {pred} --out {tmp}/taken", "taken already exists"),
     ("predictors export {pred} --powerinfer {tmp}/o --out {tmp}/o", "give two folders"),
+    # prune
+    ("prune {model} --config {tmp}/bad.yaml --out {tmp}/o", "is not valid YAML at line 4"),
+    ("prune {model} --config {tmp}/none.yaml --out {tmp}/o", "no pruning config at"),
+    ("prune {model} lambada=1 --out {tmp}/o", "unknown setting 'lambada'"),
+    ("prune lambda=oops --out {tmp}/o", "prox.lambda must be a number"),
+    ("prune {model} --dtype fp8 --out {tmp}/o", "invalid choice: 'fp8'"),
+    ("prune {model} --seq-len 1 --out {tmp}/o", "'1' is too short a block"),
+    ("prune {model} --method magnitude --out {tmp}/taken", "taken already exists"),
+    # generate
+    ("generate {tmp}/nowhere --prompt hi", "no model at"),
+    ("generate {model} --prompt ''", "--prompt is empty"),
+    ("generate {model} --prompt '  '", "--prompt is empty"),
+    ("generate {model}", "the following arguments are required: --prompt"),
+    ("generate {model} --prompt hi --max-new-tokens 0", "'0' is not a positive integer"),
+    ("generate {model} --prompt hi --predictors {otherpred}",
+     "are for 3 layers, d_model 64, d_ff 256"),
+    ("generate {model} --prompt hi --predictors {tmp}/nowhere", "no predictor folder"),
+    ("generate {model} --prompt hi --predictors {tmp}/dir", "holds neither predictors.json"),
+    ("generate {model} --prompt hi --dense --predictors {pred}", "name two FFN paths"),
+    ("generate {model} --prompt hi --top-p 0.9", "--top-p and --seed shape sampling"),
+    ("generate {model} --prompt hi --seed 1", "--top-p and --seed shape sampling"),
+    ("generate {model} --prompt hi --temperature -1", "'-1' is not a finite number >= 0"),
+    ("generate {model} --prompt hi --temperature 1 --top-p 0", "not 0"),
+    ("generate {model} --prompt hi --threshold nan", "'nan' is not a finite number"),
+    ("generate {model} --prompt hi --dtype fp8", "invalid choice: 'fp8'"),
+    ("generate {model} --prompt hi --backend fast", "invalid choice: 'fast'"),
+    ("generate {model} --prompt hi --json {tmp}/dir", "dir is a folder"),
+    ("generate {model} --prompt hi --predictors {pred}", "--predictors needs a ReLU-family"),
     # demo
     ("demo --recipe {tmp}/none.yaml --out {tmp}/run", "demo recipe"),
     ("demo optim.lr=nan --out {tmp}/run", "optim.lr must be a finite number"),
@@ -179,6 +223,7 @@ if NO_CUDA:
         ("sparsity {model} --device cuda:0 --data {text}", "'cuda:0' asked for but CUDA"),
         ("bench ops --device cuda", "'cuda' asked for but CUDA is not available"),
         ("predictors train {pairs} --device cuda --out {tmp}/o", "CUDA is not available"),
+        ("generate {model} --prompt hi --device cuda", "'cuda' asked for but CUDA is not"),
     ]
 CASES += [("sparsity {model} --device tpu9 --data {text}", "'tpu9'")]
 
@@ -198,6 +243,10 @@ def shared(tmp_path_factory):
                  "--tokens", "512", "--seq-len", "64", "--out", str(pairs)]) == 0
     assert main(["predictors", "train", str(pairs), "--out", str(pred), "--hidden", "8",
                  "--epochs", "0"]) == 0
+    from prosparse.predictors.export import save_predictors
+    from prosparse.predictors.model import PredictorSet
+
+    otherpred = save_predictors(PredictorSet(64, 256, 3, hidden=8), root / "otherpred")
     result = root / "result.json"
     result.write_text(json.dumps({"model": "m", "tasks": {"piqa": 0.6}, "groups": {},
                                   "average": 0.6}))
@@ -205,7 +254,7 @@ def shared(tmp_path_factory):
     recipe.write_text(f"model: {model}\nstages:\n  - {{lambda: 0, steps: 10}}\n"
                       "  - {lambda: 0.1, steps: 20}\ndata:\n  seq_len: 32\n")
     return {"model": model, "text": text, "pairs": pairs, "pred": pred, "result": result,
-            "recipe": recipe}
+            "recipe": recipe, "otherpred": otherpred}
 
 
 def _layout(tmp) -> dict:
@@ -259,7 +308,8 @@ def test_the_table_covers_every_command():
     commands = {" ".join(w for w in c[0].split()[:2] if not w.startswith("{")) for c in CASES}
     want = {"convert", "sparsity", "threshold", "schedule", "train", "fit-lambda", "eval",
             "eval-table", "bench ops", "bench decode", "predictors collect", "predictors train",
-            "predictors eval", "predictors calibrate", "predictors export", "demo"}
+            "predictors eval", "predictors calibrate", "predictors export", "prune", "generate",
+            "demo"}
     assert want <= {c.split()[0] if c.split()[0] not in ("bench", "predictors") else c
                     for c in commands}
     assert len(CASES) >= 60

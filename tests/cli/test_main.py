@@ -81,7 +81,7 @@ def test_help_lists_subcommands(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    for cmd in ("convert", "sparsity", "threshold", "demo"):
+    for cmd in ("convert", "sparsity", "threshold", "generate", "prune", "demo"):
         assert cmd in text
 
 

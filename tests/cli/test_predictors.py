@@ -67,3 +67,57 @@ def test_collect_refuses_a_model_without_relu(model_dir, text_file, tmp_path, ca
                  "--tokens", "256", "--seq-len", "64", "--out", str(tmp_path / "p")]) == 2
     assert "not a ReLU-family activation" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+def _train_config(*argv):
+    from prosparse.cli import build_parser
+    from prosparse.cli.predictors import train_config
+
+    return train_config(build_parser().parse_args(["predictors", "train", "pairs", *argv,
+                                                   "--out", "x"]))
+
+
+def test_train_config_file_overrides_and_flags(tmp_path):
+    """--config FILE, then KEY=VALUE overrides, then the flags given: each later one wins."""
+    cfg_file = tmp_path / "p.yaml"
+    cfg_file.write_text("hidden: 8\nepochs: 0\ntarget_recall: 0.9\nnegative_offset: 0.01\n")
+    cfg = _train_config("--config", str(cfg_file))
+    assert (cfg.hidden, cfg.epochs, cfg.target_recall, cfg.negative_offset) == (8, 0, 0.9, 0.01)
+    assert cfg.lr == 1e-3 and cfg.device == "auto"  # TrainConfig's defaults
+    cfg = _train_config("hidden=12", "max_train_tokens=100", "--config", str(cfg_file))
+    assert (cfg.hidden, cfg.max_train_tokens) == (12, 100)
+    cfg = _train_config("hidden=12", "--config", str(cfg_file), "--hidden", "16",
+                        "--max-tokens", "50", "--device", "cpu")
+    assert (cfg.hidden, cfg.max_train_tokens, cfg.device, cfg.epochs) == (16, 50, "cpu", 0)
+    assert _train_config("lr=2e-3").lr == 2e-3  # overrides without a file
+
+
+@pytest.mark.parametrize("text,override,message", [
+    ("hiden: 8\n", None, "unknown predictor training config key 'hiden'; choose one of hidden"),
+    ("hidden: [8\nepochs: 1\n", None, "is not valid YAML at line 2"),
+    ("hidden: 8\n", "epochs=many", "epochs must be an integer, got 'many'"),
+    ("hidden: 8\n", "target_recall=1.5", "target_recall (1.5) must be in (0, 1]"),
+])
+def test_train_config_errors_are_one_line(text, override, message, tmp_path, capsys):
+    cfg_file = tmp_path / "p.yaml"
+    cfg_file.write_text(text)
+    out = tmp_path / "never"
+    argv = ["predictors", "train", str(tmp_path), *([override] if override else []),
+            "--config", str(cfg_file), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_train_with_a_config_file_end_to_end(model_dir, text_file, tmp_path):
+    pairs, pred = tmp_path / "pairs", tmp_path / "pred"
+    assert main(["predictors", "collect", str(model_dir), "--act", "relu", "--data",
+                 str(text_file), "--tokens", "512", "--seq-len", "64", "--out", str(pairs)]) == 0
+    cfg_file = tmp_path / "p.yaml"
+    cfg_file.write_text("hidden: 32\nepochs: 0\ntarget_recall: 0.9\n")
+    assert main(["predictors", "train", str(pairs), "seed=2", "--config", str(cfg_file),
+                 "--hidden", "8", "--out", str(pred), "--json", str(tmp_path / "t.json")]) == 0
+    config = json.loads((tmp_path / "t.json").read_text())["config"]
+    assert (config["hidden"], config["epochs"], config["seed"]) == (8, 0, 2)
+    assert json.loads((pred / "predictors.json").read_text())["hidden"] == 8

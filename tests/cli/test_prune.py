@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -130,9 +131,56 @@ def test_config_yaml_and_flags(tmp_path):
     assert (cfg.method, cfg.prox.lam, cfg.prox.lr, cfg.samples) == ("proxsparse", 0.2, 5e-4, 16)
     assert cfg.prox.batch_size == 2
     recipe.write_text("lambada: 1\n")
-    with pytest.raises(UsageError, match="unknown setting 'lambada'"):
+    with pytest.raises(UsageError, match="unknown setting 'lambada'; choose one of .*lambda"):
         resolve_config(build_parser().parse_args(["prune", "--config", str(recipe),
                                                   "--out", "x"]))
+
+
+def _config(*argv):
+    from prosparse.cli import build_parser
+    from prosparse.cli.prune import resolve_config
+
+    return resolve_config(build_parser().parse_args(["prune", *argv, "--out", "x"]))
+
+
+def test_config_overrides_flags_and_model_in_order(tmp_path):
+    """--config, then KEY=VALUE overrides, then flags, then MODEL: each later one wins; a MODEL
+    with '=' is an override; values are typed by the one config loader."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: from-file\nmethod: proxsparse\nlambda: 0.2\nsamples: 16\n"
+                      "seq_len: 64\nbatch_size: 4\ndtype: bfloat16\n")
+    cfg = _config("--config", str(recipe))
+    assert (cfg.model, cfg.prox.lam, cfg.samples, cfg.seq_len) == ("from-file", 0.2, 16, 64)
+    assert cfg.prox.batch_size == 4 and cfg.batch_size == 8  # proxsparse: per optimiser step
+    assert cfg.dtype == "bf16"
+    cfg = _config("lambda=0.3", "samples=8", "prox.seed=5", "--config", str(recipe))
+    assert (cfg.model, cfg.prox.lam, cfg.samples, cfg.prox.seed) == ("from-file", 0.3, 8, 5)
+    cfg = _config("mine", "lambda=0.3", "--config", str(recipe), "--prox-lambda", "0.4",
+                  "--dtype", "fp32")
+    assert (cfg.model, cfg.prox.lam, cfg.dtype) == ("mine", 0.4, "fp32")
+    assert _config("mine", "--lambda", "0.6").prox.lam == 0.6  # the old spelling
+    assert _config("--method", "wanda", "--batch-size", "3").batch_size == 3
+    assert _config().dtype == "fp32" and _config().model == "smollm2-135m"
+    for bad, message in [("samples=many", "samples must be an integer, got 'many'"),
+                         ("lr=fast", "prox.lr must be a number"),
+                         ("prox.lambada=1", "unknown pruning config key 'prox.lambada'"),
+                         ("dtype=fp8", "unknown dtype 'fp8'"),
+                         ("lr", "must look like KEY=VALUE")]:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            _config("--config", str(recipe), "--method", "proxsparse", *(
+                [bad] if "=" in bad else ["m", bad]))
+
+
+def test_bad_config_is_one_line_with_its_line_number(tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("method: proxsparse\nlambda: [0.2\nsamples: 16\n")
+    out = tmp_path / "never"
+    assert main(["prune", "--config", str(recipe), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not valid YAML at line 3" in err[0], err
+    assert main(["prune", "--config", str(tmp_path / "none.yaml"), "--out", str(out)]) == 2
+    assert "no pruning config at" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_recipes_parse():

@@ -52,4 +52,28 @@ def test_fit_lambda_reads_the_committed_frontier_rows(tmp_path, capsys):
     bad = tmp_path / "cats.json"
     bad.write_text(json.dumps({"name": "cats-0.5", "kind": "free", "points": [{"sparsity": 0.5}]}))
     assert main(["fit-lambda", "--run", str(bad)]) == 2
-    assert "not a trained frontier row" in capsys.readouterr().err
+    assert "not a trained point" in capsys.readouterr().err
+
+
+def test_fit_lambda_reads_a_run_folder_and_a_point_file(tmp_path, capsys):
+    """--run takes what `prosparse train` writes (recipe.yaml, report.json) and the generic
+    point file: "recipe" (YAML text or a mapping) and "trained": {"average_sparsity": F}."""
+    from prosparse.cli.train import run_point
+
+    stages = "stages:\n  - {lambda: 0, steps: 10}\n  - {lambda: 0.4, steps: 20}\n"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("model: m\n" + stages)
+    (run / "report.json").write_text(json.dumps({"trained": {"average_sparsity": 0.8}}))
+    assert run_point(run) == pytest.approx((0.4, 80.0))
+    point = tmp_path / "point.json"
+    point.write_text(json.dumps({"recipe": {"model": "m", "stages": [
+        {"lambda": 0, "steps": 10}, {"lambda": 0.9, "steps": 20}]},
+        "trained": {"average_sparsity": 0.9}}))
+    assert run_point(point) == pytest.approx((0.9, 90.0))
+    assert main(["fit-lambda", "--run", str(run), "--run", str(point), "--predict", "0.4"]) == 0
+    out = capsys.readouterr().out
+    assert "lambda_S 0.4: sparsity 80.00%" in out and "lambda_S 0.9: sparsity 90.00%" in out
+    (run / "report.json").write_text(json.dumps({"baseline": {}}))
+    assert main(["fit-lambda", "--run", str(run)]) == 2
+    assert "no 'trained' measurement" in capsys.readouterr().err

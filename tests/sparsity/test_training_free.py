@@ -151,7 +151,7 @@ def test_convert_cli_calibrates_and_writes(tmp_path, capsys):
         config = json.loads((out / "config.json").read_text())
         assert config["prosparse_training_free"]["calibration"]["passes"] == passes
     assert main(["convert", str(src), "--act", "cats", "--out", str(tmp_path / "x")]) == 2
-    assert "--sparsity" in capsys.readouterr().err
+    assert "--target-sparsity" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method", ["cats", "teal"])

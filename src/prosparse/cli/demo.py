@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from prosparse.cli import args as a
 from prosparse.core.errors import UsageError
 
 DEMO_RECIPE = Path(__file__).resolve().parents[3] / "configs" / "demo.yaml"
@@ -50,10 +51,8 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="ReLUfy the embedded default model (configs/demo.yaml) and "
                                     "print the before/after table")
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. stages.2.lambda=4")
-    p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    a.add_out(p, "the run folder", required=False, default="runs/demo")
     p.add_argument("--recipe", default=None, help="recipe (default configs/demo.yaml)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted demo from its latest checkpoint")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a finished demo run in --out")
     p.set_defaults(func=_demo)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from prosparse.cli import args as a
 from prosparse.core.tables import format_table, pct
 from prosparse.data import DEFAULT_DATA
-from prosparse.models.loading import DTYPES
 
 
 def _count(text: str) -> int:
@@ -77,22 +77,16 @@ def register(sub) -> None:
                     "config.json with sparse_threshold), heldout.txt, export.json and a README "
                     "with the commands; measure the held-out perplexity of what PowerInfer will "
                     "compute (ReLU on the predicted neurons) beside the model's own.")
-    p.add_argument("model", metavar="CKPT", help="a ReLU or FATReLU LLaMA checkpoint folder")
-    p.add_argument("--predictors", metavar="PRED",
-                   help="predictors trained on this model (ours or PowerInfer's folder); "
-                        "required: PowerInfer runs a ReLU model only through them")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not exist)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--data", default=DEFAULT_DATA,
-                   help=f"held-out text to measure: wiki, qa, or a .txt/.jsonl path (default "
-                        f"{DEFAULT_DATA})")
+    a.add_model(p, role="a ReLU or FATReLU LLaMA checkpoint", required=True)
+    a.add_predictors(p, "trained on MODEL; required: PowerInfer runs a ReLU model only through "
+                        "them")
+    a.add_out(p, "model/, predictors/ and the report")
+    a.add_data(p, "the held-out text measured", default=DEFAULT_DATA, repeatable=False)
     p.add_argument("--split", default="heldout", choices=("train", "heldout", "all"),
                    help="document split of --data (default heldout)")
-    p.add_argument("--tokens", type=_count, default=8192, help="held-out tokens to measure")
-    p.add_argument("--seq-len", type=_n_ctx, default=256,
-                   help="chunk length, PowerInfer's perplexity -c (default 256)")
-    p.add_argument("--batch-size", type=_count, default=4, help="chunks per forward pass")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                   help="dtype the model is measured in")
-    p.add_argument("--json", help="write the report as JSON here")
+    a.add_tokens(p, 8192, "held-out tokens measured", type=_count)
+    a.add_seq_len(p, 256, "the chunk length, PowerInfer's perplexity -c", type=_n_ctx)
+    a.add_batch_size(p, 4, "chunks per forward pass", type=_count)
+    a.add_dtype(p, role="what the model is measured in")
+    a.add_json(p, "the report")
     p.set_defaults(func=_powerinfer)

@@ -1,8 +1,9 @@
 """The one ``prosparse`` console script.
 
-Each capability registers its own subcommands (``<capability>/commands.py`` with
-``register(subparsers)``); every handler parses its flags and calls a typed library function.
-Outputs for people are tables on stdout; outputs for programs are JSON files (``--json OUT``).
+Each command group is one module here with ``register(subparsers)``, building its flags from
+:mod:`prosparse.cli.args` (the flags every command shares); every handler checks its input and
+calls a typed library function. Outputs for people are tables on stdout; outputs for programs
+are JSON files (``--json OUT``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ COMMAND_MODULES = (
     "prosparse.cli.convert",
     "prosparse.cli.sparsity",
     "prosparse.cli.bench",
+    "prosparse.cli.generate",
     "prosparse.cli.predictors",
     "prosparse.cli.prune",
     "prosparse.cli.export",

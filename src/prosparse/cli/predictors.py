@@ -5,13 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from prosparse.cli.convert import (
-    activation_from_args,
-    add_activation_args,
-    add_model_args,
-    apply_activation_args,
-)
-from prosparse.cli.sparsity import add_data_args
+from prosparse.cli import args as a
 from prosparse.core import checks
 from prosparse.core.errors import UsageError
 from prosparse.core.tables import pct
@@ -34,22 +28,6 @@ def _layers(text: str) -> list[int]:
     return sorted(set(out))
 
 
-def check_predictor_dir(path: str) -> Path:
-    """A predictor folder to read: ours (``predictors.json``) or PowerInfer's (``model_0.pt``)."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise UsageError(f"no predictor folder at {path!r}; write one with `prosparse predictors "
-                         "train` (or give PowerInfer's)")
-    if not (folder / "predictors.json").is_file() and not (folder / "model_0.pt").is_file():
-        raise UsageError(f"{folder} holds neither predictors.json (prosparse) nor model_0.pt "
-                         "(PowerInfer); give the --out of `prosparse predictors train`")
-    return folder
-
-
-def _train_device(text: str) -> str:
-    return text if text == "auto" else checks.device(text)
-
-
 def _collect(args) -> int:
     from prosparse.models.loading import load_model
     from prosparse.predictors.collect import collect_from_data
@@ -57,9 +35,9 @@ def _collect(args) -> int:
     specs = args.data or [DEFAULT_DATA]
     check_data(specs)
     checks.check_output_dir(args.out, args.overwrite)
-    activation_from_args(args)  # conflicting flags fail before the model loads
+    a.activation_from_args(args)  # conflicting flags fail before the model loads
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    apply_activation_args(model, args)
+    a.apply_activation_args(model, args)
     info = collect_from_data(model, tok, specs, args.out, tokens=args.tokens,
                              seq_len=args.seq_len, split=args.split, seed=args.seed,
                              overwrite=args.overwrite, clip_top=args.clip_top,
@@ -96,17 +74,36 @@ def _report(result: dict, args, title: str) -> None:
         print(f"wrote {args.plot}")
 
 
+# `predictors train` flags -> TrainConfig fields; a flag given on the command line wins over
+# --config and KEY=VALUE overrides, which win over the dataclass defaults.
+_TRAIN_FLAGS = {"hidden": "hidden", "epochs": "epochs", "patience": "patience",
+                "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay",
+                "target_recall": "target_recall", "max_tokens": "max_train_tokens",
+                "init": "init", "seed": "seed", "device": "device"}
+
+
+def train_config(args):
+    """TrainConfig from --config FILE, then KEY=VALUE overrides, then the flags given."""
+    from prosparse.core.config import apply_overrides, build, read_yaml
+    from prosparse.predictors.train import TrainConfig
+
+    what = "predictor training config"
+    data = read_yaml(args.config, what, "prosparse.predictors.TrainConfig") if args.config else {}
+    data = apply_overrides(data, args.overrides)
+    for dest, key in _TRAIN_FLAGS.items():
+        if getattr(args, dest) is not None:
+            data[key] = getattr(args, dest)
+    return build(TrainConfig, data, what=what)
+
+
 def _train(args) -> int:
     from prosparse.predictors.collect import PairData
     from prosparse.predictors.export import save_predictors
-    from prosparse.predictors.train import TrainConfig, train_predictors
+    from prosparse.predictors.train import train_predictors
 
+    cfg = train_config(args)
     checks.check_output_dir(args.out, args.overwrite)
     data = PairData(args.data_dir)
-    cfg = TrainConfig(hidden=args.hidden, epochs=args.epochs, patience=args.patience,
-                      batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                      target_recall=args.target_recall, max_train_tokens=args.max_tokens,
-                      init=args.init, seed=args.seed, device=args.device)
     pset, result = train_predictors(data, cfg, layers=args.layers)
     starts = [m.get("init", "random") for m in result["layers"]]
     ranks = sorted({m["rank"] for m in result["layers"] if "rank" in m})
@@ -130,7 +127,7 @@ def _eval(args) -> int:
         raise UsageError("--target-recall belongs to `predictors train`; eval uses the saved "
                          "thresholds")
     data = PairData(args.data_dir)
-    pset = load_predictors(check_predictor_dir(args.predictors))
+    pset = load_predictors(a.check_predictor_dir(args.predictors))
     result = evaluate_predictors(pset, data)
     _report(result, args, f"Predictors {args.predictors}")
     return 0
@@ -141,7 +138,7 @@ def _calibrate(args) -> int:
     from prosparse.predictors.train import recalibrate_saved
 
     checks.check_output_dir(args.out, args.overwrite)
-    check_predictor_dir(args.predictors)
+    a.check_predictor_dir(args.predictors)
     PairData(args.data_dir)
     result = recalibrate_saved(args.predictors, args.data_dir, args.target_recall, args.out,
                                overwrite=args.overwrite)
@@ -164,7 +161,7 @@ def _export(args) -> int:
                 checks.check_output_dir(out, args.overwrite)
             except UsageError as e:
                 raise UsageError(f"{flag}: {e}") from None
-    pset = load_predictors(check_predictor_dir(args.predictors))
+    pset = load_predictors(a.check_predictor_dir(args.predictors))
     if args.powerinfer:
         t = export_powerinfer(pset, args.powerinfer, overwrite=args.overwrite)
         print(f"wrote {args.powerinfer} ({len(pset)} x model_{{layer}}.pt, "
@@ -176,7 +173,8 @@ def _export(args) -> int:
 
 
 def register(sub) -> None:
-    top = sub.add_parser("predictors", help="activation predictors: collect, train, eval, calibrate, export",
+    top = sub.add_parser("predictors", help="activation predictors: collect, train, eval, "
+                                            "calibrate, export",
                          description="Per-layer activation predictors for approximate sparse "
                                      "inference (paper Sec. 3.3, App. C and F).")
     s = top.add_subparsers(dest="predictors", metavar="STEP")
@@ -186,9 +184,9 @@ def register(sub) -> None:
                      description="Stream each layer's predictor input (the residual stream "
                                  "before the post-attention norm) and label (x1 != 0) to disk: "
                                  "fp16 inputs, bit-packed labels, memory bounded by one batch.")
-    add_model_args(p)
-    add_activation_args(p, default=None)
-    add_data_args(p, tokens=400_000, seq_len=512)
+    a.add_model_args(p)
+    a.add_activation_args(p, default=None)
+    a.add_data_args(p, tokens=400_000, seq_len_=512)
     p.add_argument("--split", default="train", choices=("train", "heldout", "all"),
                    help="document split of the data (default train)")
     p.add_argument("--clip-top", type=checks.open_fraction, default=None, metavar="FRAC",
@@ -197,46 +195,47 @@ def register(sub) -> None:
                    help="rows per shard file")
     p.add_argument("--mass-tokens", type=checks.nonneg_int, default=2048,
                    help="validation tokens whose full |x1| is kept for the mass-missed metric")
-    p.add_argument("--seed", type=checks.nonneg_int, default=0, help="block shuffling seed")
-    p.add_argument("--out", required=True, help="output folder (must not exist)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    a.add_seed(p, 0, "block shuffling")
+    a.add_out(p, "the collected pairs")
     p.set_defaults(func=_collect)
 
     p = s.add_parser("train", help="train one predictor per layer",
                      description="BCE with down-weighted negatives, AdamW, early stopping on "
-                                 "validation recall, best checkpoint kept (paper App. F).")
+                                 "validation recall, best checkpoint kept (paper App. F). "
+                                 "Settings come from the flags given, then KEY=VALUE overrides, "
+                                 "then --config, then the defaults (TrainConfig).")
     p.add_argument("data_dir", metavar="DIR", help="the --out of `predictors collect`")
-    p.add_argument("--out", required=True, help="predictor folder to write (must not exist)")
-    p.add_argument("--hidden", type=checks.positive_int, default=1024,
-                   help="predictor hidden width")
-    p.add_argument("--epochs", type=checks.nonneg_int, default=20,
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="settings onto --config, e.g. hidden=512 negative_offset=0.01")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML of TrainConfig settings (hidden, epochs, lr, ...); flags win")
+    a.add_out(p, "the trained predictors")
+    p.add_argument("--hidden", type=checks.positive_int, default=None,
+                   help="predictor hidden width (default 1024)")
+    p.add_argument("--epochs", type=checks.nonneg_int, default=None,
                    help="most epochs per layer; 0 keeps the gate's truncation untrained (only "
-                        "the threshold is tuned): predictors in seconds")
-    p.add_argument("--patience", type=checks.positive_int, default=3,
-                   help="stop after this many epochs without improvement")
-    p.add_argument("--batch-size", type=checks.positive_int, default=1024,
-                   help="tokens per step")
-    p.add_argument("--lr", type=checks.positive_float, default=1e-3, help="AdamW learning rate")
-    p.add_argument("--weight-decay", type=checks.nonneg_float, default=0.01,
-                   help="AdamW weight decay")
+                        "the threshold is tuned): predictors in seconds (default 20)")
+    p.add_argument("--patience", type=checks.positive_int, default=None,
+                   help="stop after this many epochs without improvement (default 3)")
+    a.add_batch_size(p, None, "tokens per step (default 1024)")
+    p.add_argument("--lr", type=checks.positive_float, default=None,
+                   help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--weight-decay", type=checks.nonneg_float, default=None,
+                   help="AdamW weight decay (default 0.01)")
     p.add_argument("--target-recall", type=checks.open_fraction, default=None, metavar="R",
                    help="tune each layer's threshold to validation recall R (e.g. 0.95); "
                         "default: probability 0.5")
     p.add_argument("--max-tokens", type=checks.positive_int, default=None,
-                   help="train on at most this many tokens per layer")
-    p.add_argument("--init", choices=("auto", "gate", "random"), default="auto",
+                   help="train on at most this many tokens per layer (default: all)")
+    p.add_argument("--init", choices=("auto", "gate", "random"), default=None,
                    help="start from the rank-hidden/2 truncation of each layer's gate (gate), "
                         "from random weights as the paper (random), or gate where the "
                         "collection holds it (auto, default)")
     p.add_argument("--layers", type=_layers, default=None, help="only these layers, e.g. 0-3")
-    p.add_argument("--device", default="auto", type=_train_device,
-                   help="where to train: auto (CUDA when available, default), cuda or cpu")
-    p.add_argument("--seed", type=checks.nonneg_int, default=0,
-                   help="initialisation and shuffling seed")
-    p.add_argument("--json", type=checks.output_file,
-                   help="write per-layer metrics as JSON here")
-    p.add_argument("--plot", type=checks.output_file, help="write the per-layer plot (PNG) here")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    a.add_device(p, None, "where to train; auto: CUDA when available (default auto)", auto=True)
+    a.add_seed(p, None, "initialisation and shuffling (default 0)")
+    a.add_json(p, "per-layer metrics")
+    a.add_plot(p, "per-layer metrics")
     p.set_defaults(func=_train)
 
     p = s.add_parser("eval", help="recall, predicted sparsity, precision, |x1| mass missed",
@@ -245,9 +244,8 @@ def register(sub) -> None:
     p.add_argument("predictors", metavar="PRED", help="predictor folder (ours or PowerInfer's)")
     p.add_argument("data_dir", metavar="DIR", help="the --out of `predictors collect`")
     p.add_argument("--target-recall", type=float, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--json", type=checks.output_file,
-                   help="write per-layer metrics as JSON here")
-    p.add_argument("--plot", type=checks.output_file, help="write the per-layer plot (PNG) here")
+    a.add_json(p, "per-layer metrics")
+    a.add_plot(p, "per-layer metrics")
     p.set_defaults(func=_eval)
 
     p = s.add_parser("calibrate", help="re-tune thresholds to a target recall, no retraining",
@@ -258,11 +256,9 @@ def register(sub) -> None:
     p.add_argument("data_dir", metavar="DIR", help="the --out of `predictors collect`")
     p.add_argument("--target-recall", type=checks.open_fraction, required=True, metavar="R",
                    help="validation recall each layer keeps, e.g. 0.99")
-    p.add_argument("--out", required=True, help="predictor folder to write (must not exist)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--json", type=checks.output_file,
-                   help="write per-layer metrics as JSON here")
-    p.add_argument("--plot", type=checks.output_file, help="write the per-layer plot (PNG) here")
+    a.add_out(p, "the recalibrated predictors")
+    a.add_json(p, "per-layer metrics")
+    a.add_plot(p, "per-layer metrics")
     p.set_defaults(func=_calibrate)
 
     p = s.add_parser("export", help="write predictors in PowerInfer's layout (or ours)",
@@ -270,6 +266,5 @@ def register(sub) -> None:
                                  "fc2.weight [d_ff, D], and config.json with sparse_threshold.")
     p.add_argument("predictors", metavar="PRED", help="predictor folder (ours or PowerInfer's)")
     p.add_argument("--powerinfer", metavar="DIR", help="write PowerInfer's folder here")
-    p.add_argument("--out", metavar="DIR", help="write our format here")
-    p.add_argument("--overwrite", action="store_true", help="replace existing folders")
+    a.add_out(p, "our format", required=False, overwrite_role="and --powerinfer")
     p.set_defaults(func=_export)

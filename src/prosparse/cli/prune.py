@@ -4,37 +4,41 @@ from __future__ import annotations
 
 import argparse
 
+from prosparse.cli import args as a
 from prosparse.core.tables import format_table
 
-# Flags that map onto PruneConfig / ProxConfig fields, all defaulting to None so that a value
-# is "given" exactly when it is on the command line; then --config, then the dataclass default.
+# Flags that map onto PruneConfig / ProxConfig keys (the flat keys of configs/proxsparse-*.yaml),
+# all defaulting to None so that a value is "given" exactly when it is on the command line:
+# (flag, config key, type, help, old spellings kept as hidden aliases).
 _FLAGS = [
-    ("--method", str, "magnitude, wanda, sparsegpt or proxsparse (default wanda)"),
-    ("--pattern", str, "N:M, keep N of every M along the input dim (default 2:4)"),
-    ("--data", str, "calibration source, its train split (default wiki)"),
-    ("--samples", int, "calibration blocks (default 64)"),
-    ("--seq-len", int, "tokens per calibration block (default 256)"),
-    ("--lambda", float, "ProxSparse: weight of the 2:4 regulariser (default 0.05)"),
-    ("--lambda-scale", str, "ProxSparse: raw (prox(w, lambda), the authors') or lr "
-                            "(prox(w, lr * lambda)) (default raw)"),
-    ("--lr", float, "ProxSparse: peak AdamW learning rate (default 1e-3)"),
-    ("--epochs", int, "ProxSparse: passes over the calibration blocks (default 1)"),
-    ("--warmup", float, "ProxSparse: share of steps warming up (default 0.1)"),
-    ("--lambda2", float, "ProxSparse: frozen-weight term weight, 0 = off (default 0)"),
-    ("--epsilon", float, "ProxSparse: frozen-weight term epsilon (default 0.1)"),
-    ("--log-every", int, "ProxSparse: steps between group non-zero log entries (default 10)"),
-    ("--batch-size", int, "blocks per forward (baselines, default 8) / per step "
-                          "(ProxSparse, default 1)"),
-    ("--blocksize", int, "SparseGPT: columns per block (default 128)"),
-    ("--damp", float, "SparseGPT: dampening, share of mean diag(H) (default 0.01)"),
-    ("--eval-data", str, "held-out perplexity source, its heldout split (default wiki)"),
-    ("--eval-tokens", int, "held-out tokens for perplexity before/after, 0 = skip "
-                           "(default 8192)"),
-    ("--eval-seq-len", int, "tokens per held-out block (default 256)"),
-    ("--dtype", str, "weights dtype (default float32)"),
-    ("--device", str, "torch device of the one-shot baselines (default cpu)"),
-    ("--seed", int, "calibration seed (default 0)"),
+    ("--method", "method", str, "magnitude, wanda, sparsegpt or proxsparse (default wanda)", ()),
+    ("--pattern", "pattern", str, "N:M, keep N of every M along the input dim (default 2:4)",
+     ()),
+    ("--samples", "samples", int, "calibration blocks (default 64)", ()),
+    ("--prox-lambda", "lambda", float, "ProxSparse: weight of the 2:4 regulariser (default "
+                                       "0.05)", ("--lambda",)),
+    ("--prox-lambda-scale", "lambda_scale", str, "ProxSparse: raw (prox(w, lambda), the "
+                                                 "authors') or lr (prox(w, lr * lambda)) "
+                                                 "(default raw)", ("--lambda-scale",)),
+    ("--lr", "lr", float, "ProxSparse: peak AdamW learning rate (default 1e-3)", ()),
+    ("--epochs", "epochs", int, "ProxSparse: passes over the calibration blocks (default 1)", ()),
+    ("--warmup", "warmup", float, "ProxSparse: share of steps warming up (default 0.1)", ()),
+    ("--prox-lambda2", "lambda2", float, "ProxSparse: frozen-weight term weight, 0 = off "
+                                         "(default 0)", ("--lambda2",)),
+    ("--prox-epsilon", "epsilon", float, "ProxSparse: frozen-weight term epsilon (default 0.1)",
+     ("--epsilon",)),
+    ("--log-every", "log_every", int, "ProxSparse: steps between group non-zero log entries "
+                                      "(default 10)", ()),
+    ("--blocksize", "blocksize", int, "SparseGPT: columns per block (default 128)", ()),
+    ("--damp", "damp", float, "SparseGPT: dampening, share of mean diag(H) (default 0.01)", ()),
+    ("--eval-data", "eval_data", str, "held-out perplexity source, its heldout split (default "
+                                      "wiki)", ()),
+    ("--eval-tokens", "eval_tokens", int, "held-out tokens for perplexity before/after, 0 = "
+                                          "skip (default 8192)", ()),
+    ("--eval-seq-len", "eval_seq_len", int, "tokens per held-out block (default 256)", ()),
 ]
+# The shared flags (cli/args.py) that map onto config keys too.
+_SHARED = ("data", "seq_len", "batch_size", "dtype", "device", "seed")
 
 
 def _dest(flag: str) -> str:
@@ -42,34 +46,25 @@ def _dest(flag: str) -> str:
 
 
 def resolve_config(args: argparse.Namespace):
-    """PruneConfig from --config (a recipe YAML of flat keys) overridden by the flags given."""
+    """PruneConfig from --config FILE, then KEY=VALUE overrides, then the flags given, then
+    MODEL: each later one wins. A MODEL with ``=`` in it is an override."""
+    from prosparse.core.config import apply_overrides, read_yaml
     from prosparse.pruning.run import config_from_mapping
 
-    values: dict = {}
-    if args.config:
-        import yaml
-
-        with open(args.config) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            from prosparse.core.errors import UsageError
-
-            raise UsageError(f"--config {args.config} must be a mapping of settings")
-        values.update(loaded)
-    if args.model is not None:
-        values["model"] = args.model
-    for flag, _, _ in _FLAGS:
-        v = getattr(args, _dest(flag))
-        if v is not None:
-            values[_dest(flag)] = v
-    batch = values.pop("batch_size", None)
-    cfg = config_from_mapping(values)
-    if batch is not None:
-        if cfg.method == "proxsparse":
-            cfg.prox.batch_size = batch
-        else:
-            cfg.batch_size = batch
-    return cfg
+    overrides = list(args.overrides)
+    model = args.model
+    if model is not None and "=" in model:
+        model, overrides = None, [model, *overrides]
+    values = read_yaml(args.config, "pruning config", "configs/proxsparse-*.yaml") \
+        if args.config else {}
+    values = apply_overrides(values, overrides)
+    given = [(key, key) for key in _SHARED] + [(_dest(flag), key) for flag, key, *_ in _FLAGS]
+    for dest, key in given:
+        if getattr(args, dest) is not None:
+            values[key] = getattr(args, dest)
+    if model is not None:
+        values["model"] = model
+    return config_from_mapping(values)
 
 
 def result_table(result: dict) -> str:
@@ -107,14 +102,24 @@ def register(sub) -> None:
                        description="Prune every linear inside the decoder blocks to an N:M "
                                    "pattern and write a checkpoint that loads in transformers, "
                                    "its masks and the result (held-out perplexity before and "
-                                   "after, N:M compliance per layer, wall time).")
-    p.add_argument("model", nargs="?", default=None,
-                   help="HF directory, .gguf file or embedded name (default smollm2-135m)")
-    p.add_argument("--config", help="recipe YAML of settings (configs/proxsparse-*.yaml); "
-                                    "flags override it")
-    for flag, typ, help_ in _FLAGS:
-        p.add_argument(flag, type=typ, default=None, dest=_dest(flag), help=help_)
-    p.add_argument("--out", required=True, help="output directory (must not exist)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--json", help="also write the result as JSON here")
+                                   "after, N:M compliance per layer, wall time). Settings come "
+                                   "from MODEL and the flags given, then KEY=VALUE overrides, "
+                                   "then --config, then the defaults.")
+    a.add_model(p, default=None, role="default: --config's model, else smollm2-135m")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="settings onto --config, e.g. lambda=0.1 samples=16 (flat keys as in "
+                        "configs/proxsparse-*.yaml)")
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML of settings (configs/proxsparse-*.yaml); flags override it")
+    a.add_data(p, "calibration text, its train split (default wiki)", repeatable=False)
+    a.add_seq_len(p, None, "calibration blocks (default 256)")
+    a.add_batch_size(p, None, "blocks per forward (baselines, default 8) or per optimiser step "
+                              "(proxsparse, default 1)")
+    a.add_dtype(p, None, "default fp32")
+    a.add_device(p, None, "the one-shot baselines' (default cpu; proxsparse uses Accelerate's)")
+    a.add_seed(p, None, "calibration packing and shuffling (default 0)")
+    for flag, _, typ, help_, old in _FLAGS:
+        a.add_renamed(p, flag, old, type=typ, default=None, help=help_)
+    a.add_out(p, "the pruned checkpoint, its masks and pruning.json")
+    a.add_json(p, "the result (as pruning.json)")
     p.set_defaults(func=_prune)

@@ -2,37 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
-
-from prosparse.cli.convert import (
-    activation_from_args,
-    add_activation_args,
-    add_model_args,
-    apply_activation_args,
-)
+from prosparse.cli import args as a
 from prosparse.core import checks
 from prosparse.core.tables import format_table, pct
 from prosparse.data import DEFAULT_DATA, check_data
-
-
-def add_data_args(p: argparse.ArgumentParser, tokens: int = 8192, seq_len: int = 256) -> None:
-    p.add_argument("--data", action="append", metavar="NAME=PATH",
-                   help=f"data source: wiki, qa, NAME=PATH (.txt/.jsonl/folder); repeatable "
-                        f"(default {DEFAULT_DATA})")
-    p.add_argument("--tokens", type=checks.positive_int, default=tokens,
-                   help="tokens measured per data source (rounded down to whole blocks, at "
-                        "least one)")
-    p.add_argument("--seq-len", type=seq_len_arg, default=seq_len, help="tokens per packed block")
-    p.add_argument("--batch-size", type=checks.positive_int, default=4,
-                   help="blocks per forward pass")
-
-
-def seq_len_arg(text) -> int:
-    """A block length: an integer >= 2 (one next-token prediction needs two tokens)."""
-    value = checks.positive_int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"{text!r} is too short a block; use >= 2 tokens")
-    return value
 
 
 def sparsity_table(result: dict) -> str:
@@ -52,9 +25,9 @@ def _sparsity(args) -> int:
     from prosparse.models.loading import load_model
 
     check_data(args.data or [DEFAULT_DATA])
-    activation_from_args(args)  # conflicting flags fail before the model loads
+    a.activation_from_args(args)  # conflicting flags fail before the model loads
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    apply_activation_args(model, args)
+    a.apply_activation_args(model, args)
     result = measure_sparsity(model, tok, args.data or [DEFAULT_DATA], tokens=args.tokens,
                               seq_len=args.seq_len, batch_size=args.batch_size,
                               model_name=args.model)
@@ -88,9 +61,9 @@ def _threshold(args) -> int:
     from prosparse.models.loading import load_model
 
     check_data(args.data or [DEFAULT_DATA])
-    activation_from_args(args)  # conflicting flags fail before the model loads
+    a.activation_from_args(args)  # conflicting flags fail before the model loads
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
-    apply_activation_args(model, args)
+    a.apply_activation_args(model, args)
     result = threshold_sweep(model, tok, args.thresholds, data=args.data or [DEFAULT_DATA],
                              tolerance=args.tolerance, tokens=args.tokens, seq_len=args.seq_len,
                              batch_size=args.batch_size, baseline_t=args.baseline_t)
@@ -110,21 +83,20 @@ def register(sub) -> None:
                        description="Count exact zeros of every FFN's intermediate output x1 "
                                    "(the input of down_proj) per layer, with perplexity, on "
                                    "held-out text.")
-    add_model_args(p)
-    add_activation_args(p, default=None)
-    add_data_args(p)
-    p.add_argument("--json", type=checks.output_file, help="write results as JSON here")
-    p.add_argument("--plot", type=checks.output_file,
-                   help="write the layer-wise sparsity plot (PNG) here")
+    a.add_model_args(p)
+    a.add_activation_args(p, default=None)
+    a.add_data_args(p)
+    a.add_json(p, "the results")
+    a.add_plot(p, "the layer-wise sparsity")
     p.set_defaults(func=_sparsity)
 
     p = sub.add_parser("threshold", help="sweep the FATReLU threshold (paper Table 9)",
                        description="Sparsity and perplexity for each FATReLU threshold t, and "
                                    "the largest t within a perplexity tolerance of t = 0 (or of "
                                    "--baseline-t, the t a model was trained under).")
-    add_model_args(p)
-    add_activation_args(p, default=None)
-    add_data_args(p)
+    a.add_model_args(p)
+    a.add_activation_args(p, default=None)
+    a.add_data_args(p)
     p.add_argument("--thresholds", type=_thresholds, default=(0.0, 0.005, 0.01, 0.02),
                    help="comma-separated thresholds (default 0,0.005,0.01,0.02)")
     p.add_argument("--tolerance", type=checks.nonneg_float, default=0.01,
@@ -133,5 +105,5 @@ def register(sub) -> None:
     p.add_argument("--baseline-t", type=checks.nonneg_float, default=0.0,
                    help="the threshold the tolerance is judged against: 0 for a model trained "
                         "under plain ReLU, its threshold.train for one trained under FATReLU")
-    p.add_argument("--json", type=checks.output_file, help="write results as JSON here")
+    a.add_json(p, "the results")
     p.set_defaults(func=_threshold)

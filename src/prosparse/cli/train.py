@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from prosparse.cli import args as a
 from prosparse.core import checks
 from prosparse.core.errors import UsageError
 
@@ -57,42 +58,57 @@ def _train(args) -> int:
 
 
 def run_point(run: str | Path) -> tuple[float, float]:
-    """``(lambda_S, sparsity %)`` of a finished ``prosparse train`` run: the last stage's lambda
-    from its ``recipe.yaml`` and the held-out sparsity of the trained model before any
-    threshold shift (paper Fig. 3) from its ``report.json``."""
+    """``(lambda_S, sparsity %)`` of one trained model, for the fit of paper Fig. 3.
+
+    ``run`` is the folder a finished ``prosparse train`` wrote: the last stage's lambda from
+    its ``recipe.yaml``, the held-out sparsity of the trained model before any threshold shift
+    from its ``report.json`` (``trained.average_sparsity``). Or it is a JSON file read by
+    :func:`point_file`, for trained points kept without their run folders.
+    """
     from prosparse.training.recipe import load_recipe
 
     run = Path(run)
-    if run.is_file() and run.suffix == ".json":
-        return _row_point(run)
+    if run.is_file():
+        return point_file(run)
     report, recipe = run / "report.json", run / "recipe.yaml"
     if not report.is_file() or not recipe.is_file():
         raise UsageError(f"--run {run}: no report.json and recipe.yaml there; give the folder of "
-                         "a finished `prosparse train` run, or a trained row's JSON of "
-                         "benchmarks/frontier.py")
-    trained = json.loads(report.read_text()).get("trained")
+                         "a finished `prosparse train` run (or a point JSON file)")
+    try:
+        trained = json.loads(report.read_text()).get("trained")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise UsageError(f"--run {run}: report.json is not a `prosparse train` report") from None
     if not trained:
         raise UsageError(f"--run {run}: report.json has no 'trained' measurement")
     return load_recipe(recipe).stages[-1].lam, 100 * trained["average_sparsity"]
 
 
-def _row_point(path: Path) -> tuple[float, float]:
-    """``(lambda_S, sparsity %)`` of a trained row of ``benchmarks/frontier.py``
-    (``benchmarks/results/frontier/NAME.json``): the recipe it keeps and its t = 0 point, so
-    the committed rows fit without their run folders."""
+def point_file(path: str | Path) -> tuple[float, float]:
+    """``(lambda_S, sparsity %)`` from a JSON object holding ``"recipe"`` (the recipe, as YAML
+    text or a mapping: its last stage's lambda is lambda_S) and the trained model's sparsity
+    before any threshold shift, as a run's report has it, ``"trained": {"average_sparsity":
+    F}``, or as the ``t = 0`` entry of a threshold sweep, ``"points": [{"t": 0, "sparsity":
+    F}, ...]`` (fractions)."""
     import yaml
 
     from prosparse.training.recipe import recipe_from_dict
 
+    path = Path(path)
     try:
         row = json.loads(path.read_text())
-        lam = recipe_from_dict(yaml.safe_load(row["recipe"])).stages[-1].lam
-        t0 = next(p for p in row["points"] if not p.get("t"))
-    except (ValueError, KeyError, TypeError, IndexError, StopIteration, yaml.YAMLError):
-        raise UsageError(f"--run {path}: not a trained frontier row (it needs 'recipe' with "
-                         "stages and a t = 0 point); give a run folder or a trained row's "
-                         "JSON") from None
-    return lam, 100 * t0["sparsity"]
+        recipe = row["recipe"]
+        lam = recipe_from_dict(yaml.safe_load(recipe) if isinstance(recipe, str) else recipe
+                               ).stages[-1].lam
+        if row.get("trained"):
+            sparsity = row["trained"]["average_sparsity"]
+        else:
+            sparsity = next(p for p in row["points"] if not p.get("t"))["sparsity"]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, StopIteration,
+            UnicodeDecodeError, yaml.YAMLError):
+        raise UsageError(f"--run {path}: not a trained point (a JSON object with 'recipe' and "
+                         "'trained': {'average_sparsity': F} or a t = 0 entry in 'points'); "
+                         "give a run folder or such a file") from None
+    return lam, 100 * sparsity
 
 
 def _point(item: str) -> tuple[float, float]:
@@ -127,21 +143,17 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="ProSparse training from a recipe (configs/*.yaml)")
     p.add_argument("recipe", help="YAML recipe, e.g. configs/demo.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.4.lambda=0.1")
-    p.add_argument("--out", default=None, help="run folder (default runs/<recipe name>)")
+    a.add_out(p, "the run folder (default runs/<recipe name>)", required=False)
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in the run folder (refused when "
                         "the model or recipe changed, beyond logging and checkpoint cadence)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a run already in the run folder (only a folder prosparse wrote)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("schedule", help="print / save / plot a recipe's lambda curve")
     p.add_argument("recipe", help="YAML recipe")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.4.lambda=0.1")
-    p.add_argument("--json", default=None, type=checks.output_file,
-                   help='write {"steps": [...], "lambda": [...]}')
-    p.add_argument("--plot", default=None, type=checks.output_file,
-                   help="write the curve as a PNG")
+    a.add_json(p, '{"steps": [...], "lambda": [...]}')
+    a.add_plot(p, "the lambda curve")
     p.add_argument("--every", type=checks.positive_int, default=1,
                    help="keep every k-th step (last kept)")
     p.set_defaults(func=_schedule)
@@ -152,7 +164,8 @@ def register(sub) -> None:
     p.add_argument("--point", action="append", default=[],
                    help="a measured LAMBDA:SPARSITY_PERCENT of your model (repeat; >= 2)")
     p.add_argument("--run", action="append", default=[], metavar="RUN",
-                   help="a finished `prosparse train` run folder, or a trained row's JSON "
-                        "of benchmarks/frontier.py: its last-stage lambda and trained "
-                        "sparsity are one point (repeat; mixes with --point)")
+                   help="a finished `prosparse train` run folder (its recipe.yaml and "
+                        "report.json), or a JSON file with 'recipe' and the trained point: its "
+                        "last-stage lambda and trained sparsity are one point (repeat; mixes "
+                        "with --point)")
     p.set_defaults(func=_fit_lambda)

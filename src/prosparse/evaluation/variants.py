@@ -102,10 +102,10 @@ def compare_files(result_files: list[str], sparsity: list[str] | None = None) ->
     for item in sparsity or []:
         label, value = _labelled(item)
         if label not in results:
-            raise UnknownNameError(f"--sparsity {item!r}: unknown setting {label!r}; settings: "
+            raise UnknownNameError(f"--label-sparsity {item!r}: unknown setting {label!r}; settings: "
                            f"{', '.join(results)}")
         try:
             sparsity_of[label] = sparsity_value(value)
         except UsageError as e:
-            raise UsageError(f"--sparsity {item!r}: {e}") from None
+            raise UsageError(f"--label-sparsity {item!r}: {e}") from None
     return compare(results, sparsity_of)

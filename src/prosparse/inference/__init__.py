@@ -1,6 +1,7 @@
 """Sparse inference: the exact and predictor-driven sparse FFNs, the in-place swaps, decoding
 and benchmarks."""
 
+from prosparse.inference.generate import generate
 from prosparse.inference.predicted import (
     PredictedSparseMLP,
     attach_predictors_,
@@ -24,6 +25,7 @@ __all__ = [
     "SparseMLP",
     "attach_predictors_",
     "calibrate_thresholds_",
+    "generate",
     "mean_predicted_sparsity",
     "reset_predicted_counts",
     "sparsify_",

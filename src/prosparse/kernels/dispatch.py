@@ -12,7 +12,7 @@ The dense fallback is a property of the data, not of the backend: when the union
 neurons over the tokens is denser than ``1 - dense_below`` or there are more than
 ``max_tokens`` tokens, steps (2) and (3) run dense (:mod:`.dense`, the fastest dense product
 of the machine). Both defaults were measured with
-``prosparse bench ops --sparsity 0,0.1,0.2,0.3,0.4,0.5 --batch 1,2,4,8,16``
+``prosparse bench ops --target-sparsity 0,0.1,0.2,0.3,0.4,0.5 --batch-size 1,2,4,8,16``
 (``benchmarks/results/crossover_cpu_*.json``).
 
 On ``triton`` the steps run sync-free (:func:`.triton.up_step_fixed`, a grid fixed by the

@@ -66,9 +66,9 @@ class ProxConfig:
 
     def check(self) -> None:
         if self.lam < 0:
-            raise UsageError(f"--lambda ({self.lam:g}) must be >= 0")
+            raise UsageError(f"--prox-lambda ({self.lam:g}) must be >= 0")
         if self.lambda_scale not in LAMBDA_SCALES:
-            raise UsageError(f"--lambda-scale {self.lambda_scale!r}: choose one of "
+            raise UsageError(f"--prox-lambda-scale {self.lambda_scale!r}: choose one of "
                              f"{', '.join(LAMBDA_SCALES)}")
         for name in ("lr", "epochs", "batch_size"):
             if getattr(self, name) <= 0:
@@ -77,7 +77,7 @@ class ProxConfig:
         if not 0 <= self.warmup < 1:
             raise UsageError(f"--warmup ({self.warmup:g}) must be in [0, 1)")
         if self.lambda2 < 0 or self.epsilon <= 0:
-            raise UsageError(f"--lambda2 ({self.lambda2:g}) must be >= 0 and --epsilon "
+            raise UsageError(f"--prox-lambda2 ({self.lambda2:g}) must be >= 0 and --prox-epsilon "
                              f"({self.epsilon:g}) > 0")
 
 

@@ -85,22 +85,40 @@ class PruneConfig:
 
 
 def config_from_mapping(values: dict) -> PruneConfig:
-    """A :class:`PruneConfig` from flat keys (a recipe YAML, CLI flags): ProxSparse keys
-    (``lambda``, ``lr``, ...) go to ``prox``. Unknown keys list the valid ones."""
+    """A :class:`PruneConfig` from flat keys (a config YAML, ``KEY=VALUE`` overrides, CLI flags),
+    typed by the one config loader (:func:`prosparse.core.config.build`): ProxSparse keys
+    (``lambda``, ``lr``, ...) go to ``prox`` (a nested ``prox:`` mapping works too), and
+    ``batch_size`` to the method that uses it. An unknown key lists the valid ones, a value of
+    the wrong type names its key; ``dtype`` is stored as bf16, fp16 or fp32."""
+    from prosparse.core.config import build
+    from prosparse.core.errors import UnknownNameError
+    from prosparse.models.loading import resolve_dtype
+
     top = {f.name for f in fields(PruneConfig)} - {"prox"}
-    prox = {f.name for f in fields(ProxConfig)}
-    cfg, pcfg = {}, {}
+    prox_keys = {"lambda" if f.name == "lam" else f.name for f in fields(ProxConfig)}
+    nested = values.get("prox") or {}
+    if not isinstance(nested, dict):
+        raise UsageError(f"prox must be a mapping of ProxSparse settings, got {nested!r}")
+    cfg, prox = {}, dict(nested)
     for key, value in values.items():
-        k = key.replace("-", "_")
-        k = "lam" if k == "lambda" else k
+        k = str(key).replace("-", "_")
+        k = "lambda" if k == "lam" else k
+        if k in ("prox", "batch_size"):
+            continue
         if k in top:
             cfg[k] = value
-        elif k in prox:
-            pcfg[k] = value
+        elif k in prox_keys:
+            prox[k] = value
         else:
-            valid = sorted(top | (prox - {"lam"}) | {"lambda"})
-            raise UsageError(f"unknown setting {key!r}; choose from {', '.join(valid)}")
-    return PruneConfig(**cfg, prox=ProxConfig(**pcfg))
+            valid = sorted((top | prox_keys) - {"prox"})
+            raise UnknownNameError(f"unknown setting {key!r}; choose one of {', '.join(valid)}")
+    batch = values.get("batch_size", values.get("batch-size"))
+    if batch is not None:  # blocks per forward of the baselines, per optimiser step of ProxSparse
+        (prox if cfg.get("method", PruneConfig.method) == "proxsparse" else cfg)["batch_size"] = batch
+    config = build(PruneConfig, {**cfg, "prox": prox}, what="pruning config")
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    config.dtype = names[resolve_dtype(config.dtype)]
+    return config
 
 
 def prune(cfg: PruneConfig, out: str | Path, overwrite: bool = False,

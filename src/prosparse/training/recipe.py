@@ -252,7 +252,7 @@ class Recipe:
             # relufy_ would take activation_param as one threshold for every layer, and the
             # final FATReLU shift would replace the SiLU: neither is CATS.
             raise UsageError("activation: cats is training-free and calibrated per layer; "
-                             "make it with `prosparse convert MODEL --act cats --sparsity S "
+                             "make it with `prosparse convert MODEL --act cats --target-sparsity S "
                              "--data SRC`. Training recipes swap in relu, fatrelu or "
                              "shifted_relu")
         _choice("anneal.shape", self.anneal.shape, ("linear", "cosine"))
