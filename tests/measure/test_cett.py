@@ -1,0 +1,126 @@
+"""PPL-p% sparsity on the CETT criterion, against independent computations on a tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from prosparse.measure.cett import (
+    cett_curve,
+    cutoff_for,
+    dense_x1,
+    down_column_norms,
+    ppl_p_sparsity,
+    truncated,
+)
+from prosparse.models.relufy import find_gated_ffns
+from tests.conftest import tiny_llama
+
+
+def brute_cett(x1: torch.Tensor, w: torch.Tensor, tau: float) -> float:
+    """Mean over tokens of ||sum of dropped contributions|| / ||output||, token by token in
+    float64, neuron by neuron."""
+    x1, w = x1.double(), w.double()
+    norms = w.norm(dim=0)
+    out = []
+    for t in range(x1.shape[0]):
+        e = torch.zeros(w.shape[0], dtype=torch.float64)
+        for i in range(x1.shape[1]):
+            if abs(float(x1[t, i])) * float(norms[i]) < tau:
+                e += x1[t, i] * w[:, i]
+        out.append(float(e.norm() / (w @ x1[t]).norm()))
+    return sum(out) / len(out)
+
+
+def test_cett_curve_matches_a_token_by_token_computation():
+    g = torch.Generator().manual_seed(0)
+    x1 = torch.randn(12, 40, generator=g) * (torch.rand(12, 40, generator=g) > 0.3)
+    w = torch.randn(16, 40, generator=g)
+    taus, cetts = cett_curve(x1, w.norm(dim=0), w, points=9)
+    assert taus[0] == 0 and cetts[0] == 0
+    for tau, c in zip(taus.tolist(), cetts.tolist()):
+        assert c == pytest.approx(brute_cett(x1, w, tau), rel=1e-4, abs=1e-6)
+    tau = cutoff_for(taus, cetts, 0.1)
+    assert brute_cett(x1, w, tau) <= 0.1 + 1e-3 and brute_cett(x1, w, float(taus[-1])) > 0.1
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny SiLU Llama trained for 80 steps on a word corpus, so its FFNs matter (on a random
+    model dropping them costs no perplexity) and blocks of held-out and calibration text."""
+    from prosparse.data import pack_blocks
+    from tests.conftest import char_tokenizer
+
+    tok = char_tokenizer()
+    words = ["alpha", "beta", "gamma", "delta", "sparse", "relu", "token", "layer", "model"]
+    g = torch.Generator().manual_seed(0)
+    docs = [" ".join(words[i] for i in torch.randint(len(words), (30,), generator=g).tolist())
+            + "." for _ in range(60)]
+    blocks = pack_blocks(tok, docs, 32)
+    model = tiny_llama(intermediate_size=96)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(80):
+        ids = blocks[(step * 4) % (len(blocks) - 4):][:4]
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval(), blocks[-8:], blocks[:8]
+
+
+def test_ppl_p_sparsity_holds_its_tolerance_and_counts_what_it_drops(trained):
+    model, blocks, calib = trained
+    r = ppl_p_sparsity(model, blocks, calib, ppl_tolerance=0.01, progress=False)
+    assert r["baseline_sparsity"] == 0.0  # SiLU: no exact zeros of its own
+    assert 0.3 < r["average_sparsity"] < 0.99 and 0 < r["cett_threshold"] < 0.9
+    assert r["baseline_perplexity"] <= r["perplexity"] <= 1.01 * r["baseline_perplexity"]
+
+    # Independently: apply the cut-offs by hand and count the zeros of x1 and the loss.
+    cut = r["layer_cutoffs"]
+    norms = down_column_norms(model)
+    zeros, total = [0] * len(cut), [0] * len(cut)
+    handles = []
+    for i, ffn in enumerate(find_gated_ffns(model)):
+        def hook(_m, args, i=i):
+            x1 = args[0]
+            x1 = x1 * (x1.abs() * norms[i] >= cut[i])
+            zeros[i] += int((x1 == 0).sum())
+            total[i] += x1.numel()
+            return (x1,)
+        handles.append(ffn.down_proj.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        logits = model(input_ids=blocks).logits[:, :-1]
+    for h in handles:
+        h.remove()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                            blocks[:, 1:].reshape(-1))
+    assert math.exp(float(nll)) == pytest.approx(r["perplexity"], rel=1e-4)
+    layer = [z / t for z, t in zip(zeros, total)]
+    assert r["layer_sparsity"] == pytest.approx(layer, abs=1e-9)
+
+
+def test_truncation_needs_one_cutoff_per_layer_and_dense_x1_has_every_layer():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="cut-offs for 2 gated FFNs"):
+        with truncated(model, [0.1]):
+            pass
+    x1s = dense_x1(model, torch.randint(2, 128, (2, 16)), max_tokens=20)
+    assert len(x1s) == 2 and x1s[0].shape == (20, 176)
+
+
+def test_a_looser_tolerance_buys_more_sparsity_and_relu_zeros_count_from_the_start(trained):
+    import copy
+
+    from prosparse import relufy_
+
+    model, blocks, calib = trained
+    tight = ppl_p_sparsity(model, blocks, calib, ppl_tolerance=0.01, progress=False)
+    loose = ppl_p_sparsity(model, blocks, calib, ppl_tolerance=0.10, progress=False)
+    assert loose["average_sparsity"] > tight["average_sparsity"]
+    relu = copy.deepcopy(model)
+    relufy_(relu, "relu")
+    r = ppl_p_sparsity(relu, blocks, calib, ppl_tolerance=0.01, progress=False)
+    assert r["baseline_sparsity"] > 0.2  # ReLU's own exact zeros
+    assert r["average_sparsity"] >= r["baseline_sparsity"]
