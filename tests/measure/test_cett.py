@@ -124,3 +124,24 @@ def test_a_looser_tolerance_buys_more_sparsity_and_relu_zeros_count_from_the_sta
     r = ppl_p_sparsity(relu, blocks, calib, ppl_tolerance=0.01, progress=False)
     assert r["baseline_sparsity"] > 0.2  # ReLU's own exact zeros
     assert r["average_sparsity"] >= r["baseline_sparsity"]
+
+
+def test_sparsity_command_reports_ppl_p_with_its_json_keys(trained, tmp_path, text_file):
+    import json
+
+    from prosparse import save_model
+    from prosparse.cli import main
+    from tests.conftest import char_tokenizer
+
+    model, _, _ = trained
+    save_model(model, char_tokenizer(), tmp_path / "m")
+    out = tmp_path / "r.json"
+    assert main(["sparsity", str(tmp_path / "m"), "--data", f"c={text_file}", "--tokens", "256",
+                 "--seq-len", "32", "--calib-tokens", "256", "--ppl-tolerance", "0.01",
+                 "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    for key in ("ppl_tolerance", "cett_threshold", "average_sparsity", "layer_sparsity",
+                "perplexity", "baseline_perplexity"):
+        assert key in r, key
+    assert r["ppl_tolerance"] == 0.01 and len(r["layer_sparsity"]) == 2
+    assert r["perplexity"] <= 1.01 * r["baseline_perplexity"]

@@ -28,6 +28,8 @@ def _sparsity(args) -> int:
     a.activation_from_args(args)  # conflicting flags fail before the model loads
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     a.apply_activation_args(model, args)
+    if args.ppl_tolerance is not None:
+        return _ppl_p(args, model, tok)
     result = measure_sparsity(model, tok, args.data or [DEFAULT_DATA], tokens=args.tokens,
                               seq_len=args.seq_len, batch_size=args.batch_size,
                               model_name=args.model)
@@ -49,6 +51,39 @@ def _sparsity(args) -> int:
 
         plot_layer_sparsity({k: v["layer_sparsity"] for k, v in result["datasets"].items()},
                             args.plot, title=f"Layer-wise sparsity: {args.model}")
+    return 0
+
+
+def _ppl_p(args, model, tok) -> int:
+    """``--ppl-tolerance P``: the Sparsing Law's PPL-P sparsity (CETT cut-offs per layer)."""
+    import torch
+
+    from prosparse.core.io import write_json
+    from prosparse.measure.cett import ppl_p_sparsity
+    from prosparse.measure.sparsity import heldout_sets
+
+    data = args.data or [DEFAULT_DATA]
+    held = heldout_sets(tok, data, args.tokens, args.seq_len)
+    blocks = torch.cat(list(held.values()))
+    calib = torch.cat(list(heldout_sets(tok, data, args.calib_tokens, args.seq_len,
+                                                      split="train").values()))
+    result = ppl_p_sparsity(model, blocks, calib, ppl_tolerance=args.ppl_tolerance,
+                            batch_size=args.batch_size, calib_tokens=args.calib_tokens)
+    result = {"model": args.model, "data": list(data), **result}
+    p = f"PPL-{100 * args.ppl_tolerance:g}%"
+    print(format_table(["", "sparsity %", "perplexity"], [
+        ["as loaded (exact zeros)", pct(result["baseline_sparsity"]),
+         f"{result['baseline_perplexity']:.3f}"],
+        [f"{p} (CETT {result['cett_threshold']:.4f})", pct(result["average_sparsity"]),
+         f"{result['perplexity']:.3f}"]]))
+    print(f"{p} sparsity: {pct(result['average_sparsity'])}%")
+    if args.json:
+        write_json(args.json, result)
+    if args.plot:
+        from prosparse.core.plots import plot_layer_sparsity
+
+        plot_layer_sparsity({p: result["layer_sparsity"]}, args.plot,
+                            title=f"{p} layer sparsity: {args.model}")
     return 0
 
 
@@ -86,6 +121,13 @@ def register(sub) -> None:
     a.add_model_args(p)
     a.add_activation_args(p, default=None)
     a.add_data_args(p)
+    p.add_argument("--ppl-tolerance", type=checks.positive_float, default=None, metavar="P",
+                   help="report PPL-P sparsity instead (the Sparsing Law's metric): the share "
+                        "of x1 that per-layer CETT cut-offs drop while perplexity stays within "
+                        "1+P of the model's own, e.g. 0.01 for PPL-1%%; any activation, SiLU too")
+    p.add_argument("--calib-tokens", type=checks.positive_int, default=2048,
+                   help="with --ppl-tolerance: train-split tokens of --data the cut-offs are "
+                        "fitted on (default 2048)")
     a.add_json(p, "the results")
     a.add_plot(p, "the layer-wise sparsity")
     p.set_defaults(func=_sparsity)

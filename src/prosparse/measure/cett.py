@@ -28,7 +28,7 @@ from prosparse.measure.hooks import capture_x1
 from prosparse.models.relufy import find_gated_ffns
 from prosparse.models.teal import TEALLinear, teal_mask
 
-CURVE_POINTS = 96  # candidate cut-offs per layer on which CETT is computed once
+CURVE_POINTS = 48  # candidate cut-offs per layer on which CETT is computed once
 
 
 def down_column_norms(model: nn.Module) -> list[torch.Tensor]:
