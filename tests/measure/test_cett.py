@@ -137,7 +137,7 @@ def test_sparsity_command_reports_ppl_p_with_its_json_keys(trained, tmp_path, te
     save_model(model, char_tokenizer(), tmp_path / "m")
     out = tmp_path / "r.json"
     assert main(["sparsity", str(tmp_path / "m"), "--data", f"c={text_file}", "--tokens", "256",
-                 "--seq-len", "32", "--calib-tokens", "256", "--ppl-tolerance", "0.01",
+                 "--seq-len", "32", "--cett-tokens", "256", "--ppl-tolerance", "0.01",
                  "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     for key in ("ppl_tolerance", "cett_threshold", "average_sparsity", "layer_sparsity",

@@ -30,7 +30,7 @@ HELP = {
     "--json": "write JSON to OUT",
     "--plot": "write a PNG plot to OUT",
     "--out": "folder to write",
-    "--overwrite": "replace an existing --out (only a folder prosparse wrote)",
+    "--overwrite": "replace existing outputs (an --out folder only if prosparse wrote it)",
     "--threads": "CPU threads (default: torch's)",
     "--act": "FFN activation to swap in",
     "--threshold": "FATReLU threshold t (keeps g >= t)",
@@ -290,3 +290,69 @@ def check_predictor_dir(path: str) -> Path:
         raise UsageError(f"{folder} holds neither predictors.json (prosparse) nor model_0.pt "
                          "(PowerInfer); give the --out of `prosparse predictors train`")
     return folder
+
+
+# --- outputs ---------------------------------------------------------------------------------
+
+INPUT_DESTS = ("model", "data", "eval_data", "recipe", "config", "predictors", "data_dir",
+               "results", "run", "data_root")
+"""Arguments that name things a command reads (a path, or ``NAME=PATH`` for data)."""
+RESULT_DESTS = ("json", "plot")
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".svgz", ".jpg", ".jpeg", ".eps", ".ps", ".tif",
+                 ".tiff", ".webp", ".pgf", ".raw", ".rgba")
+"""What matplotlib's ``savefig`` writes."""
+
+
+def _paths(value) -> list[Path]:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for v in items:
+        if isinstance(v, (str, Path)) and str(v):
+            text = str(v)
+            if "=" in text and not Path(text).exists():
+                text = text.split("=", 1)[1]
+            path = Path(text).expanduser()
+            if path.exists():
+                out.append(path.resolve())
+    return out
+
+
+def _within(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Before any work: no output may be one of the command's inputs (nor an ``--out`` folder
+    hold one), a ``--plot`` must have a suffix matplotlib writes, and an existing ``--json`` /
+    ``--plot`` file is replaced only when prosparse wrote it or ``--overwrite`` is given."""
+    from prosparse.core.io import is_prosparse_result
+
+    inputs = [p for d in INPUT_DESTS if hasattr(args, d) for p in _paths(getattr(args, d))]
+    outputs = {d: Path(getattr(args, d)).expanduser() for d in (*RESULT_DESTS, "out")
+               if getattr(args, d, None)}
+    for dest, out in outputs.items():
+        target = out.resolve()
+        flag = f"--{dest}"
+        for src in inputs:
+            # the same path, or an --out folder that holds an input (replacing it would
+            # destroy what the command reads)
+            if target == src or (dest == "out" and _within(src, target)):
+                raise UsageError(f"{flag} {out} is also an input of this command ({src}); "
+                                 "write the output somewhere else")
+    plot = outputs.get("plot")
+    if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
+        raise UsageError(f"--plot {plot}: matplotlib cannot write a {plot.suffix or 'suffix-less'}"
+                         f" file; use one of {', '.join(PLOT_SUFFIXES[:4])}, ...")
+    if plot is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError("--plot needs matplotlib: pip install 'prosparse[plots]', or drop "
+                             "--plot")
+    for dest in RESULT_DESTS:
+        out = outputs.get(dest)
+        if out is None or not out.is_file() or getattr(args, "overwrite", False):
+            continue
+        if is_prosparse_result(out) is False:
+            raise UsageError(f"--{dest} {out} already exists and was not written by prosparse; "
+                             "choose another path, or pass --overwrite to replace it")

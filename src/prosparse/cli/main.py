@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 # Modules that define ``register(subparsers)``; order is the order of `prosparse --help`.
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    _add_overwrite(parser)
     _name_commands(parser)
     return parser
 
@@ -64,7 +66,32 @@ def _name_commands(parser: argparse.ArgumentParser) -> None:
                 _name_commands(sub)
 
 
+def _add_overwrite(parser: argparse.ArgumentParser) -> None:
+    """Every command that writes a result file (``--json``, ``--plot``) takes ``--overwrite``
+    (to replace a file prosparse did not write)."""
+    from prosparse.cli.args import _help
+
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for action in subs:
+        for sub in set(action.choices.values()):
+            _add_overwrite(sub)
+    opts = {o for a in parser._actions for o in a.option_strings}
+    if not subs and ({"--json", "--plot"} & opts) and "--overwrite" not in opts:
+        parser.add_argument("--overwrite", action="store_true", help=_help("--overwrite"))
+
+
+def _terminate(signum, _frame):
+    """SIGTERM ends the command as Ctrl-C does: cleanup handlers run (temporary folders,
+    locks), then exit 143."""
+    raise SystemExit(128 + signum)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e.args[0] if e.args else e).split())
+
+
 def main(argv: list[str] | None = None) -> int:
+    from prosparse.cli.args import check_outputs
     from prosparse.core.errors import UsageError
 
     parser = build_parser()
@@ -73,11 +100,28 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s"
     )
     try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        check_outputs(args)
         return int(args.func(args) or 0)
-    except UsageError as e:  # a user mistake: one line; anything else is a bug (traceback)
-        message = " ".join(str(e.args[0] if e.args else e).split())
-        print(f"{args._prog}: error: {message}", file=sys.stderr)
+    except UsageError as e:  # a user mistake: one line
+        print(f"{args._prog}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except (ValueError, FileNotFoundError) as e:
+        # The library's own validation (shapes, activations, files): one line too; -v shows
+        # where it was raised.
+        if args.verbose:
+            raise
+        print(f"{args._prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{args._prog}: interrupted; partial outputs were removed", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -65,10 +65,10 @@ def _ppl_p(args, model, tok) -> int:
     data = args.data or [DEFAULT_DATA]
     held = heldout_sets(tok, data, args.tokens, args.seq_len)
     blocks = torch.cat(list(held.values()))
-    calib = torch.cat(list(heldout_sets(tok, data, args.calib_tokens, args.seq_len,
+    calib = torch.cat(list(heldout_sets(tok, data, args.cett_tokens, args.seq_len,
                                                       split="train").values()))
     result = ppl_p_sparsity(model, blocks, calib, ppl_tolerance=args.ppl_tolerance,
-                            batch_size=args.batch_size, calib_tokens=args.calib_tokens)
+                            batch_size=args.batch_size, calib_tokens=args.cett_tokens)
     result = {"model": args.model, "data": list(data), **result}
     p = f"PPL-{100 * args.ppl_tolerance:g}%"
     print(format_table(["", "sparsity %", "perplexity"], [
@@ -125,7 +125,7 @@ def register(sub) -> None:
                    help="report PPL-P sparsity instead (the Sparsing Law's metric): the share "
                         "of x1 that per-layer CETT cut-offs drop while perplexity stays within "
                         "1+P of the model's own, e.g. 0.01 for PPL-1%%; any activation, SiLU too")
-    p.add_argument("--calib-tokens", type=checks.positive_int, default=2048,
+    p.add_argument("--cett-tokens", type=checks.positive_int, default=2048,
                    help="with --ppl-tolerance: train-split tokens of --data the cut-offs are "
                         "fitted on (default 2048)")
     a.add_json(p, "the results")

@@ -296,6 +296,33 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False, *,
             shutil.rmtree(old, ignore_errors=True)
 
 
+RESULT_XATTR = "user.prosparse"
+"""Extended attribute on every result file prosparse writes (``--json``, ``--plot``): what lets
+a later command replace its own result without ``--overwrite`` and refuse anyone else's file."""
+
+
+def mark_result(path: Path) -> None:
+    """Tag ``path`` as a prosparse result (a no-op where the file system has no xattrs)."""
+    from prosparse.core import __version__
+
+    try:
+        os.setxattr(path, RESULT_XATTR, f"prosparse {__version__}".encode())
+    except (OSError, AttributeError):
+        pass
+
+
+def is_prosparse_result(path: str | os.PathLike) -> bool | None:
+    """True for a file prosparse wrote, False for one it did not, None where the file system
+    cannot say (no extended attributes)."""
+    try:
+        os.getxattr(path, RESULT_XATTR)
+        return True
+    except (AttributeError, NotImplementedError):
+        return None
+    except OSError as e:
+        return None if e.errno in (errno.ENOTSUP, getattr(errno, "EOPNOTSUPP", -1)) else False
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` then rename ``tmp_path`` to ``path`` (replacing a file there).
 
@@ -312,6 +339,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         # mkstemp makes the file 0600; results are ordinary files, readable as the umask allows.
         os.chmod(tmp, 0o666 & ~_umask())
         write(Path(tmp))
+        mark_result(Path(tmp))
         os.replace(tmp, path)
     except BaseException as e:
         err = _translate(e, path, path.parent if tmp is not None else None)
