@@ -180,6 +180,12 @@ def test_bad_config_is_one_line_with_its_line_number(tmp_path, capsys):
     assert len(err) == 1 and "is not valid YAML at line 3" in err[0], err
     assert main(["prune", "--config", str(tmp_path / "none.yaml"), "--out", str(out)]) == 2
     assert "no pruning config at" in capsys.readouterr().err
+    recipe.write_text("method: wanda\npattern: 2:4\n")  # YAML 1.1 reads 2:4 as 124
+    assert main(["prune", "--config", str(recipe), "--out", str(out)]) == 2
+    assert 'quote it (pattern: "2:4")' in capsys.readouterr().err
+    recipe.write_text("method: wanda\nsamples: many\n")
+    assert main(["prune", "--config", str(recipe), "--out", str(out)]) == 2
+    assert "samples must be an integer, got 'many'" in capsys.readouterr().err
     assert not out.exists()
 
 

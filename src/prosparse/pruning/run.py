@@ -105,6 +105,10 @@ def config_from_mapping(values: dict) -> PruneConfig:
         k = "lambda" if k == "lam" else k
         if k in ("prox", "batch_size"):
             continue
+        if k == "pattern" and isinstance(value, int) and not isinstance(value, bool):
+            n, m = divmod(value, 60)
+            raise UsageError(f"pattern is the number {value}: YAML reads an unquoted {n}:{m} as "
+                             f"a base-60 number; quote it (pattern: \"{n}:{m}\")")
         if k in top:
             cfg[k] = value
         elif k in prox_keys:
