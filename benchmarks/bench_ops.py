@@ -2,14 +2,16 @@
 
 The committed CPU figures (fused kernels, pure torch and dense in one run):
 
-    flock /tmp/prosparse-cpu.lock python benchmarks/bench_ops.py --dtype bf16 --threads 1 --json benchmarks/results/ops_cpu_bf16.json
-    flock /tmp/prosparse-cpu.lock python benchmarks/bench_ops.py --dtype bf16 --threads 2 --json benchmarks/results/ops_cpu_bf16_threads2.json
-    flock /tmp/prosparse-cpu.lock python benchmarks/bench_ops.py --dtype fp32 --threads 1 --json benchmarks/results/ops_cpu_fp32.json
-    flock /tmp/prosparse-cpu.lock python benchmarks/bench_ops.py --dtype fp32 --threads 2 --json benchmarks/results/ops_cpu_fp32_threads2.json
+    python benchmarks/bench_ops.py --dtype bf16 --threads 1 --json benchmarks/results/ops_cpu_bf16.json
+    python benchmarks/bench_ops.py --dtype bf16 --threads 2 --json benchmarks/results/ops_cpu_bf16_threads2.json
+    python benchmarks/bench_ops.py --dtype fp32 --threads 1 --json benchmarks/results/ops_cpu_fp32.json
+    python benchmarks/bench_ops.py --dtype fp32 --threads 2 --json benchmarks/results/ops_cpu_fp32_threads2.json
 
 A variant of the compiled kernels (docs/kernels.md), beside dense, e.g. one row per pass in step 2:
 
-    PROSPARSE_CPU_CFLAGS=-DPROSPARSE_UP_ROWS=1 python benchmarks/bench_ops.py --sparsity 0.8932 --backend fused
+    PROSPARSE_CPU_CFLAGS=-DPROSPARSE_UP_ROWS=1 python benchmarks/bench_ops.py --target-sparsity 0.8932 --backend fused
+
+Results: docs/results/kernels.md.
 """
 
 import sys

@@ -1,6 +1,6 @@
 """What ``torch.compile`` could buy make demo's training step on this CPU, before wiring it in.
 
-    flock /tmp/prosparse-cpu.lock .venv/bin/python benchmarks/compile_probe.py [--steps 8]
+    .venv/bin/python benchmarks/compile_probe.py [--steps 8]
 
 The step as the loop runs it (the embedded SmolLM2-135M after the ReLU swap, 2 x 128 tokens,
 student forward + backward under ``dtype`` autocast, the teacher's no-grad forward, LM + KL
@@ -9,7 +9,7 @@ one graph shared by the repeated blocks), the same batches and seed in each. The
 the L1 penalty needs are left out of both: this is the ceiling of what compilation can buy,
 not a loop option. Reports median step seconds (first two steps of each variant skipped, and
 the compile time apart), the ratio to eager, and the losses step by step. JSON to
-benchmarks/results/compile_probe.json.
+benchmarks/results/compile_probe.json; results in docs/results/throughput.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """Does the training data matter for recovery from the swap? Wiki alone against a mixture of
-offline English text, and KD+LM against KD only, at equal tokens (the issue-15 data study).
+offline English text, and KD+LM against KD only, at equal tokens.
 
 Every variant is configs/smollm2-full.yaml's training setup (FFN only, KD temperature 2, lr 3e-4,
 2 x 128 tokens a step) cut to a lambda-0 recovery of --steps steps with no threshold, so the
 comparison is about recovery alone; each report carries lm-eval on the recipe's 5 tasks:
 
     make extra-data      # austen and pydoc, once
-    flock /tmp/prosparse-cpu.lock .venv/bin/python benchmarks/data_study.py            # ~50 min
+    .venv/bin/python benchmarks/data_study.py                          # ~65 min on 2 cores
     .venv/bin/python benchmarks/data_study.py --report RUN_DIR...      # table from finished runs
 
 Held-out perplexity is on wiki's held-out split, which no variant trains on. Writes
-benchmarks/results/data_study.{json,md} (the findings under the table are written by hand).
+benchmarks/results/data_study.{json,md}; the table and its findings: docs/results/long-recipe.md.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ VARIANTS = {
     "wiki-kd+lm": [],
     "wiki-kd": ["distill.lm_weight=0"],
     "mix-kd+lm": ["data.sources=[wiki, austen, pydoc]", "data.weights=[0.5, 0.3, 0.2]"],
-    # The issue's hypothesis that a lower learning rate keeps knowledge lm-eval measures.
+    # Does a lower learning rate keep the knowledge lm-eval measures?
     "wiki-kd+lm-lr1e-4": ["optim.lr=1.0e-4"],
 }
 
@@ -46,7 +46,7 @@ def summarize(run: Path) -> dict:
     r = json.loads((run / "report.json").read_text())
     bench = r.get("benchmarks", {})
 
-    # A report's own final lm-eval was scored under bf16 autocast before commit 979a5aa; a
+    # Older reports scored their final lm-eval under bf16 autocast; a
     # `prosparse eval RUN/final --json RUN/eval_fp32.json` next to it takes precedence.
     rescored = run / "eval_fp32.json"
     if rescored.is_file():

@@ -5,10 +5,11 @@ fewer tokens? Same recipe (configs/demo.yaml shortened), three objectives:
     kd      loss = kl(teacher || student) + lambda * penalty
     kd+lm   loss = lm + kl + lambda * penalty
 
-    flock /tmp/prosparse-cpu.lock .venv/bin/python benchmarks/distill_study.py [--steps 40]
+    .venv/bin/python benchmarks/distill_study.py [--steps 40] [--recipe benchmarks/frontier_base.yaml]
 
 Prints held-out perplexity and sparsity along training for each, and the tokens each needed to
-first reach a perplexity; writes benchmarks/results/distill_study.{json,md}.
+first reach a perplexity; writes benchmarks/results/distill_study.{json,md}. Results:
+docs/results/demo.md.
 """
 
 from __future__ import annotations

@@ -1,17 +1,22 @@
 """The sparsity-quality frontier on one model and one budget: ProSparse against its own
 baselines (paper Tables 4, 5, 9, Fig. 3) and the training-free peers (CATS, TEAL).
 
-    flock /tmp/prosparse-cpu.lock .venv/bin/python benchmarks/frontier.py            # every row
-    .venv/bin/python benchmarks/frontier.py --only cats,teal                          # a family
-    .venv/bin/python benchmarks/frontier.py --report                                  # table + plots
+    .venv/bin/python benchmarks/frontier.py                        # every row not yet measured
+    .venv/bin/python benchmarks/frontier.py --only cats,teal       # a family
+    .venv/bin/python benchmarks/frontier.py --report               # table + figures
+    .venv/bin/python benchmarks/frontier.py --plot-only            # figures from the rows' JSON
 
-Every row is one entry of ``ENTRIES``: a name, a method (its series in the plot), and the
-``prosparse`` command that makes the model. Trained rows run ``benchmarks/frontier_base.yaml`` (the
-``make demo`` budget of 2026-12-01: data, steps, batch, LR, distillation) with overrides, and contribute the
+Every row is one entry of ``entries()``: a name, a method (its series in the table), and the
+``prosparse`` command that makes the model. Trained rows run ``benchmarks/frontier_base.yaml``
+(260 steps of 2 x 128 tokens, lr 5e-4, LM + KL distillation) with overrides, and contribute the
 trained model (t = 0) and every threshold of its sweep (Table 9); training-free rows convert the
 original model and measure it. Each row's JSON (``benchmarks/results/frontier/NAME.json``) keeps
 its command, recipe and figures, and a row whose JSON exists is not rerun: adding a study is
 adding an entry. ``--budget 4`` multiplies every trained row's steps (the 4x budget).
+
+Figures (docs/results/frontier.md): ``frontier.png`` draws the original and one line per
+method at its headline setting (``HEADLINE``); ``frontier_studies.png`` the one-knob studies
+(``STUDIES``); ``frontier_lambda_fit.png`` Fig. 3's fit over the ProSparse rows.
 """
 
 from __future__ import annotations
@@ -73,25 +78,25 @@ def entries(budget: int = 1) -> list[Entry]:
               [f"stages=[{{lambda: 0.0, steps: {70 * budget}}}, "
                f"{{lambda: 1.5, steps: {260 * budget}}}]"]),
     ]
-    for lam in (0.25, 0.75, 1.5, 3.0, 6.0):  # ProSparse progressive (make demo: 0.25; was 1.5)
+    for lam in (0.25, 0.75, 1.5, 3.0, 6.0):  # ProSparse progressive (configs/demo.yaml: 0.25)
         e.append(Entry(f"prosparse-{lam:g}", "ProSparse (progressive)", "trained",
                        [_stages((0.0, lam / 3, lam, lam), budget)], lambda_s=lam))
-    # Recipe study (issue 15): make demo's recipe of the time (lambda_S 1.5) with activation
-    # annealing inside the lambda-0 stage, then also a gentler learning rate; equal steps.
+    # Recipe study: the lambda_S 1.5 recipe with activation annealing inside the lambda-0
+    # stage, then also a gentler learning rate; equal steps.
     demo = _stages((0.0, 0.5, 1.5, 1.5), budget)
     e.append(Entry("anneal-60", "ProSparse + annealing", "trained",
                    [demo, f"anneal.steps={60 * budget}", "anneal.shape=cosine"]))
     e.append(Entry("anneal-60-lr2e-4", "ProSparse + annealing", "trained",
                    [demo, f"anneal.steps={60 * budget}", "anneal.shape=cosine", "optim.lr=2.0e-4"]))
-    # Throughput (issue 15): make demo's recipe under bf16 autocast, which a CPU with
-    # AVX512-BF16 runs 1.6x faster than fp32 (benchmarks/results/train_throughput.json).
+    # Precision: the lambda_S 1.5 recipe under bf16 autocast, which a CPU with AVX512-BF16
+    # runs 1.6x faster than fp32 (docs/results/throughput.md).
     e.append(Entry("prosparse-1.5-bf16", "ProSparse, bf16 autocast", "trained",
                    [demo, "dtype=bf16"]))
-    # Recipe study on the base recipe (make demo until 2026-12-02: lambda_S 0.25), issue 15's
-    # knobs one at a time: which parameters train, a gentler learning rate, softer distillation targets, and a
-    # mixture of offline English text (held out on wiki, never trained on). Under bf16 autocast,
-    # as make demo runs on CPUs with AVX512-BF16 (2x the steps of fp32 in the same minutes), with
-    # the knobless recipe as their baseline in the same precision.
+    # One knob at a time on the base recipe at lambda_S 0.25: which parameters train, a gentler
+    # learning rate, softer distillation targets, and a mixture of offline English text (held
+    # out on wiki, never trained on). Under bf16 autocast, as make demo runs on CPUs with
+    # AVX512-BF16 (2x the steps of fp32 in the same minutes), with the knobless recipe as their
+    # baseline in the same precision.
     gentle = _stages((0.0, 0.25 / 3, 0.25, 0.25), budget)
     tat = ["optim.train_params=ffn", "distill.temperature=2.0", "threshold.train=0.3",
            f"threshold.train_start={200 * budget}", f"threshold.train_ramp={30 * budget}"]
@@ -108,7 +113,7 @@ def entries(budget: int = 1) -> list[Entry]:
             ("gentle-ffn-kd-t2-tat", "ProSparse 0.25, FFN only + KD T 2, trained at t 0.3", tat),
             ("gentle-hidden", "ProSparse 0.25, + hidden-state matching",
              ["distill.hidden_weight=1.0"]),
-            # Data (issue 15), on the best row above: wiki against a mixture with other offline
+            # Data, on the best row above: wiki against a mixture with other offline
             # English text (Austen's novels, the Python docs: `make extra-data`), still held out
             # on wiki; and distillation alone (no LM loss), which cannot fit wiki beyond the
             # teacher. Scored on lm-eval too (--limit 200): fitting wiki lowers wiki perplexity
@@ -121,9 +126,8 @@ def entries(budget: int = 1) -> list[Entry]:
         e.append(Entry(name, label, "trained", [gentle, *knobs, "dtype=bf16"]))
     # Every other trained row in fp32: the rows measured before `dtype: auto` became bf16 on
     # CPUs with AVX512-BF16/AMX ran fp32 under auto, so the study stays one precision.
-    # And one threshold rule: the sweep's 5% tolerance every row was measured with
-    # (configs/demo.yaml moved to 10% with lambda_S 0.25 afterwards; the sweep's points, not its
-    # pick, are what the frontier plots).
+    # And one threshold rule: the sweep's 5% tolerance every row was measured with (the
+    # sweep's points, not its pick, are what the frontier plots).
     for x in e:
         if x.kind == "trained" and not any(a.startswith("dtype=") for a in x.args):
             x.args.append("dtype=fp32")
@@ -229,9 +233,9 @@ def ppl_at(points: list[dict], sparsity: float) -> float | None:
 
 def study_table(rows: list[dict], original: float | None, prefix: str = "gentle-",
                 baseline: str = "gentle-bf16", at=(0.75, 0.8), noise: float = 0.6) -> str:
-    """Issue 15's one-knob study: each ``prefix`` row against ``baseline`` (same recipe, same
-    precision, no knob) at equal sparsity. ``noise``: make demo's run-to-run spread in ppl
-    (benchmarks/results/demo_runs.md); a knob helps or hurts only beyond it."""
+    """The one-knob study: each ``prefix`` row against ``baseline`` (same recipe, same
+    precision, no knob) at equal sparsity. ``noise``: the demo recipe's run-to-run spread in
+    ppl (docs/results/demo.md); a knob helps or hurts only beyond it."""
     from prosparse.core.tables import format_table
 
     study = {r["name"]: r for r in rows if r["name"].startswith(prefix)}
@@ -314,16 +318,13 @@ def add_lm_eval(row: dict, e: Entry, prosparse: str, limit: int) -> None:
 
 
 def report(rows: list[dict], out_dir: Path) -> str:
-    """The frontier table (markdown) and plots from the rows' JSON."""
-    from prosparse.core.plots import plot_frontier, plot_lambda_fit
+    """The frontier table (markdown) and figures from the rows' JSON."""
+    from prosparse.core.plots import plot_lambda_fit
     from prosparse.core.tables import format_table
     from prosparse.sparsity.fit import fit_points
 
     table = []
-    series: dict[str, list[tuple[float, float]]] = {}
-    original = next((r["final"]["perplexity"] for r in rows if r["kind"] == "dense"),
-                    next((r["original_perplexity"] for r in rows
-                          if r.get("original_perplexity")), None))
+    original = original_perplexity(rows)
     for r in sorted(rows, key=lambda r: (r["method"], r["final"]["sparsity"])):
         f = r["final"]
         ev = r.get("lm_eval", {}).get("average")
@@ -331,17 +332,13 @@ def report(rows: list[dict], out_dir: Path) -> str:
         table.append([r["method"], r["name"], f"{100 * f['sparsity']:.2f}",
                       f"{f['perplexity']:.2f}", ratio, "" if ev is None else f"{100 * ev:.2f}",
                       f"{r['wall_seconds'] / 60:.1f}", f"`{r['command']}`"])
-        if r["kind"] != "dense":
-            series.setdefault(series_label(r, rows), []).extend(
-                (100 * p["sparsity"], p["perplexity"]) for p in r["points"])
     md = format_table(["method", "row", "sparsity %", "held-out ppl", "ppl / original", "lm-eval avg",
                        "wall min", "command"], table)
     md += "\n\n" + best_points(rows, original)
     study = study_table(rows, original)
     if study:
         md += "\n\n" + study
-    plot_frontier(series, out_dir / "frontier.png", baseline=original,
-                  zoom=(0.95 * original, 2.5 * original) if original else None)
+    plot_figures(rows, out_dir, original)
     fig3 = [(r["lambda_s"], 100 * r["points"][0]["sparsity"]) for r in rows
             if r.get("lambda_s") is not None]
     if len(fig3) >= 2:
@@ -350,6 +347,165 @@ def report(rows: list[dict], out_dir: Path) -> str:
         md += (f"\n\nFig. 3 analogue: sparsity(%) = 100 - exp(-{fit.a:.4g} * lambda^{fit.alpha:.3g}"
                f" + {fit.b:.4g}) over {len(fig3)} ProSparse runs")
     return md
+
+
+def original_perplexity(rows: list[dict]) -> float | None:
+    """The original model's held-out perplexity: its own row, else what a trained row recorded."""
+    return next((r["final"]["perplexity"] for r in rows if r["kind"] == "dense"),
+                next((r["original_perplexity"] for r in rows if r.get("original_perplexity")),
+                     None))
+
+
+# --- figures --------------------------------------------------------------------------------
+
+# The frontier a reader sees: the original (a dashed line) and one line per method at its
+# headline setting, at most eight lines in all. Series label -> the rows it joins (a trained
+# row contributes its trained model and its threshold sweep; a training-free family one point
+# per target).
+HEADLINE: dict[str, tuple[str, ...]] = {
+    "CATS, training-free": tuple(f"cats-{s:g}" for s in (0.4, 0.5, 0.6, 0.7, 0.8)),
+    "TEAL, training-free": tuple(f"teal-{s:g}" for s in (0.4, 0.5, 0.6, 0.7, 0.8)),
+    "vanilla ReLU (lambda 0), + FATReLU sweep": ("vanilla-relu",),
+    "shifted ReLU (b = 0.1)": ("shifted-relu",),
+    "fixed L1 0.5, + sweep": ("fixed-l1-0.5",),
+    "ProSparse, lambda_S 0.25 (configs/demo.yaml's), + sweep": ("prosparse-0.25",),
+    "best recipe: ProSparse 0.25, FFN only, KD T 2, trained at t 0.3":
+        ("gentle-ffn-kd-t2-tat",),
+}
+
+# The studies, one panel each: panel title -> {series label: row}. Each panel holds rows that
+# differ in one setting (or a stated combination), at the same budget and precision.
+STUDIES: tuple[tuple[str, dict[str, str]], ...] = (
+    ("L1 factor and schedule (fp32)", {
+        "ProSparse, lambda_S 0.25": "prosparse-0.25",
+        "ProSparse, lambda_S 0.75": "prosparse-0.75",
+        "ProSparse, lambda_S 1.5": "prosparse-1.5",
+        "ProSparse, lambda_S 3": "prosparse-3",
+        "fixed L1 0.5": "fixed-l1-0.5",
+        "fixed L1 1.5": "fixed-l1-1.5"}),
+    ("One knob on ProSparse 0.25 (bf16)", {
+        "no knob (baseline)": "gentle-bf16",
+        "FFN weights only": "gentle-ffn-only",
+        "KD temperature 2": "gentle-kd-t2",
+        "lr 2e-4 (from 5e-4)": "gentle-lr2e-4",
+        "+ hidden-state matching": "gentle-hidden"}),
+    ("Knobs combined on ProSparse 0.25 (bf16)", {
+        "no knob (baseline)": "gentle-bf16",
+        "FFN only + KD T 2": "gentle-ffn-kd-t2",
+        "+ trained at t 0.3": "gentle-ffn-kd-t2-tat",
+        "+ trained at t 0.3, wiki/austen/pydoc mix": "gentle-ffn-kd-t2-tat-mix",
+        "+ trained at t 0.3, KD only (no LM loss)": "gentle-ffn-kd-t2-tat-kd-only"}),
+    ("Precision and annealing at lambda_S 1.5", {
+        "fp32": "prosparse-1.5",
+        "bf16 autocast": "prosparse-1.5-bf16",
+        "+ annealing 60 steps, lr 2e-4": "anneal-60-lr2e-4"}),
+)
+
+_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+            "#17becf")
+_MARKERS = "osD^v<>P"
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("the figures need matplotlib: pip install 'prosparse[plots]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path) -> Path:
+    from prosparse.core.io import atomic_write
+
+    try:
+        return atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=150, bbox_inches="tight",
+                                                         format="png"))
+    finally:
+        _pyplot().close(fig)
+
+
+def _points(rows_by_name: dict[str, dict], names: tuple[str, ...]) -> list[tuple[float, float]]:
+    """(sparsity %, perplexity) of every measured point of these rows, sparsest last."""
+    return sorted((100 * p["sparsity"], p["perplexity"])
+                  for n in names if n in rows_by_name for p in rows_by_name[n]["points"])
+
+
+def plot_figures(rows: list[dict], out_dir: Path, original: float | None = None) -> list[Path]:
+    """``frontier.png`` (``HEADLINE``) and, when any of their rows exist,
+    ``frontier_studies.png`` (``STUDIES``), from the rows' JSON."""
+    by_name = {r["name"]: r for r in rows}
+    original = original if original is not None else original_perplexity(rows)
+    written = [_plot_headline(by_name, out_dir / "frontier.png", original)]
+    panels = [(title, {label: _points(by_name, (name,)) for label, name in series.items()
+                       if name in by_name}) for title, series in STUDIES]
+    panels = [(title, series) for title, series in panels if series]
+    if panels:
+        written.append(_plot_studies(panels, out_dir / "frontier_studies.png", original))
+    return written
+
+
+def _plot_headline(by_name: dict[str, dict], out: Path, original: float | None) -> Path:
+    """Two panels: every point on a log perplexity axis (the training-free peers climb into
+    the thousands), and a linear zoom up to twice the original's perplexity, where the trained
+    rows sit apart."""
+    plt = _pyplot()
+    series = {label: pts for label, names in HEADLINE.items()
+              if (pts := _points(by_name, names))}
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.6))
+    zoom = (0.95 * original, 2.0 * original) if original else None
+    for k, ax in enumerate(axes):
+        for i, (label, pts) in enumerate(series.items()):
+            if k == 1:
+                pts = [p for p in pts if zoom and zoom[0] <= p[1] <= zoom[1]]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=_MARKERS[i % 8],
+                        ms=5, lw=1.6, color=_COLOURS[i % 8], label=label if k == 0 else None)
+        if original:
+            ax.axhline(original, color="grey", ls="--", lw=1,
+                       label=f"original (SiLU), {original:.2f}" if k == 0 else None)
+        ax.set_xlabel("activation sparsity (%)")
+        ax.set_ylabel("held-out perplexity (wiki, 8,192 tokens)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_yscale("log")
+    axes[0].set_title("all points (log scale)", fontsize=10)
+    if zoom:
+        axes[1].set_ylim(*zoom)
+        axes[1].set_xlim(35, 90)
+        axes[1].set_title("zoom: up to 2x the original's perplexity (linear)", fontsize=10)
+    fig.suptitle("SmolLM2-135M: perplexity against activation sparsity, equal training budget",
+                 fontsize=11)
+    fig.legend(loc="lower center", ncol=3, fontsize=8.5, bbox_to_anchor=(0.5, -0.13),
+               frameon=False)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def _plot_studies(panels: list[tuple[str, dict[str, list[tuple[float, float]]]]], out: Path,
+                  original: float | None) -> Path:
+    """One panel per study, a linear perplexity axis, one line per row (trained model and
+    threshold sweep)."""
+    plt = _pyplot()
+    cols = 2 if len(panels) > 1 else 1
+    nrows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.4 * cols, 4.2 * nrows), squeeze=False)
+    for ax, (title, series) in zip(axes.flat, panels):
+        for i, (label, pts) in enumerate(series.items()):
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=_MARKERS[i % 8], ms=4,
+                    lw=1.5, color=_COLOURS[i % 8], label=label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("activation sparsity (%)")
+        ax.set_ylabel("held-out perplexity" + (f" (original {original:.2f})" if original else ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle("SmolLM2-135M frontier studies: each line a trained model and its FATReLU sweep",
+                 fontsize=11)
+    fig.tight_layout()
+    return _save(fig, out)
 
 
 def series_label(r: dict, rows: list[dict]) -> str:
@@ -362,8 +518,9 @@ def series_label(r: dict, rows: list[dict]) -> str:
 
 
 def best_points(rows: list[dict], original: float | None, floors=(0.7, 0.8, 0.85)) -> str:
-    """Per row, its lowest-perplexity measured point at or above each sparsity floor (issue 15's
-    targets: >= 80% within 1.25x of the original, >= 85% within 1.15x), as a markdown table."""
+    """Per row, its lowest-perplexity measured point at or above each sparsity floor (the
+    recipes' aims: >= 80% within 1.25x of the original, >= 85% within 1.15x), as a markdown
+    table."""
     from prosparse.core.tables import format_table
 
     table = []
@@ -398,17 +555,27 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated row names, or family prefixes (cats)")
     ap.add_argument("--budget", type=int, default=1, help="multiply trained rows' steps")
     ap.add_argument("--limit", type=int, default=0,
-                    help="lm-eval documents per task (0: no lm-eval; 200 in the README table)")
+                    help="lm-eval documents per task (0: no lm-eval; 200 in docs/results/frontier.md)")
     ap.add_argument("--eval", action="store_true",
                     help="only add the lm-eval column (--limit documents) to measured rows "
                          "that lack it, from their saved models")
-    ap.add_argument("--report", action="store_true", help="only rebuild the table and plots")
+    ap.add_argument("--report", action="store_true", help="only rebuild the table and figures")
+    ap.add_argument("--plot-only", action="store_true",
+                    help="only redraw the figures from the rows' JSON (writes nothing else)")
     ap.add_argument("--prosparse", default=str(Path(sys.executable).parent / "prosparse"))
     args = ap.parse_args()
     row_dir = RESULTS / ("frontier" if args.budget == 1 else f"frontier_x{args.budget}")
     row_dir.mkdir(parents=True, exist_ok=True)
     if args.eval and not args.limit:
         ap.error("--eval needs --limit N (lm-eval documents per task)")
+    if args.plot_only:
+        rows = [r for p in sorted(row_dir.glob("*.json"))
+                if "kind" in (r := json.loads(p.read_text()))]
+        report(rows, row_dir)
+        for name in ("frontier.png", "frontier_studies.png", "frontier_lambda_fit.png"):
+            if (row_dir / name).exists():
+                print(f"wrote {row_dir / name}")
+        return
     if not args.report:
         wanted = args.only.split(",") if args.only else None
         names = [e.name for e in entries(args.budget)]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU half of the sparse-kernel timings, in one run for a session that has a CUDA device:
+# The GPU half of the sparse-kernel timings, in one run on a machine with a CUDA device:
 #
 #     bash benchmarks/gpu_kernels.sh            # ~5-8 min on one H100/H200-class GPU
 #
@@ -13,7 +13,8 @@
 #    torch.compile(mode="reduce-overhead").
 #
 # JSON goes to benchmarks/results/ (ops_cuda_*, decode_cuda_*); a step that fails is reported
-# and the rest still run. Commit the JSON it writes.
+# and the rest still run. bash benchmarks/gpu_check.sh measures all of this and more in one
+# run (docs/results/gpu.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

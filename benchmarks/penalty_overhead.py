@@ -1,10 +1,11 @@
 """Cost of the L1 penalty: training-step time with it against without it, in the same run.
 
-    flock /tmp/prosparse-cpu.lock .venv/bin/python benchmarks/penalty_overhead.py [--steps 12]
+    .venv/bin/python benchmarks/penalty_overhead.py [--steps 12]
 
 Alternates steps with and without the penalty (the hook that adds one reduction per layer and
 the zero counting) on the ReLU-swapped embedded model, so drift in machine load hits both alike;
-reports the median step times and their ratio (goal <= 1.05x). JSON to benchmarks/results/.
+reports the median step times and their ratio (goal <= 1.05x). JSON to benchmarks/results/;
+results in docs/results/throughput.md.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@
 #   TOKENS, SEQ_LEN held-out tokens and chunk length measured (default 8192, 256)
 #   DTYPE           dtype prosparse measures perplexity in (default float32; PowerInfer runs f16)
 #
-# Writes benchmarks/results/powerinfer_NAME.json and rewrites
-# benchmarks/results/powerinfer_README_section.md from every powerinfer_*.json there.
+# Writes benchmarks/results/powerinfer_NAME.json and rewrites powerinfer_README_section.md
+# there from every powerinfer_*.json (the tables of docs/results/powerinfer.md).
 set -euo pipefail
 
 if [ $# -lt 2 ]; then

@@ -3,12 +3,14 @@
 # and, for comparison, the paper's random start on the same budget), eval, PowerInfer export and
 # round trip, then decode dense / exact sparse / predictor-driven with the quality cost.
 #
-#   flock /tmp/prosparse-cpu.lock bash benchmarks/predictors_pipeline.sh MODEL NAME
+#   bash benchmarks/predictors_pipeline.sh MODEL NAME
 #   e.g. COLLECT_ARGS="--act relu" DECODE_ARGS="--threshold 0" \
 #          bash benchmarks/predictors_pipeline.sh smollm2-135m smollm2_relu   (the bare swap)
-#        bash benchmarks/predictors_pipeline.sh runs/demo smollm2_demo        (make demo's model)
+#        RANDOM_INIT=0 bash benchmarks/predictors_pipeline.sh runs/frontier/prosparse-1.5/final \
+#          smollm2_prosparse1.5                                          (a ProSparse model)
 #
-# Writes runs/predictors/NAME/ (pairs, predictors) and benchmarks/results/predictors_NAME_*.json.
+# Writes runs/predictors/NAME/ (pairs, predictors) and benchmarks/results/predictors_NAME_*.json;
+# results in docs/results/predictors.md.
 # Budget knobs (environment): TOKENS (61440), TRAIN_TOKENS (30000), EPOCHS (3), RANDOM_INIT (1:
 # also train from random weights, the paper's start, on the same budget).
 set -euo pipefail

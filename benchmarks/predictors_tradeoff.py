@@ -1,13 +1,15 @@
 """Recall target against predicted sparsity and quality, from one trained predictor set.
 
-    flock /tmp/prosparse-cpu.lock .venv/bin/python benchmarks/predictors_tradeoff.py \
-        runs/demo/final runs/predictors/smollm2_demo/gate runs/predictors/smollm2_demo/pairs \
-        --recalls 0.9,0.95,0.98,0.99 --json benchmarks/results/predictors_smollm2_demo_tradeoff.json
+    .venv/bin/python benchmarks/predictors_tradeoff.py runs/frontier/prosparse-1.5/final \
+        runs/predictors/smollm2_prosparse1.5/gate runs/predictors/smollm2_prosparse1.5/pairs \
+        --recalls 0.9,0.95,0.98,0.99,0.995 \
+        --json benchmarks/results/predictors_smollm2_prosparse1.5_tradeoff.json
 
 For each recall target the thresholds are re-tuned on the collection's validation split
 (``prosparse predictors calibrate``), then the model runs held-out wiki text with the predictors
 attached: perplexity against the model's own (no predictors), the share of teacher-forced
-argmax tokens that change, and the sparsity the predictors give on that text.
+argmax tokens that change, and the sparsity the predictors give on that text. Results:
+docs/results/predictors.md.
 """
 
 from __future__ import annotations

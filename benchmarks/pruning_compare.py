@@ -1,11 +1,12 @@
 """Dense / magnitude / Wanda / SparseGPT / ProxSparse at 2:4 on one model, equal calibration data.
 
-    flock /tmp/prosparse-cpu.lock .venv/bin/python benchmarks/pruning_compare.py \
-        --json benchmarks/results/pruning_compare.json --md benchmarks/results/pruning_compare.md
+    .venv/bin/python benchmarks/pruning_compare.py --limit 200 \
+        --json benchmarks/results/pruning_compare.json
 
 Held-out ``wiki`` perplexity, the small lm-eval set and wall time per method; every method sees
 the same calibration blocks (``--samples`` x ``--seq-len`` from the train split). The JSON is
-rewritten after each method, so an interrupted run keeps what it measured.
+rewritten after each method, so an interrupted run keeps what it measured. Results:
+docs/results/pruning.md.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def table(result: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    """The committed ``pruning_compare.md``: the setting, the command, the table."""
+    """The ``--md`` file: the setting, the command, the table."""
     c, x = result["calibration"], result["proxsparse"]
     return (
         f"# 2:4 weight pruning on {result['model']}\n\n"
@@ -141,7 +142,7 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--limit", type=int, default=200,
-                   help="lm-eval documents per task (0: skip; 200 in the README table)")
+                   help="lm-eval documents per task (0: skip; 200 in docs/results/pruning.md)")
     p.add_argument("--json", help="write the results here (after each method)")
     p.add_argument("--md", help="write the table as markdown here")
     args = p.parse_args()

@@ -1,19 +1,19 @@
 """Weight sparsity (2:4) composed with activation sparsity (ProSparse) on the embedded model,
 both orders, through the ``prosparse`` commands a user would run.
 
-    flock /tmp/prosparse-cpu.lock .venv/bin/python benchmarks/pruning_compose.py          # every row
+    .venv/bin/python benchmarks/pruning_compose.py                         # every row
     .venv/bin/python benchmarks/pruning_compose.py --only prosparse-then                  # a family
     .venv/bin/python benchmarks/pruning_compose.py --report                               # the table
 
-Rows: the original; each half alone (the ``make demo`` ProSparse model, which is the frontier's
-``prosparse-1.5`` run, and ``prosparse prune smollm2-135m`` with each method's defaults); then
+Rows: the original; each half alone (the frontier's ``prosparse-1.5`` ProSparse model, and
+``prosparse prune smollm2-135m`` with each method's defaults); then
 ProSparse -> 2:4 (the trained ReLU model pruned one-shot; its FATReLU threshold kept) and 2:4 ->
 ProSparse (the pruned original trained with ``configs/demo.yaml``, its masks kept by
 ``weights.keep_mask``, on by default for a pruned model). Every row is measured by one
 ``prosparse sparsity`` on the same 8,192 held-out ``wiki`` tokens: activation sparsity (x1
 zeros), weight 2:4 compliance and perplexity. Each row's JSON
 (``benchmarks/results/compose/NAME.json``) keeps its commands and figures; a row whose JSON exists
-is not rerun.
+is not rerun. Results: docs/results/pruning.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Training throughput of the make demo recipe on this machine: tokens/s of each loop variant
-against today's loop, in the same run, with the losses they train to.
+against the per-tensor AdamW loop, in the same run, with the losses they train to.
 
-    flock /tmp/prosparse-cpu.lock .venv/bin/python benchmarks/train_throughput.py [--steps 10]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 10]
 
 Each variant runs ``configs/demo.yaml`` (distillation, the ReLU swap, the demo's batch) for
 ``--steps`` optimiser steps through ``prosparse.training.train`` itself, no held-out evaluation,
@@ -12,7 +12,7 @@ training every weight; then the committed demo recipe's FFN-only training. Losse
 step by step with the first variant's (identical data order and seed): fp32 variants must agree
 within float rounding, bf16 within bf16 rounding; FFN-only trains fewer weights, so only its
 first loss must agree. Table to stdout, JSON to
-benchmarks/results/train_throughput.json.
+benchmarks/results/train_throughput.json; results in docs/results/throughput.md.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 VARIANTS = {
-    # The first three train every weight, as the demo recipe did when issue 15 measured its
-    # loop: the same computation, so their losses must agree within rounding.
+    # The first three train every weight, the same computation, so their losses must agree
+    # within rounding.
     "AdamW loop (fp32)": ["optim.fused=false", "dtype=fp32", "optim.train_params=all"],
     "fused AdamW (fp32)": ["optim.fused=true", "dtype=fp32", "optim.train_params=all"],
     "fused AdamW + bf16 autocast": ["optim.fused=true", "dtype=bf16", "optim.train_params=all"],
