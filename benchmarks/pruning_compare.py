@@ -116,8 +116,7 @@ def markdown(result: dict) -> str:
         f"acc for BoolQ, WinoGrande); avg = the mean of the task groups (Commonsense Reasoning, "
         f"Reading Comprehension, Other), as `prosparse eval`. ProxSparse: lambda {x['lambda']} "
         f"raw in the prox step, AdamW lr {x['lr']}, {x['epochs']} epoch(s) at batch 1, 10% "
-        f"warm-up (the `prosparse prune` defaults).\n\nMade by (alone under the CPU lock, quiet "
-        f"machine):\n\n    flock /tmp/prosparse-cpu.lock .venv/bin/python "
+        f"warm-up (the `prosparse prune` defaults).\n\nMade by:\n\n    .venv/bin/python "
         f"benchmarks/pruning_compare.py --limit {result['lm_eval']['limit']} --json "
         f"benchmarks/results/pruning_compare.json --md benchmarks/results/pruning_compare.md"
         f"\n\n{table(result)}\n")
