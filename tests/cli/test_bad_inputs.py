@@ -226,6 +226,18 @@ if NO_CUDA:
         ("generate {model} --prompt hi --device cuda", "'cuda' asked for but CUDA is not"),
     ]
 CASES += [("sparsity {model} --device tpu9 --data {text}", "'tpu9'")]
+CASES += [
+    # export powerinfer
+    ("export powerinfer {tmp}/nowhere --predictors {tmp}/dir --out {tmp}/o", "no model at"),
+    ("export powerinfer {model} --out {tmp}/o", "only through its predictors"),
+    ("export powerinfer {model} --dtype fp8 --out {tmp}/o", "invalid choice: 'fp8'"),
+    # files that do not load, outputs that are inputs
+    ("sparsity {tmp}/binary.bin --data {text}", "no model at"),
+    ("sparsity {model} --data {text} --json {text}", "also an input of this command"),
+    ("sparsity {model} --data {text} --json {tmp}/file", "not written by prosparse"),
+    ("sparsity {model} --data {text} --plot {tmp}/layers.csv", "matplotlib cannot write"),
+    ("sparsity {model} --data {text} --ppl-tolerance 0", "is not a finite number > 0"),
+]
 
 
 @pytest.fixture(scope="module")
