@@ -225,3 +225,24 @@ def test_proxsparse_under_accelerate_launch(model_dir, text_file, tmp_path):
     result = json.loads((out / "pruning.json").read_text())
     assert result["proxsparse"]["optimizer_steps"] == 4  # 8 blocks over 2 ranks, batch 1
     assert result["compliance"] == 1.0
+
+
+def test_out_of_domain_perplexity_is_reported_beside_in_domain(model_dir, text_file, tmp_path,
+                                                               capsys):
+    other = tmp_path / "other.txt"
+    other.write_text("\n\n".join(f"zeta omega {i} quartz lynx vortex." * 4 for i in range(80)))
+    out = tmp_path / "o"
+    argv = ["prune", model_dir, "--method", "magnitude", "--data", f"cal={text_file}",
+            "--eval-data", f"far={other}", "--eval-tokens", "256", "--eval-seq-len", "32",
+            "--out", str(out)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "cal (in-domain)" in table and "far" in table
+    result = json.loads((out / "pruning.json").read_text())
+    held = result["heldout"]
+    assert list(held) == [f"cal={text_file}", f"far={other}"]
+    assert held[f"cal={text_file}"]["in_domain"] and not held[f"far={other}"]["in_domain"]
+    for ppl in held.values():
+        assert ppl["before"] > 1 and ppl["after"] > 1
+    assert result["perplexity"] == {k: v for k, v in held[f"far={other}"].items()
+                                    if k != "in_domain"}  # the --eval-data source, as before

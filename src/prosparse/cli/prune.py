@@ -31,8 +31,10 @@ _FLAGS = [
                                       "(default 10)", ()),
     ("--blocksize", "blocksize", int, "SparseGPT: columns per block (default 128)", ()),
     ("--damp", "damp", float, "SparseGPT: dampening, share of mean diag(H) (default 0.01)", ()),
-    ("--eval-data", "eval_data", str, "held-out perplexity source, its heldout split (default "
-                                      "wiki)", ()),
+    ("--eval-data", "eval_data", str, "held-out perplexity sources, comma-separated, reported "
+                                      "beside the calibration data's own held-out split "
+                                      "(in-domain); another domain shows overfitting "
+                                      "(default wiki)", ()),
     ("--eval-tokens", "eval_tokens", int, "held-out tokens for perplexity before/after, 0 = "
                                           "skip (default 8192)", ()),
     ("--eval-seq-len", "eval_seq_len", int, "tokens per held-out block (default 256)", ()),
@@ -68,13 +70,20 @@ def resolve_config(args: argparse.Namespace):
 
 
 def result_table(result: dict) -> str:
-    ppl = result["perplexity"]
-    rows = [[result["method"], result["pattern"], result["samples"],
-             "-" if ppl["before"] is None else f"{ppl['before']:.2f}",
-             "-" if ppl["after"] is None else f"{ppl['after']:.2f}",
-             f"{100 * result['zeros']:.2f}", f"{100 * result['compliance']:.2f}",
-             f"{result['wall_seconds']:.0f}"]]
-    return format_table(["method", "pattern", "samples", "ppl before", "ppl after",
+    """One row per held-out source: perplexity before and after (the calibration source's own
+    held-out split marked in-domain), then zeros, N:M compliance and wall time."""
+    def f(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    held = result.get("heldout") or {result.get("data", "?"): {**result["perplexity"],
+                                                                "in_domain": True}}
+    rows = []
+    for src, ppl in held.items():
+        rows.append([result["method"], result["pattern"], result["samples"],
+                     f"{src.split('=', 1)[0]}{' (in-domain)' if ppl.get('in_domain') else ''}",
+                     f(ppl["before"]), f(ppl["after"]), f"{100 * result['zeros']:.2f}",
+                     f"{100 * result['compliance']:.2f}", f"{result['wall_seconds']:.0f}"])
+    return format_table(["method", "pattern", "samples", "held-out", "ppl before", "ppl after",
                          "zeros %", "N:M groups %", "wall s"], rows)
 
 

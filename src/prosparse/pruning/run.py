@@ -52,7 +52,9 @@ class PruneConfig:
     damp: float = 0.01
     """SparseGPT: dampening, a share of the mean Hessian diagonal."""
     eval_data: str = "wiki"
-    """Held-out perplexity source (its heldout split)."""
+    """Held-out perplexity sources, comma-separated (their heldout splits), reported beside the
+    calibration source's own held-out split (in-domain): text from another domain shows a mask
+    that overfits its calibration data."""
     eval_tokens: int = 8192
     """Held-out tokens for perplexity before and after (0: skip)."""
     eval_seq_len: int = 256
@@ -143,7 +145,8 @@ def prune(cfg: PruneConfig, out: str | Path, overwrite: bool = False,
 
     out = Path(out)
     check_output(out, kind="dir", overwrite=overwrite)  # before any work, as atomic_dir will
-    check_data([cfg.data, cfg.eval_data])
+    evals = eval_sources(cfg)
+    check_data([cfg.data, *evals])
     wall = time.perf_counter()
     device = "cpu" if cfg.method == "proxsparse" else cfg.device
     model, tok = load_model(cfg.model, dtype=cfg.dtype, device=device)
@@ -157,10 +160,11 @@ def prune(cfg: PruneConfig, out: str | Path, overwrite: bool = False,
     blocks = None
     if cfg.method != "magnitude":
         blocks = calibration_blocks(tok, cfg.data, cfg.samples, cfg.seq_len, seed=cfg.seed)
-    heldout = None
-    if cfg.eval_tokens:
-        heldout = pack_blocks(tok, load_texts(cfg.eval_data, "heldout"), cfg.eval_seq_len,
-                              cfg.eval_tokens)
+    heldout: dict[str, torch.Tensor] = {}
+    if cfg.eval_tokens:  # the calibration source's own held-out text first (in-domain)
+        for src in dict.fromkeys([cfg.data, *evals]):
+            heldout[src] = pack_blocks(tok, load_texts(src, "heldout"), cfg.eval_seq_len,
+                                       cfg.eval_tokens)
 
     result = {"method": cfg.method, "pattern": f"{n}:{m}", "model": cfg.model,
               "data": cfg.data, "samples": 0 if blocks is None else len(blocks),
@@ -174,16 +178,23 @@ def prune(cfg: PruneConfig, out: str | Path, overwrite: bool = False,
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         model.to(accelerator.device)  # perplexity before, too, on the training device
     main = accelerator is None or accelerator.is_main_process
-    result["perplexity"] = {"before": _perplexity(model, heldout) if main else None,
-                            "after": None}
+    result["heldout"] = {src: {"before": _perplexity(model, b) if main else None, "after": None,
+                               "in_domain": src == cfg.data} for src, b in heldout.items()}
     start = time.perf_counter()
     masks, extra = run_method(model, linears, blocks, cfg, n, m, progress, accelerator)
     result["prune_seconds"] = time.perf_counter() - start
     if not main:  # under accelerate launch, the main process evaluates and writes
         accelerator.wait_for_everyone()
         return result
-    result["perplexity"]["after"] = _perplexity(model, heldout)
-    result["eval"] = {"data": cfg.eval_data, "tokens": 0 if heldout is None else heldout.numel(),
+    for src, b in heldout.items():
+        result["heldout"][src]["after"] = _perplexity(model, b)
+    # ``perplexity``: the (first) --eval-data source, as it always was; ``heldout``: every
+    # source, the calibration data's own held-out split marked in_domain.
+    first = evals[0] if evals else cfg.data
+    result["perplexity"] = {k: v for k, v in result["heldout"].get(
+        first, {"before": None, "after": None}).items() if k != "in_domain"}
+    result["eval"] = {"data": cfg.eval_data, "in_domain": cfg.data,
+                      "tokens": sum(b.numel() for b in heldout.values()) // max(len(heldout), 1),
                       "seq_len": cfg.eval_seq_len}
     sparsity = weight_sparsity(model, f"{n}:{m}")
     result.update({"zeros": sparsity["zeros"], "compliance": sparsity["compliance"],
@@ -198,6 +209,11 @@ def prune(cfg: PruneConfig, out: str | Path, overwrite: bool = False,
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return result
+
+
+def eval_sources(cfg: PruneConfig) -> list[str]:
+    """The ``eval_data`` sources (comma-separated), in order, without repeats."""
+    return list(dict.fromkeys(s.strip() for s in str(cfg.eval_data).split(",") if s.strip()))
 
 
 def run_method(model, linears, blocks, cfg: PruneConfig, n: int, m: int, progress: bool,
