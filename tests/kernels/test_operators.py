@@ -102,7 +102,7 @@ def test_fatrelu_boundary_kept_exactly(backend, dtype):
 
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("act,param", [("relu", 0.0), ("fatrelu", 0.01), ("shifted_relu", 0.3),
-                                       ("cats", 0.15)])
+                                       ("cats", 0.15), ("drelu", 0.0), ("drelu", 0.2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_every_activation(backend, act, param, dtype):
     gen = torch.Generator().manual_seed(1)
@@ -114,7 +114,12 @@ def test_every_activation(backend, act, param, dtype):
     a = reference.activate(g, act, param)
     ref = reference.down_step(reference.up_step(x, g, w1, act, param).float(), w2t.float())
     x1 = dispatch.up_step(x, g, w1, act, param, backend=backend, **FORCE_SPARSE)
-    assert torch.equal(x1 != 0, a != 0), f"{act}: active set differs from the reference"
+    want = reference.up_step(x, g, w1, act, param) != 0
+    if act == "drelu":  # zero where either factor is: the gate's, and relu(u)'s
+        assert want.sum() < (a != 0).sum() and not (want & (a == 0)).any()
+    else:
+        assert torch.equal(want, a != 0)
+    assert torch.equal(x1 != 0, want), f"{act}: zeros differ from the reference"
     y = dispatch.sparse_ffn(x, g, w1, w2t, act, param, backend=backend, **FORCE_SPARSE)
     assert_close(y, ref, dtype, f"sparse_ffn {act} {backend} {dtype}")
 
@@ -187,7 +192,7 @@ def test_predicted_ffn_matches_reference(backend, dtype, share, bias):
 
 @pytest.mark.parametrize("backend", ["reference", *backends()])
 @pytest.mark.parametrize("act,param", [("relu", 0.0), ("fatrelu", 0.25), ("shifted_relu", 0.1),
-                                       ("cats", 0.1)])
+                                       ("cats", 0.1), ("drelu", 0.1)])
 def test_nan_gate_gives_nan_like_the_dense_module(backend, act, param):
     # IEEE semantics on every path: a NaN gate is NaN in x1 (as act(g) * u is in the dense
     # FFN), never an exact zero that would hide it
@@ -226,3 +231,17 @@ def test_mismatched_shapes_are_errors_not_out_of_bounds_reads(backend):
     with pytest.raises(ValueError, match="mask"):
         dispatch.predicted_ffn(x, torch.ones(1, 95, dtype=torch.bool, device=dev), w1, w1, w2t,
                                backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", *backends()])
+def test_drelu_predicted_ffn_rectifies_the_up_projection(backend):
+    gen = torch.Generator().manual_seed(5)
+    dev = device_for(backend)
+    x = torch.randn(1, 96, generator=gen).to(dev)
+    wg, wu, w2t = [(torch.randn(130, 96, generator=gen) / 10).to(dev) for _ in range(3)]
+    mask = (torch.rand(1, 130, generator=gen) < 0.5).to(dev)
+    g, u = x @ wg.t(), x @ wu.t()
+    want = ((torch.relu(g) * torch.relu(u) * mask) @ w2t)  # dReLU by hand
+    out = dispatch.predicted_ffn(x, mask, wg, wu, w2t, "drelu", 0.0, backend=backend,
+                                 max_tokens=8)
+    assert_close(out, want, torch.float32, f"drelu predicted [{backend}]")

@@ -135,3 +135,50 @@ def test_threshold_is_cast_to_the_input_dtype(dtype):
     out = FATReLU(t)(g)
     assert out[0] == t_cast and out[2] == 0.5
     assert torch.equal(out, fatrelu(g, t_cast))
+
+
+@torch.no_grad()
+def test_drelu_rectifies_gate_and_up_and_loads_back(tmp_path):
+    """dReLU (TurboSparse): x1 = fatrelu(gate, t) * relu(up), zero where either factor is;
+    saved as hidden_act drelu, restored by load_model, undone by a later swap."""
+    import prosparse
+    from prosparse.models.activations import RectifiedLinear
+    from prosparse.models.relufy import activation_state, current_activation, set_threshold_
+    from tests.conftest import char_tokenizer, tiny_llama
+
+    model = tiny_llama()
+    x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(2))
+    mlp = model.model.layers[0].mlp
+    prosparse.relufy_(model, "drelu", 0.05)
+    assert isinstance(mlp.up_proj, RectifiedLinear) and current_activation(model) == ("drelu", 0.05)
+    g, u = mlp.gate_proj(x), x @ mlp.up_proj.weight.t()
+    want = mlp.down_proj(torch.where(g < 0.05, 0.0, g) * torch.relu(u))
+    torch.testing.assert_close(mlp(x), want)
+    ids = torch.randint(2, 128, (1, 12))
+    logits = model(input_ids=ids).logits
+    prosparse.save_model(model, char_tokenizer(), tmp_path / "d")
+    back, _ = prosparse.load_model(str(tmp_path / "d"))
+    assert current_activation(back) == ("drelu", 0.05)
+    torch.testing.assert_close(back(input_ids=ids).logits, logits)
+    restore = activation_state(back)
+    set_threshold_(back, 0.2)  # the threshold moves, the model stays dReLU
+    assert current_activation(back) == ("drelu", 0.2)
+    restore()
+    assert current_activation(back) == ("drelu", 0.05)
+    prosparse.relufy_(back, "relu")
+    assert type(back.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    assert current_activation(back) == ("relu", 0.0)
+
+
+@torch.no_grad()
+def test_drelu_runs_exactly_through_the_sparse_ffn():
+    import prosparse
+    from prosparse.inference import sparsify_
+    from tests.conftest import tiny_llama
+
+    model = tiny_llama()
+    prosparse.relufy_(model, "drelu")
+    ids = torch.randint(2, 128, (1, 9), generator=torch.Generator().manual_seed(4))
+    dense = model(input_ids=ids[:, :1]).logits
+    sparsify_(model, backend="cpu", dense_below=0.0)
+    torch.testing.assert_close(model(input_ids=ids[:, :1]).logits, dense, rtol=1e-5, atol=1e-5)

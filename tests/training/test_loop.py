@@ -231,3 +231,17 @@ def test_a_relu_model_with_no_original_needs_a_named_teacher(tiny_dir, text_file
                               "distill.weight=0.5", f"distill.teacher={tiny_dir}"),
                   tmp_path / "named", progress=False).report
     assert named["original"]["average_sparsity"] == 0.0
+
+
+def test_a_drelu_recipe_trains_and_ends_drelu_with_its_threshold(tiny_dir, text_file, tmp_path):
+    from prosparse import load_model
+    from prosparse.models.relufy import current_activation
+
+    _reset_accelerate()
+    res = train(tiny_recipe(tiny_dir, text_file, "activation=drelu", "threshold.train=0.02",
+                            "threshold.train_start=3", "threshold.train_ramp=2"),
+                tmp_path / "run", progress=False)
+    assert res.report["threshold"] == 0.01
+    model, _ = load_model(str(tmp_path / "run/final"))
+    assert current_activation(model) == ("drelu", 0.01)
+    assert res.report["final"]["average_sparsity"] > res.report["original"]["average_sparsity"]

@@ -106,6 +106,10 @@ def check_deployable(model: nn.Module) -> tuple[str, float]:
         raise UsageError(f"the model uses shifted ReLU relu(g - {param:g}); PowerInfer computes "
                          "relu(g) on every neuron it keeps, so it would run another model: "
                          "ReLUfy with --act relu or fatrelu and train instead")
+    if act == "drelu":
+        raise UsageError("the model is dReLU (ReLU on the up projection too); PowerInfer's LLaMA "
+                         "path computes relu(gate) * up, so it would run another model: export "
+                         "a relu or fatrelu model")
     if act not in ("relu", "fatrelu"):
         raise UsageError(f"the model's FFN activation is {act.removeprefix('other:')}, not ReLU or "
                          "FATReLU; PowerInfer's sparse path computes ReLU: ReLUfy and train it "

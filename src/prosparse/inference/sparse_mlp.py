@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prosparse.kernels import dispatch
-from prosparse.models.activations import activation_params
+from prosparse.models.activations import activation_params, ffn_activation
 from prosparse.models.relufy import GatedFFN, find_gated_ffns
 from prosparse.models.teal import teal_linears, teal_mask
 
@@ -71,7 +71,7 @@ class SparseFFN(nn.Module):
         """``(name, param)`` of the activation module this FFN holds, read at every call: the
         module is the threshold's one home, so ``relufy_`` (or threshold-aware training, or a
         sweep) moving it after the swap is what the next forward uses."""
-        params = activation_params(getattr(self, self.act_attr))
+        params = ffn_activation(self, self.act_attr)
         if params is None:
             raise ValueError(f"{type(self).__name__} holds a {type(getattr(self, self.act_attr)).__name__} "
                              "activation; the sparse FFN needs a ReLU-family one (relufy_)")
@@ -167,6 +167,9 @@ class SparseMLP(SparseFFN):
         kw = dict(backend=self.backend, dense_below=self.dense_below, max_tokens=self.max_tokens)
         if b1 is None:
             y = dispatch.sparse_ffn(x2, g, w1, self.w2t, act, param, **kw)
+        elif act == "drelu":  # relu(x W1^T + b1) does not split off the bias
+            raise ValueError("a dReLU FFN with an up_proj bias has no sparse path; "
+                             "run it dense")
         else:  # act(g) * (x W1^T + b1) = x1 + act(g) * b1: still exactly zero where act(g) is
             a = getattr(self, self.act_attr)(g)
             x1 = dispatch.up_step(x2, g, w1, act, param, **kw) + a * b1

@@ -9,6 +9,9 @@ from :data:`ACTS`, so a new activation is added here once.
 - ``shifted_relu``: ``relu(g - b)`` (the "ReLU Strikes Back" baseline, paper Table 4).
 - ``cats``: ``silu(g)`` where ``|silu(g)| >= t``, exact zero elsewhere (CATS, Lee et al. 2024: a
   training-free threshold on the original SiLU model's gate activation).
+- ``drelu``: dReLU (TurboSparse, Song et al. 2024): ReLU on the up projection too,
+  ``x1 = fatrelu(g, t) * relu(u)`` (t = 0: ``relu(g) * relu(u)``), so x1 is zero where either
+  factor is. :func:`activate` gives the gate factor, :func:`up_activate` the up one.
 
 The scalar (threshold ``t`` or shift ``b``) is rounded to ``g``'s dtype before use, so every
 backend compares the same numbers. NaN follows IEEE semantics on every path: a NaN gate gives
@@ -21,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ACTS = ("relu", "fatrelu", "shifted_relu", "cats")
+ACTS = ("relu", "fatrelu", "shifted_relu", "cats", "drelu")
 """Activation names every kernel, module, config and checkpoint understands."""
 
 
@@ -48,11 +51,17 @@ def cats(g: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
 
 
 def activate(g: torch.Tensor, act: str = "relu", param: float = 0.0) -> torch.Tensor:
-    """``act(g)`` in ``g``'s dtype, with the scalar ``param`` first rounded to that dtype."""
+    """``act(g)`` in ``g``'s dtype, with the scalar ``param`` first rounded to that dtype (for
+    ``drelu``, the gate factor ``fatrelu(g, param)``)."""
     check_act(act)
-    if act == "relu":
+    if act == "relu" or (act == "drelu" and not param):
         return torch.relu(g)
     p = torch.tensor(float(param), dtype=g.dtype, device=g.device)
-    if act == "fatrelu":
+    if act in ("fatrelu", "drelu"):
         return fatrelu(g, p)
     return shifted_relu(g, p) if act == "shifted_relu" else cats(g, p)
+
+
+def up_activate(u: torch.Tensor, act: str = "relu") -> torch.Tensor:
+    """The up projection's factor of x1: ``relu(u)`` for ``drelu``, ``u`` itself otherwise."""
+    return torch.relu(u) if act == "drelu" else u

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from prosparse.kernels import fused
-from prosparse.kernels.activations import activate
+from prosparse.kernels.activations import activate, up_activate
 from prosparse.kernels.dense import matvec
 
 CHUNK_BYTES = 1 << 20
@@ -78,14 +78,15 @@ def up_step(
     param: float = 0.0,
 ) -> torch.Tensor:
     """Step (2) over the active neurons ``idx`` only; x (tokens, d_model), g (tokens, d_ff)."""
-    if fused.usable(x, w1):
+    if act != "drelu" and fused.usable(x, w1):  # the compiled step has no ReLU on the up side
         return fused.up_step(x, g, w1, idx, act, param)
     tokens, d_ff = g.shape
     x1 = torch.zeros(tokens, d_ff, dtype=x.dtype, device=x.device)  # (tokens, d_ff)
     if idx.numel() == 0:
         return x1
     a = activate(g.index_select(1, idx), act, param)  # (tokens, n_active)
-    u = rows_mv(w1, idx, x[0] if tokens == 1 else x).view(tokens, -1)  # (tokens, n_active)
+    u = up_activate(rows_mv(w1, idx, x[0] if tokens == 1 else x).view(tokens, -1),
+                    act)  # (tokens, n_active)
     x1.index_copy_(1, idx, torch.where(a != 0, a * u, torch.zeros((), dtype=a.dtype)))
     return x1
 
@@ -132,7 +133,7 @@ def predicted_ffn(
             g = g + b_gate.index_select(0, idx)
         if b_up is not None:
             u = u + b_up.index_select(0, idx)
-        x1 = activate(g, act, param) * u  # (n,)
+        x1 = activate(g, act, param) * up_activate(u, act)  # (n,)
         out[t] = F.embedding_bag(idx.view(1, -1), w2t, per_sample_weights=x1.view(1, -1),
                                  mode="sum")[0]  # (d_model,)
     return out

@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from prosparse.kernels.activations import activate
+from prosparse.kernels.activations import activate, up_activate
 
 _LINEAR_FASTER: dict[tuple[torch.dtype, bool], bool] = {}
 
@@ -60,6 +60,7 @@ def up_step(x: torch.Tensor, g: torch.Tensor, w1: torch.Tensor, act: str = "relu
     """Step (2), dense: ``x1 = act(g) * (x W1^T)`` with exact zeros where ``act(g) == 0``."""
     a = activate(g, act, param)  # (tokens, d_ff)
     u = matvec(w1, x[0]).unsqueeze(0) if x.shape[0] == 1 else x @ w1.t()  # (tokens, d_ff)
+    u = up_activate(u, act)
     return torch.where(a != 0, a * u, torch.zeros((), dtype=a.dtype, device=a.device))
 
 

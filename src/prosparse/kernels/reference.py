@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from prosparse.kernels.activations import activate
+from prosparse.kernels.activations import activate, up_activate
 
 
 def active_neurons(a: torch.Tensor) -> torch.Tensor:
@@ -31,7 +31,7 @@ def up_step(
     x (tokens, d_model), g (tokens, d_ff), w1 = ``up_proj.weight`` (d_ff, d_model).
     """
     a = activate(g, act, param)  # (tokens, d_ff)
-    u = x @ w1.t()  # (tokens, d_ff)
+    u = up_activate(x @ w1.t(), act)  # (tokens, d_ff)
     return torch.where(a != 0, a * u, torch.zeros((), dtype=a.dtype, device=a.device))
 
 
@@ -64,5 +64,5 @@ def predicted_ffn(
         g = g + b_gate
     if b_up is not None:
         u = u + b_up
-    x1 = activate(g, act, param) * u * mask  # (tokens, d_ff)
+    x1 = activate(g, act, param) * up_activate(u, act) * mask  # (tokens, d_ff)
     return x1 @ w2t

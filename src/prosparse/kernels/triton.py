@@ -36,7 +36,7 @@ import triton.language as tl
 
 from prosparse.kernels.activations import ACTS, check_act
 
-_ACT_CODE = {name: code for code, name in enumerate(ACTS)}  # relu 0, fatrelu 1, shifted_relu 2, cats 3
+_ACT_CODE = {name: code for code, name in enumerate(ACTS)}  # relu, fatrelu, shifted_relu, cats, drelu
 
 
 @triton.jit
@@ -67,7 +67,7 @@ def _up_kernel(
     # below" rather than "keep where above" lets a NaN gate through as NaN, as torch does.
     if ACT == 0:
         a = tl.where(g < 0, 0.0, g)
-    elif ACT == 1:
+    elif ACT == 1 or ACT == 4:  # fatrelu; drelu's gate factor
         a = tl.where(g < param, 0.0, g)
     elif ACT == 2:
         d = (g - param).to(g_raw.dtype).to(tl.float32)
@@ -75,6 +75,8 @@ def _up_kernel(
     else:  # cats: silu(g) rounded to the dtype, zero where its magnitude is below t
         sg = (g / (1.0 + tl.exp(-g))).to(g_raw.dtype).to(tl.float32)
         a = tl.where(tl.abs(sg) < param, 0.0, sg)
+    if ACT == 4:  # drelu: ReLU on the up projection too
+        acc = tl.maximum(acc, 0.0)
     x1 = tl.where(a != 0, a * acc, 0.0)
     tl.store(out_ptr + t * d_ff + rows, x1.to(out_ptr.dtype.element_ty), mask=mask_n)
 
@@ -196,7 +198,7 @@ def _activate(g_raw, param, ACT: tl.constexpr):
     p = _round_like(tl.zeros_like(g) + param, g_raw)
     if ACT == 0:
         a = tl.where(g < 0, 0.0, g)
-    elif ACT == 1:
+    elif ACT == 1 or ACT == 4:  # fatrelu; drelu's gate factor
         a = tl.where(g < p, 0.0, g)
     elif ACT == 2:
         d = _round_like(g - p, g_raw)
@@ -230,6 +232,8 @@ def _up_fixed_kernel(
             w = tl.load(w1_ptr + rows[:, None] + offs_k[None, :],
                         mask=on[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(w * xv[None, :], axis=1)
+        if ACT == 4:  # drelu: ReLU on the up projection too
+            acc = tl.maximum(acc, 0.0)
         x1 = tl.where(on, a * acc, 0.0)
     tl.store(out_ptr + t * d_ff + offs_n, x1.to(out_ptr.dtype.element_ty), mask=in_range)
 
@@ -295,7 +299,10 @@ def _predicted_up_kernel(
         if HAS_BU:
             u = (u.to(tl.float32) + tl.load(bu_ptr + offs_n, mask=on, other=0.0).to(tl.float32)
                  ).to(dtype)
-        x1 = tl.where(on, _activate(g, param, ACT) * u.to(tl.float32), 0.0)
+        uf = u.to(tl.float32)
+        if ACT == 4:  # drelu: ReLU on the up projection too
+            uf = tl.maximum(uf, 0.0)
+        x1 = tl.where(on, _activate(g, param, ACT) * uf, 0.0)
     tl.store(out_ptr + t * d_ff + offs_n, x1.to(out_ptr.dtype.element_ty), mask=in_range)
 
 

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from prosparse.core.errors import UsageError
 from prosparse.measure.heldout import evaluate_heldout
 from prosparse.measure.sparsity import heldout_sets
-from prosparse.models.relufy import activation_state, current_activation, relufy_
+from prosparse.models.relufy import activation_state, current_activation, set_threshold_
 
 
 def threshold_sweep(
@@ -39,7 +39,7 @@ def threshold_sweep(
     if not math.isfinite(tolerance) or tolerance < 0:
         raise UsageError(f"--tolerance ({tolerance}) must be a finite number >= 0")
     original = current_activation(model)
-    if original[0] not in ("relu", "fatrelu"):
+    if original[0] not in ("relu", "fatrelu", "drelu"):
         # Threshold shifting applies to a ReLU model; on SiLU/GELU it is a swap too. Say so.
         print(f"note: the model's activation is {original[0]}; each t also swaps it to FATReLU")
     batches = heldout_sets(tokenizer, data, tokens, seq_len)
@@ -50,7 +50,7 @@ def threshold_sweep(
     restore = activation_state(model)
     try:
         for t in tqdm(grid, desc="thresholds", disable=not progress):
-            relufy_(model, "fatrelu", t)
+            set_threshold_(model, t)
             rows[t] = {"t": t, **evaluate_heldout(model, batches, batch_size)}
     finally:
         restore()

@@ -18,7 +18,8 @@ from torch import nn
 
 from prosparse.kernels.activations import ACTS, cats, check_act, fatrelu, shifted_relu
 
-__all__ = ["ACTS", "CATS", "FATReLU", "ShiftedReLU", "activation_params", "fatrelu", "make_activation",
+__all__ = ["ACTS", "CATS", "FATReLU", "RectifiedLinear", "ShiftedReLU", "activation_params",
+           "fatrelu", "ffn_activation", "make_activation",
            "parse_hidden_act", "register_with_transformers", "shifted_relu", "shortest_float"]
 
 
@@ -104,15 +105,25 @@ class CATS(_ScalarActivation):
         return cats(g, self.scalar(g.dtype))
 
 
+class RectifiedLinear(nn.Linear):
+    """``relu(x W^T + b)``: dReLU's up projection (TurboSparse). It stays an ``nn.Linear`` with
+    the same parameters and state-dict keys, so only the class marks the ReLU; ``relufy_``
+    sets and clears it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(super().forward(x))
+
+
 def make_activation(act: str, param: float = 0.0) -> nn.Module:
     """Build the activation module named ``act`` (one of :data:`ACTS`) with its one scalar:
-    FATReLU's threshold or shifted ReLU's shift."""
+    FATReLU's threshold or shifted ReLU's shift (for ``drelu``, the gate's module: a FATReLU,
+    or ReLU at threshold 0; the up side is :class:`RectifiedLinear`)."""
     check_act(act)
-    if act == "relu":
+    if act == "relu" or (act == "drelu" and not param):
         if param:
             raise ValueError(f"act='relu' takes no parameter (got {param}); use act='fatrelu'")
         return nn.ReLU()
-    if act == "fatrelu":
+    if act in ("fatrelu", "drelu"):
         return FATReLU(param)
     if act == "cats":
         return CATS(param)
@@ -143,6 +154,16 @@ def activation_params(module: nn.Module) -> tuple[str, float] | None:
     return None
 
 
+def ffn_activation(ffn: nn.Module, act_attr: str = "act_fn") -> tuple[str, float] | None:
+    """``(name, param)`` of a gated FFN module: its activation module's, or ``("drelu", t)``
+    when its up projection is a :class:`RectifiedLinear` (t the gate's FATReLU threshold)."""
+    params = activation_params(getattr(ffn, act_attr))
+    if params is not None and isinstance(getattr(ffn, "up_proj", None), RectifiedLinear):
+        if params[0] in ("relu", "fatrelu"):
+            return ("drelu", params[1])
+    return params
+
+
 def parse_hidden_act(name: str, param: float | None = None) -> tuple[str, float] | None:
     """Read a config's activation: ``("fatrelu", t)``, ``("shifted_relu", b)``, ``("relu", 0)``.
 
@@ -152,7 +173,7 @@ def parse_hidden_act(name: str, param: float | None = None) -> tuple[str, float]
         return None
     if name == "relu":
         return ("relu", 0.0)
-    if name in ("fatrelu", "shifted_relu", "cats"):  # one number, or one per layer
+    if name in ("fatrelu", "shifted_relu", "cats", "drelu"):  # one number, or one per layer
         if isinstance(param, (list, tuple)):
             return (name, [float(p) for p in param])
         return (name, float(param or 0.0))
@@ -180,6 +201,8 @@ def register_with_transformers() -> None:
     acts["fatrelu"] = (FATReLU, {"threshold": None})
     acts["shifted_relu"] = (ShiftedReLU, {"shift": None})
     acts["cats"] = (CATS, {"threshold": None})
+    # dReLU's gate is a FATReLU; prosparse.load_model makes its up projection rectified too.
+    acts["drelu"] = (FATReLU, {"threshold": None})
     base = type(acts)
     if getattr(base, "_prosparse_legacy", False):
         return

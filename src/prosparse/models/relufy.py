@@ -18,7 +18,11 @@ from torch import nn
 
 from prosparse.core.errors import UsageError
 from prosparse.kernels.activations import ACTS, check_act
-from prosparse.models.activations import activation_params, make_activation
+from prosparse.models.activations import (
+    RectifiedLinear,
+    ffn_activation,
+    make_activation,
+)
 
 _SEPARATE = ("gate_proj", "up_proj")
 _FUSED = "gate_up_proj"
@@ -144,6 +148,9 @@ def relufy_(
         act = "relu"
     if filter is None and hasattr(model, "config"):
         record_original_activation(model)
+    if act == "drelu" and any(f.fused for f in ffns):
+        raise ValueError("act='drelu' puts a ReLU on the up projection, which a fused "
+                         "gate_up_proj (Phi-3) does not have apart; use relu or fatrelu")
     changed = []
     for ffn, p in zip(ffns, values):
         old = ffn.act
@@ -151,6 +158,9 @@ def relufy_(
         buf = next(old.buffers(), None) if old is not None else None
         device = buf.device if buf is not None else ffn.down_proj.weight.device
         setattr(ffn.module, ffn.act_attr, new.to(device))
+        up = getattr(ffn.module, "up_proj", None)
+        if up is not None and type(up) in (nn.Linear, RectifiedLinear):  # dReLU: up rectified
+            up.__class__ = RectifiedLinear if act == "drelu" else nn.Linear
         changed.append(ffn.name)
     if filter is None and hasattr(model, "config"):
         same = len(set(values)) <= 1
@@ -213,6 +223,14 @@ def restore_original_activation_(model: nn.Module) -> str | None:
     return original
 
 
+def set_threshold_(model: nn.Module, t: float | list[float]) -> list[str]:
+    """Put FATReLU threshold ``t`` (one, or one per FFN) on the gate of every gated FFN,
+    keeping the model's ReLU family: a dReLU model stays dReLU (``relu(u)`` on the up side).
+    What threshold shifting, threshold-aware training and the sweep call."""
+    act = current_activation(model)[0]
+    return relufy_(model, "drelu" if act == "drelu" else "fatrelu", t)
+
+
 def set_activation_config(config, act: str, param: float) -> None:
     """Write the activation into a (possibly nested) transformers config.
 
@@ -245,7 +263,7 @@ def current_activation(model: nn.Module) -> tuple[str, float | list[float]]:
     ``("mixed", 0.0)`` otherwise."""
     kinds = []
     for ffn in find_gated_ffns(model):
-        p = activation_params(ffn.act)
+        p = ffn_activation(ffn.module, ffn.act_attr)
         kinds.append(p if p is not None else (f"other:{type(ffn.act).__name__}", 0.0))
     if len(set(kinds)) == 1:
         return kinds[0]
@@ -260,15 +278,18 @@ _ACT_KEYS = ("hidden_act", "hidden_activation", "hidden_act_param")
 def activation_state(model: nn.Module) -> Callable[[], None]:
     """Snapshot every gated FFN's activation module and the config's activation keys; the
     returned function puts them back (used to try thresholds and restore SiLU afterwards)."""
-    modules = [(f.module, f.act_attr, f.act) for f in find_gated_ffns(model)]
+    modules = [(f.module, f.act_attr, f.act, type(getattr(f.module, "up_proj", None)))
+               for f in find_gated_ffns(model)]
     configs = [c for c in (getattr(model, "config", None),
                            getattr(getattr(model, "config", None), "text_config", None))
                if c is not None]
     saved = [(c, {k: getattr(c, k) for k in _ACT_KEYS if hasattr(c, k)}) for c in configs]
 
     def restore() -> None:
-        for module, attr, act in modules:
+        for module, attr, act, up_class in modules:
             setattr(module, attr, act)
+            if up_class in (nn.Linear, RectifiedLinear):  # a dReLU model's up ReLU too
+                module.up_proj.__class__ = up_class
         for cfg, values in saved:
             for k in _ACT_KEYS:
                 if k in values:

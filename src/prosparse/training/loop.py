@@ -284,7 +284,7 @@ def _setup(recipe: Recipe, run: Path, ckpt: Path | None, accelerator,
     from accelerate.utils import set_seed
 
     from prosparse.models.loading import load_model
-    from prosparse.models.relufy import relufy_
+    from prosparse.models.relufy import relufy_, set_threshold_
 
     set_seed(recipe.seed)
     shown = progress and accelerator.is_main_process  # bars on the main process only
@@ -344,12 +344,12 @@ def _setup(recipe: Recipe, run: Path, ckpt: Path | None, accelerator,
         resumed = 0 if ckpt is None else checkpoint_step(ckpt)
         set_anneal_(model, anneal_factor(resumed, an.steps, an.shape))  # the checkpoint's modules
     th = recipe.threshold  # threshold-aware training: FATReLU t rising at the end
-    t_base = recipe.activation_param if recipe.activation == "fatrelu" else 0.0
+    t_base = recipe.activation_param if recipe.activation in ("fatrelu", "drelu") else 0.0
     t_now = None  # set at the first step
     if th.train > 0 and ckpt is not None:  # the checkpoint's modules (and threshold buffers)
         t_now = train_threshold(checkpoint_step(ckpt), th.train, th.train_start, th.train_ramp,
                                 t_base)
-        relufy_(model, "fatrelu", t_now)
+        set_threshold_(model, t_now)
     keep = recipe.weights.keep_mask
     if keep is None:
         keep = bool(getattr(model.config, "prosparse_pruning", None))
@@ -436,7 +436,7 @@ def _original_model(recipe: Recipe, model: torch.nn.Module
 
 def _step(s: _Session, step: int) -> dict:
     """One optimiser step (``grad_accum`` micro-batches); returns its metrics record."""
-    from prosparse.models.relufy import relufy_
+    from prosparse.models.relufy import set_threshold_
 
     recipe, accelerator, model = s.recipe, s.accelerator, s.model
     t_step = time.perf_counter()
@@ -448,7 +448,7 @@ def _step(s: _Session, step: int) -> dict:
     if th.train > 0:
         t = train_threshold(step, th.train, th.train_start, th.train_ramp, s.t_base)
         if t != s.t_now:  # unwrapped, so the config (and each checkpoint) names it too
-            relufy_(accelerator.unwrap_model(model), "fatrelu", t)
+            set_threshold_(accelerator.unwrap_model(model), t)
             s.t_now = t
     lr = lr_at(step, recipe)
     for group in s.opt.param_groups:

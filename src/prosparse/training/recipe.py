@@ -187,7 +187,8 @@ class Recipe:
     model: str = "smollm2-135m"
     """Model spec for ``prosparse.load_model`` (embedded name, HF folder, .gguf)."""
     activation: str = "relu"
-    """Activation swapped in before training: ``relu``, ``shifted_relu`` (baseline), ``fatrelu``."""
+    """Activation swapped in before training: ``relu``, ``shifted_relu`` (baseline), ``fatrelu``,
+    ``drelu`` (ReLU on the up projection too, TurboSparse)."""
     activation_param: float = 0.0
     """Shift b of ``shifted_relu`` or threshold of ``fatrelu`` during training."""
     anneal: AnnealConfig = field(default_factory=AnnealConfig)
@@ -273,11 +274,14 @@ class Recipe:
                 f"{len(self.data.sources)} data.sources; give one weight per source or null"
             )
         th = self.threshold
+        if self.activation == "drelu" and self.anneal.steps > 0:
+            raise UsageError("anneal.steps blends the original activation into the gate only; "
+                             "a drelu recipe rectifies the up projection too: set anneal.steps=0")
         if th.train > 0:
-            if self.activation not in ("relu", "fatrelu"):
+            if self.activation not in ("relu", "fatrelu", "drelu"):
                 raise UsageError(f"threshold.train ({th.train}) trains under FATReLU; it needs "
                                  f"activation relu or fatrelu (got {self.activation!r})")
-            base = self.activation_param if self.activation == "fatrelu" else 0.0
+            base = self.activation_param if self.activation in ("fatrelu", "drelu") else 0.0
             if th.train < base:
                 raise UsageError(f"threshold.train ({th.train}) is below activation_param "
                                  f"({base}); the ramp only raises the threshold")

@@ -16,7 +16,7 @@ from pathlib import Path
 from prosparse.core.io import atomic_dir, write_json
 from prosparse.core.tables import format_table, pct
 from prosparse.measure.heldout import evaluate_heldout
-from prosparse.models.relufy import current_activation, relufy_
+from prosparse.models.relufy import current_activation, set_threshold_
 from prosparse.training.checkpoint import full_state_dict
 from prosparse.training.metrics import read_metrics
 
@@ -121,7 +121,7 @@ def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, 
         else:
             t = float(th.value)
         report["threshold"] = t
-        relufy_(accelerator.unwrap_model(model), "fatrelu", t)
+        set_threshold_(accelerator.unwrap_model(model), t)
     report["final"] = evaluate_heldout(model, heldout, accelerator=accelerator, progress=shown)
     vocab = getattr(getattr(accelerator.unwrap_model(model), "config", None), "vocab_size", None)
     if vocab and report["final"]["perplexity"] > vocab / 2:
