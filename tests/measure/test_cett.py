@@ -145,3 +145,39 @@ def test_sparsity_command_reports_ppl_p_with_its_json_keys(trained, tmp_path, te
         assert key in r, key
     assert r["ppl_tolerance"] == 0.01 and len(r["layer_sparsity"]) == 2
     assert r["perplexity"] <= 1.01 * r["baseline_perplexity"]
+
+
+def test_per_layer_thresholds_hold_the_tolerance_and_deploy(trained, tmp_path, text_file):
+    import copy
+
+    from prosparse import load_model, relufy_, save_model
+    from prosparse.inference import sparsify_
+    from prosparse.measure.heldout import evaluate_heldout
+    from prosparse.measure.sparsity import heldout_sets
+    from prosparse.measure.threshold import per_layer_thresholds
+    from prosparse.models.relufy import current_activation
+    from tests.conftest import char_tokenizer
+
+    model, _, _ = trained
+    relu = copy.deepcopy(model)
+    relufy_(relu, "relu")
+    tok = char_tokenizer()
+    data = [f"c={text_file}"]
+    r = per_layer_thresholds(relu, tok, data=data, tolerance=0.02, tokens=256, seq_len=32,
+                             calib_tokens=256, progress=False)
+    ts = r["layer_thresholds"]
+    assert len(ts) == 2 and all(t >= 0 for t in ts) and max(ts) > 0
+    assert r["perplexity"] <= 1.02 * r["baseline_perplexity"]
+    assert r["average_sparsity"] > r["baseline_sparsity"]
+    assert current_activation(relu) == ("relu", 0.0)  # the sweep leaves the model as it was
+    relufy_(relu, "fatrelu", ts)  # deployed: the same figures, and they survive a save
+    held = heldout_sets(tok, data, 256, 32)
+    assert evaluate_heldout(relu, held)["perplexity"] == pytest.approx(r["perplexity"])
+    save_model(relu, tok, tmp_path / "m")
+    back, _ = load_model(str(tmp_path / "m"))
+    assert current_activation(back) == ("fatrelu", pytest.approx(ts))
+    ids = torch.randint(2, 128, (1, 1), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        dense = back(input_ids=ids).logits
+        sparsify_(back, backend="cpu", dense_below=0.0)  # every kernel reads its layer's t
+        torch.testing.assert_close(back(input_ids=ids).logits, dense, rtol=1e-5, atol=1e-5)

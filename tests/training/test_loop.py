@@ -245,3 +245,19 @@ def test_a_drelu_recipe_trains_and_ends_drelu_with_its_threshold(tiny_dir, text_
     model, _ = load_model(str(tmp_path / "run/final"))
     assert current_activation(model) == ("drelu", 0.01)
     assert res.report["final"]["average_sparsity"] > res.report["original"]["average_sparsity"]
+
+
+def test_per_layer_thresholds_as_the_recipe_deploys_them(tiny_dir, text_file, tmp_path):
+    from prosparse import load_model
+    from prosparse.models.relufy import current_activation
+
+    _reset_accelerate()
+    res = train(tiny_recipe(tiny_dir, text_file, "threshold.value=null",
+                            "threshold.per_layer=true", "threshold.tolerance=0.05"),
+                tmp_path / "run", progress=False)
+    ts = res.report["threshold"]
+    assert isinstance(ts, list) and len(ts) == 2
+    assert "t per layer" in res.report["table"]
+    model, _ = load_model(str(tmp_path / "run/final"))
+    act, params = current_activation(model)
+    assert act in ("fatrelu", "relu") and (params == pytest.approx(ts) or max(ts) == 0)

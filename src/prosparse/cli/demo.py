@@ -35,7 +35,9 @@ def run_demo(out: str = "runs/demo", recipe: str | Path | None = None,
     if "benchmark_table" in report:
         print(f"\nlm-eval, first {report['benchmarks']['final'].get('limit')} documents per task:")
         print(report["benchmark_table"])
-    print(f"threshold t = {report['threshold']:g}, trained on {report['tokens_trained']} tokens, "
+    t = report["threshold"]
+    t = f"per layer {min(t):g}..{max(t):g}" if isinstance(t, list) else f"{t:g}"
+    print(f"threshold t = {t}, trained on {report['tokens_trained']} tokens, "
           f"wall {time.time() - start:.0f} s")
     print(f"run folder: {out} (report.json, table.md, training.png, layer_sparsity.png, final/)")
     return report

@@ -99,6 +99,8 @@ def _threshold(args) -> int:
     a.activation_from_args(args)  # conflicting flags fail before the model loads
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     a.apply_activation_args(model, args)
+    if args.per_layer:
+        return _per_layer(args, model, tok)
     result = threshold_sweep(model, tok, args.thresholds, data=args.data or [DEFAULT_DATA],
                              tolerance=args.tolerance, tokens=args.tokens, seq_len=args.seq_len,
                              batch_size=args.batch_size, baseline_t=args.baseline_t)
@@ -108,6 +110,28 @@ def _threshold(args) -> int:
     print(f"recommended t = {result['recommended']:g} (perplexity within "
           f"{100 * args.tolerance:g}% of t = {args.baseline_t:g}: "
           f"{result['baseline_perplexity']:.3f})")
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+def _per_layer(args, model, tok) -> int:
+    """``threshold --per-layer``: one FATReLU threshold per layer from a shared CETT budget."""
+    from prosparse.core.io import write_json
+    from prosparse.measure.threshold import per_layer_thresholds
+
+    result = per_layer_thresholds(model, tok, data=args.data or [DEFAULT_DATA],
+                                  tolerance=args.tolerance, tokens=args.tokens,
+                                  seq_len=args.seq_len, batch_size=args.batch_size,
+                                  baseline_t=args.baseline_t)
+    ts = result["layer_thresholds"]
+    print(format_table(["layer", "t", "sparsity %"],
+                       [[i, f"{t:.4g}", pct(s)] for i, (t, s) in
+                        enumerate(zip(ts, result["layer_sparsity"]))]))
+    print(f"per-layer thresholds: sparsity {pct(result['average_sparsity'])}% at perplexity "
+          f"{result['perplexity']:.3f} (within {100 * args.tolerance:g}% of t = "
+          f"{args.baseline_t:g}: {result['baseline_perplexity']:.3f}); deploy with relufy_(model, "
+          "'fatrelu', layer_thresholds) or the recipe's threshold.per_layer")
     if args.json:
         write_json(args.json, result)
     return 0
@@ -147,5 +171,9 @@ def register(sub) -> None:
     p.add_argument("--baseline-t", type=checks.nonneg_float, default=0.0,
                    help="the threshold the tolerance is judged against: 0 for a model trained "
                         "under plain ReLU, its threshold.train for one trained under FATReLU")
+    p.add_argument("--per-layer", action="store_true",
+                   help="pick one threshold per layer instead (each within a CETT budget shared "
+                        "by all layers, the budget searched to the tolerance); --thresholds is "
+                        "then unused")
     a.add_json(p, "the results")
     p.set_defaults(func=_threshold)

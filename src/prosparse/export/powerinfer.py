@@ -475,7 +475,7 @@ def export_powerinfer_dir(
             "checkpoint": str(ckpt), "predictors": str(predictors),
             "activation": act, "activation_param": param,
             "powerinfer_computes": ("ReLU on the predicted-active neurons" +
-                                    (f" (the model's own FATReLU keeps g >= {param:g})"
+                                    (f" (the model's own FATReLU keeps g >= {threshold_text(param)})"
                                      if act == "fatrelu" else "")),
             "sparse_threshold": fold.sparse_threshold,
             "folded_layers": [i for i, e in enumerate(fold.exact) if not e],
@@ -495,6 +495,13 @@ def export_powerinfer_dir(
     return PowerInferExport(out, report)
 
 
+def threshold_text(t: float | list[float]) -> str:
+    """One threshold as ``0.35``; per-layer thresholds as ``per layer, 0.21..0.48``."""
+    if isinstance(t, (list, tuple)):
+        return f"per layer, {min(t):g}..{max(t):g}"
+    return f"{t:g}"
+
+
 def readme(report: dict) -> str:
     """The folder's README: what is there, what PowerInfer computes, the exact commands."""
     p, c, e = report["perplexity"], report["commands"], report["eval"]
@@ -504,7 +511,7 @@ def readme(report: dict) -> str:
         "",
         f"Written by `prosparse export powerinfer` from `{report['checkpoint']}` "
         f"({report['activation']}"
-        + (f", t = {report['activation_param']:g}" if fat else "")
+        + (f", t = {threshold_text(report['activation_param'])}" if fat else "")
         + f") with predictors `{report['predictors']}`.",
         "",
         "- `model/`: the checkpoint for PowerInfer's `convert.py` (top-level `rope_theta`, an "

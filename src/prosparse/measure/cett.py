@@ -60,14 +60,47 @@ def dense_x1(model: nn.Module, blocks: torch.Tensor, max_tokens: int = 1024,
     return [torch.cat(seen[i])[:max_tokens] for i in range(n)]
 
 
+@torch.no_grad()
+def dense_gates(model: nn.Module, blocks: torch.Tensor, max_tokens: int = 1024,
+                batch_size: int = 4) -> list[torch.Tensor]:
+    """Every gated FFN's gate pre-activation on up to ``max_tokens`` tokens of ``blocks``, in
+    the order :func:`dense_x1` gives x1 (separate ``gate_proj`` only)."""
+    ffns = find_gated_ffns(model)
+    if any(f.fused for f in ffns):
+        raise ValueError("per-layer thresholds read gate_proj's output; a fused gate_up_proj "
+                         "(Phi-3) has none apart")
+    keep = max(1, math.ceil(max_tokens / blocks.shape[1]))
+    blocks = blocks[:keep]
+    device = next(model.parameters()).device
+    seen: dict[int, list[torch.Tensor]] = {}
+    handles = [f.module.gate_proj.register_forward_hook(
+        lambda _m, _a, out, i=i: seen.setdefault(i, []).append(
+            out.detach().float().reshape(-1, out.shape[-1]).cpu()))
+        for i, f in enumerate(ffns)]
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(blocks), batch_size):
+            model(input_ids=blocks[s:s + batch_size].to(device), use_cache=False)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return [torch.cat(seen[i])[:max_tokens] for i in range(len(ffns))]
+
+
 def cett_curve(x1: torch.Tensor, norms: torch.Tensor, weight: torch.Tensor,
-               points: int = CURVE_POINTS) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(taus, cett)``: the layer's CETT (mean over tokens of ``||e|| / ||y||``) at cut-offs
-    spread over the quantiles of its non-zero contribution norms, ``tau = 0`` first."""
+               points: int = CURVE_POINTS, score: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(taus, cett)``: the layer's CETT (mean over tokens of ``||e|| / ||y||``) when the
+    neurons whose ``score`` is below each cut-off are dropped, at cut-offs spread over the
+    quantiles of the score where x1 is non-zero, ``tau = 0`` first. ``score`` defaults to the
+    contribution norm ``|x1| * ||W_down[:, i]||``; the gate pre-activation gives FATReLU
+    thresholds instead (:func:`prosparse.measure.threshold.per_layer_thresholds`)."""
     w = weight.detach().float()  # (d_model, d_ff)
-    contrib = x1.abs() * norms  # (tokens, d_ff)
+    contrib = x1.abs() * norms if score is None else score  # (tokens, d_ff)
     y = (x1 @ w.t()).norm(dim=-1).clamp(min=1e-12)  # (tokens,)
-    nonzero = contrib[contrib > 0]
+    nonzero = contrib[(x1 != 0) & (contrib > 0)]
     if nonzero.numel() == 0:
         return torch.zeros(1), torch.zeros(1)
     sample = nonzero[torch.randperm(nonzero.numel(), generator=torch.Generator().manual_seed(0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -63,3 +64,73 @@ def threshold_sweep(
         "baseline_t": float(baseline_t),
         "tolerance": tolerance,
     }
+
+
+def per_layer_thresholds(
+    model: nn.Module,
+    tokenizer,
+    data: list[str] | tuple[str, ...] = ("wiki",),
+    tolerance: float = 0.01,
+    tokens: int = 8192,
+    seq_len: int = 256,
+    batch_size: int = 4,
+    calib_tokens: int = 2048,
+    baseline_t: float = 0.0,
+    interval: float = 1e-3,
+    progress: bool = True,
+) -> dict:
+    """One FATReLU threshold per layer instead of the paper's single ``t``.
+
+    Each layer's threshold is the largest that keeps its CETT (the norm of the dropped neurons'
+    output over the FFN output, :mod:`prosparse.measure.cett`) within one budget shared by all
+    layers, on ``calib_tokens`` of the train split; the budget is searched (bisection to
+    ``interval``) for the largest held-out perplexity within ``tolerance`` of the model at
+    ``baseline_t``, as the single-``t`` sweep judges it. Layers whose gates matter less get a
+    higher threshold. The model's activation is restored afterwards; the JSON has the
+    ``layer_thresholds`` to deploy (``relufy_(model, "fatrelu", layer_thresholds)``).
+    """
+    from prosparse.measure.cett import cett_curve, cutoff_for, dense_gates, dense_x1
+    from prosparse.models.relufy import find_gated_ffns
+
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise UsageError(f"--tolerance ({tolerance}) must be a finite number >= 0")
+    act = current_activation(model)[0]
+    if act not in ("relu", "fatrelu", "drelu"):
+        raise UsageError(f"per-layer thresholds shift a ReLU-family gate; the model runs {act}: "
+                         "ReLUfy it first")
+    batches = heldout_sets(tokenizer, data, tokens, seq_len)
+    calib = torch.cat(list(heldout_sets(tokenizer, data, calib_tokens, seq_len,
+                                        split="train").values()))
+    restore = activation_state(model)
+    try:
+        set_threshold_(model, baseline_t)
+        base = evaluate_heldout(model, batches, batch_size)
+        limit = base["perplexity"] * (1 + tolerance)
+        gates = dense_gates(model, calib, calib_tokens, batch_size)
+        x1s = dense_x1(model, calib, calib_tokens, batch_size)
+        ffns = find_gated_ffns(model)
+        curves = [cett_curve(x1, f.down_proj.weight.detach().float().norm(dim=0),
+                             f.down_proj.weight, score=g)
+                  for x1, g, f in zip(tqdm(x1s, desc="CETT curves", leave=False,
+                                           disable=not progress), gates, ffns)]
+
+        def at(c: float) -> list[float]:
+            return [max(float(baseline_t), cutoff_for(t, v, c)) for t, v in curves]
+
+        lo, hi, best = 0.0, 1.0, (0.0, [float(baseline_t)] * len(curves), base)
+        for _ in tqdm(range(math.ceil(math.log2(1 / interval))), desc="per-layer search",
+                      leave=False, disable=not progress):
+            mid = (lo + hi) / 2
+            ts = at(mid)
+            set_threshold_(model, ts)
+            res = evaluate_heldout(model, batches, batch_size)
+            if res["perplexity"] <= limit:
+                lo, best = mid, (mid, ts, res)
+            else:
+                hi = mid
+    finally:
+        restore()
+    c, ts, res = best
+    return {"layer_thresholds": ts, "cett": c, "tolerance": tolerance,
+            "baseline_t": float(baseline_t), "baseline_perplexity": base["perplexity"],
+            "baseline_sparsity": base["average_sparsity"], **res}

@@ -114,6 +114,10 @@ class ThresholdConfig:
     tolerance: float = 0.01
     """Sweep: largest t whose held-out perplexity is within this relative tolerance of the
     perplexity at the trained t (``train``; t = 0 when the model trained under plain ReLU)."""
+    per_layer: bool = False
+    """One FATReLU threshold per layer instead of one ``t``: each layer's the largest within a
+    CETT budget shared by all layers, the budget searched for the largest perplexity within
+    ``tolerance`` (``prosparse threshold --per-layer``); ``sweep`` and ``value`` are then unused."""
     train: float = 0.0
     """Threshold-aware training (not in the paper): the FATReLU threshold the model trains under
     at the end, reached by a linear ramp from the swapped-in activation's own threshold (0 for
@@ -293,7 +297,7 @@ class Recipe:
                 raise UsageError(f"threshold.train_start ({th.train_start}) falls inside the "
                                  f"activation annealing ramp (anneal.steps {self.anneal.steps}); "
                                  "start the threshold ramp after it")
-        if th.value is None and not th.sweep:
+        if th.value is None and not th.sweep and not th.per_layer:
             raise UsageError("threshold.sweep is empty and threshold.value is null: give the "
                              "thresholds to try (e.g. threshold.sweep=[0.01,0.02]) or a fixed "
                              "threshold.value")

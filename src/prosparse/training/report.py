@@ -49,7 +49,9 @@ def before_after_table(report: dict) -> str:
         elif key == "final" and report.get("threshold") is None and "shift" in report:
             label = f"final, shifted ReLU kept (b={report['shift']:g}, no threshold)"
         elif key == "final":
-            label = f"{label} (t={report.get('threshold', 0):g})"
+            t = report.get("threshold", 0)
+            label = (f"{label} (t per layer, {min(t):g}..{max(t):g})"
+                     if isinstance(t, list) else f"{label} (t={t:g})")
         rows.append([label, pct(r["average_sparsity"]), f"{r['perplexity']:.2f}"])
     return format_table(["model", "sparsity %", "held-out ppl"], rows)
 
@@ -108,7 +110,18 @@ def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, 
         log.warning("threshold shift skipped: %s", reason)
         report.update(threshold=None, shift=param, threshold_skipped=reason)
     else:
-        if th.value is None:
+        if th.per_layer:
+            from prosparse.measure.threshold import per_layer_thresholds
+
+            chosen = per_layer_thresholds(
+                accelerator.unwrap_model(model), tokenizer, data=recipe.data.heldout,
+                tolerance=th.tolerance, tokens=recipe.data.heldout_tokens,
+                seq_len=recipe.data.heldout_seq_len or recipe.data.seq_len, progress=shown,
+                baseline_t=th.train)
+            report["threshold_per_layer"] = {k: v for k, v in chosen.items()
+                                             if k not in ("datasets",)}
+            t = chosen["layer_thresholds"]
+        elif th.value is None:
             from prosparse.measure.threshold import threshold_sweep
 
             sweep = threshold_sweep(accelerator.unwrap_model(model), tokenizer, list(th.sweep),
@@ -120,7 +133,7 @@ def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, 
             t = float(sweep["recommended"])
         else:
             t = float(th.value)
-        report["threshold"] = t
+        report["threshold"] = t  # one t, or one per layer
         set_threshold_(accelerator.unwrap_model(model), t)
     report["final"] = evaluate_heldout(model, heldout, accelerator=accelerator, progress=shown)
     vocab = getattr(getattr(accelerator.unwrap_model(model), "config", None), "vocab_size", None)
