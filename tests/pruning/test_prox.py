@@ -121,3 +121,26 @@ def test_regularizer_formula_and_zero_set():
     w.requires_grad_(True)
     regularizer_2of4(w).backward()
     assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+def test_early_stopping_keeps_the_masks_the_validation_text_liked_best(tmp_path):
+    """With val_samples the masks are chosen by the deployed model (original weights, learned
+    masks) on held-back calibration blocks: the chosen step is the best one logged."""
+    from prosparse import save_model
+    from prosparse.pruning import PruneConfig, prune
+    from tests.conftest import char_tokenizer, tiny_llama
+
+    save_model(tiny_llama(), char_tokenizer(), tmp_path / "m")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"alpha beta {i} gamma delta sparse." * 6 for i in range(80)))
+    cfg = PruneConfig(model=str(tmp_path / "m"), method="proxsparse", data=f"c={corpus}",
+                      samples=6, seq_len=32, eval_data=f"c={corpus}", eval_tokens=128,
+                      eval_seq_len=32)
+    cfg.prox.val_samples, cfg.prox.val_every, cfg.prox.lr = 2, 2, 3e-2
+    result = prune(cfg, tmp_path / "o", progress=False)
+    log = result["proxsparse"]
+    ppls = [v["perplexity"] for v in log["validation"]]
+    assert [v["step"] for v in log["validation"]] == [2, 4, 6]
+    assert log["chosen_validation_perplexity"] == min(ppls)
+    assert log["chosen_step"] == log["validation"][ppls.index(min(ppls))]["step"]
+    assert result["samples"] == 6 and result["compliance"] == 1.0

@@ -29,6 +29,11 @@ _FLAGS = [
      ("--epsilon",)),
     ("--log-every", "log_every", int, "ProxSparse: steps between group non-zero log entries "
                                       "(default 10)", ()),
+    ("--val-samples", "val_samples", int, "ProxSparse: calibration blocks held back to choose "
+                                          "the masks by the deployed model's perplexity "
+                                          "(early stopping); 0 = the last step's (default 0)", ()),
+    ("--val-every", "val_every", int, "ProxSparse: steps between those validations "
+                                      "(default 16)", ()),
     ("--blocksize", "blocksize", int, "SparseGPT: columns per block (default 128)", ()),
     ("--damp", "damp", float, "SparseGPT: dampening, share of mean diag(H) (default 0.01)", ()),
     ("--eval-data", "eval_data", str, "held-out perplexity sources, comma-separated, reported "

@@ -61,6 +61,13 @@ class ProxConfig:
     """Frozen-weight term's epsilon."""
     log_every: int = 10
     """Steps between entries of the group non-zero log."""
+    val_samples: int = 0
+    """Blocks of the calibration source held back (disjoint from the calibration blocks) to
+    choose the masks by: every ``val_every`` steps the masks of the learned weights are applied
+    to the original weights, as they will be deployed, and the best validation perplexity's
+    masks are kept (early stopping). 0 = the masks of the last step."""
+    val_every: int = 16
+    """Steps between validations (with ``val_samples``)."""
     seed: int = 0
     """Shuffling seed of the blocks."""
 
@@ -76,6 +83,9 @@ class ProxConfig:
                                  "positive")
         if not 0 <= self.warmup < 1:
             raise UsageError(f"--warmup ({self.warmup:g}) must be in [0, 1)")
+        if self.val_samples < 0 or self.val_every < 1:
+            raise UsageError(f"val_samples ({self.val_samples}) must be >= 0 and val_every "
+                             f"({self.val_every}) >= 1")
         if self.lambda2 < 0 or self.epsilon <= 0:
             raise UsageError(f"--prox-lambda2 ({self.lambda2:g}) must be >= 0 and --prox-epsilon "
                              f"({self.epsilon:g}) > 0")
@@ -108,13 +118,35 @@ def nonzero_shares(weights: dict[str, nn.Parameter]) -> list[float]:
     return (counts.double() / counts.sum()).tolist()
 
 
+@torch.no_grad()
+def _deployed_perplexity(model, weights, originals, val_blocks) -> tuple[float, dict]:
+    """Perplexity on ``val_blocks`` of the original weights under the current learned masks
+    (what the run would deploy if it stopped now), and those masks; the learned weights are put
+    back afterwards."""
+    from prosparse.measure.heldout import evaluate_blocks
+
+    masks = {name: nm_mask(w.abs(), 2, 4) for name, w in weights.items()}
+    learned = {name: w.detach().clone() for name, w in weights.items()}
+    for name, w in weights.items():
+        w.copy_(originals[name] * masks[name])
+    try:
+        ppl = evaluate_blocks(model, val_blocks).perplexity
+    finally:
+        for name, w in weights.items():
+            w.copy_(learned[name])
+    return ppl, masks
+
+
 def learn_masks(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.Tensor,
-                cfg: ProxConfig, accelerator=None, progress: bool = True
+                cfg: ProxConfig, accelerator=None, progress: bool = True,
+                val_blocks: torch.Tensor | None = None
                 ) -> tuple[dict[str, torch.Tensor], dict]:
     """Learn 2:4 masks for ``linears`` of ``model`` on ``blocks`` (n, seq_len).
 
-    On return ``model`` holds its ORIGINAL weights masked (other parameters untouched); the
-    result is (keep-masks by linear name, a JSON-ready log).
+    With ``val_blocks`` the masks are chosen by the deployed model's perplexity on them (every
+    ``cfg.val_every`` steps and at the end), else they are the last step's. On return
+    ``model`` holds its ORIGINAL weights masked (other parameters untouched); the result is
+    (keep-masks by linear name, a JSON-ready log).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -134,6 +166,9 @@ def learn_masks(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.T
     originals = {name: w.detach().clone() for name, w in weights.items()}  # on the device
     total = cfg.epochs * len(loader)
     log = {"steps": [], "loss": [], "lr": [], "prox_lambda": [], "nonzero_shares": []}
+    best: tuple[float, int, dict] | None = None  # (validation perplexity, step, masks)
+    if val_blocks is not None:
+        log["validation"] = []
     model.train()
     start = time.perf_counter()
     bar = tqdm(total=total, desc="proxsparse", disable=not (progress and
@@ -168,6 +203,14 @@ def learn_masks(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.T
                     log["prox_lambda"].append(lam)
                     log["nonzero_shares"].append(shares)
                     bar.set_postfix(loss=f"{log['loss'][-1]:.3f}", two_of_four=f"{sum(shares[:3]):.3f}")
+                if val_blocks is not None and (step % cfg.val_every == 0 or step == total):
+                    model.eval()
+                    ppl, masks_now = _deployed_perplexity(prepared, weights, originals,
+                                                          val_blocks)
+                    model.train()
+                    log["validation"].append({"step": step, "perplexity": ppl})
+                    if best is None or ppl < best[0]:
+                        best = (ppl, step, masks_now)
                 bar.update(1)
     finally:
         bar.close()
@@ -179,6 +222,10 @@ def learn_masks(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.T
     with torch.no_grad():
         for name, w in weights.items():
             masks[name] = nm_mask(w.detach().abs(), 2, 4)
+        if best is not None:  # early stopping: the masks the validation text liked best
+            masks = best[2]
+            log.update(chosen_step=best[1], chosen_validation_perplexity=best[0])
+        for name, w in weights.items():
             w.copy_(originals[name] * masks[name])
     log.update({"config": asdict(cfg), "optimizer_steps": total,
                 "train_seconds": time.perf_counter() - start,

@@ -157,9 +157,12 @@ def prune(cfg: PruneConfig, out: str | Path, overwrite: bool = False,
     if not linears:
         raise UsageError(f"no linear of {cfg.model} has in_features divisible by M={m}; "
                          "choose another --pattern")
-    blocks = None
+    blocks = val_blocks = None
     if cfg.method != "magnitude":
-        blocks = calibration_blocks(tok, cfg.data, cfg.samples, cfg.seq_len, seed=cfg.seed)
+        val = cfg.prox.val_samples if cfg.method == "proxsparse" else 0
+        blocks = calibration_blocks(tok, cfg.data, cfg.samples + val, cfg.seq_len, seed=cfg.seed)
+        if val:  # held back from the same source, disjoint from the calibration blocks
+            blocks, val_blocks = blocks[:cfg.samples], blocks[cfg.samples:]
     heldout: dict[str, torch.Tensor] = {}
     if cfg.eval_tokens:  # the calibration source's own held-out text first (in-domain)
         for src in dict.fromkeys([cfg.data, *evals]):
@@ -181,7 +184,8 @@ def prune(cfg: PruneConfig, out: str | Path, overwrite: bool = False,
     result["heldout"] = {src: {"before": _perplexity(model, b) if main else None, "after": None,
                                "in_domain": src == cfg.data} for src, b in heldout.items()}
     start = time.perf_counter()
-    masks, extra = run_method(model, linears, blocks, cfg, n, m, progress, accelerator)
+    masks, extra = run_method(model, linears, blocks, cfg, n, m, progress, accelerator,
+                              val_blocks)
     result["prune_seconds"] = time.perf_counter() - start
     if not main:  # under accelerate launch, the main process evaluates and writes
         accelerator.wait_for_everyone()
@@ -217,7 +221,8 @@ def eval_sources(cfg: PruneConfig) -> list[str]:
 
 
 def run_method(model, linears, blocks, cfg: PruneConfig, n: int, m: int, progress: bool,
-               accelerator=None) -> tuple[dict[str, torch.Tensor], dict]:
+               accelerator=None, val_blocks: torch.Tensor | None = None
+               ) -> tuple[dict[str, torch.Tensor], dict]:
     """Prune ``linears`` in place by ``cfg.method``: (keep-masks, method-specific result)."""
     from prosparse.pruning import baselines
 
@@ -231,7 +236,8 @@ def run_method(model, linears, blocks, cfg: PruneConfig, n: int, m: int, progres
                                           cfg.damp, cfg.batch_size, progress), {}
     from prosparse.pruning.proxsparse import learn_masks
 
-    masks, log = learn_masks(model, linears, blocks, cfg.prox, accelerator, progress=progress)
+    masks, log = learn_masks(model, linears, blocks, cfg.prox, accelerator, progress=progress,
+                             val_blocks=val_blocks)
     return masks, {"lambda_scale": cfg.prox.lambda_scale,
                    "lambda_enters": log.pop("lambda_enters"), "proxsparse": log}
 
