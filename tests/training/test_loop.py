@@ -261,3 +261,24 @@ def test_per_layer_thresholds_as_the_recipe_deploys_them(tiny_dir, text_file, tm
     model, _ = load_model(str(tmp_path / "run/final"))
     act, params = current_activation(model)
     assert act in ("fatrelu", "relu") and (params == pytest.approx(ts) or max(ts) == 0)
+
+
+def test_dead_neurons_get_their_gate_drawn_again(tiny_dir, text_file, tmp_path):
+    """A threshold far above every gate leaves the FFNs dead; optim.reinit_dead_every redraws
+    their gate rows at the layer's scale (the counts are in the metrics)."""
+    from prosparse import load_model
+
+    _reset_accelerate()
+    recipe = tiny_recipe(tiny_dir, text_file, "activation=fatrelu", "activation_param=50",
+                         "optim.reinit_dead_every=2", "stages=[{lambda: 0, steps: 4}]",
+                         "threshold.value=0")
+    train(recipe, tmp_path / "run", stop_after=2, progress=False)
+    m = read_metrics(tmp_path / "run")
+    assert "reinit_dead" not in m[0] and m[1]["reinit_dead"] > 0
+    before = load_model(str(tiny_dir))[0].model.layers[0].mlp.gate_proj.weight.detach()
+    after = load_model(str(tmp_path / "run/checkpoints/step-000002/model"))[0] \
+        .model.layers[0].mlp.gate_proj.weight.detach()
+    changed = (after - before).abs().amax(dim=1) > 1e-3  # redrawn rows move far more than lr
+    assert changed.float().mean() > 0.5
+    assert float(after.pow(2).mean().sqrt()) == pytest.approx(
+        float(before.pow(2).mean().sqrt()), rel=0.5)

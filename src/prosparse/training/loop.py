@@ -266,6 +266,9 @@ class _Session:
     t_base: float
     t_now: float | None
     """Threshold-aware training: the FATReLU threshold the model holds now."""
+    alive: list[torch.Tensor] | None = None
+    """Dead-neuron re-initialisation: per layer, which neurons were non-zero since the last
+    check (bool (d_ff,), on the device)."""
 
     @property
     def world(self) -> int:
@@ -459,7 +462,18 @@ def _step(s: _Session, step: int) -> dict:
     sums = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
     collector = PenaltyCollector(s.n_layers, recipe.penalty.normalization,
                                  recipe.penalty.scale, recipe.grad_accum, enabled=lam > 0)
-    with capture_x1(model, collector):
+    reinit = recipe.optim.reinit_dead_every
+    if reinit and s.alive is None:
+        s.alive = [torch.zeros(f.down_proj.in_features, dtype=torch.bool,
+                               device=accelerator.device)
+                   for f in find_gated_ffns(accelerator.unwrap_model(model))]
+
+    def observe(i: int, x1: torch.Tensor) -> None:
+        collector(i, x1)
+        if s.alive is not None:
+            s.alive[i] |= (x1.detach() != 0).reshape(-1, x1.shape[-1]).any(dim=0)
+
+    with capture_x1(model, observe):
         for m in range(recipe.grad_accum):
             k = (step - 1) * recipe.grad_accum + m
             ids = micro_batch(s.blocks, k, recipe.batch_size, rank, world).to(accelerator.device)
@@ -473,7 +487,8 @@ def _step(s: _Session, step: int) -> dict:
                 penalty = collector.take()
                 kd = torch.zeros((), device=logits.device)
                 hid = torch.zeros((), device=logits.device)
-                if s.teacher is not None:
+                if s.teacher is not None and (not recipe.distill.steps
+                                              or step <= recipe.distill.steps):
                     with torch.no_grad(), accelerator.autocast():
                         t_out = s.teacher(input_ids=ids, output_hidden_states=match_hidden)
                     kd = kd_loss(logits, t_out.logits, recipe.distill.temperature)
@@ -508,7 +523,37 @@ def _step(s: _Session, step: int) -> dict:
         record["anneal"] = alpha
     if th.train > 0:
         record["threshold"] = s.t_now
+    if reinit and step % reinit == 0:
+        record["reinit_dead"] = _reinit_dead_(s, step)
     return record
+
+
+@torch.no_grad()
+def _reinit_dead_(s: _Session, step: int) -> int:
+    """Draw again the gate rows of the neurons that stayed at zero since the last check (at
+    their layer's RMS row scale, the same draw on every process), clear their AdamW moments,
+    and start counting afresh. Returns how many were re-initialised."""
+    accelerator = s.accelerator
+    n = 0
+    for i, ffn in enumerate(find_gated_ffns(accelerator.unwrap_model(s.model))):
+        alive = s.alive[i]
+        if accelerator.num_processes > 1:  # dead on every process
+            alive = accelerator.reduce(alive.int(), reduction="sum") > 0
+        dead = (~alive).nonzero().flatten()
+        s.alive[i].zero_()
+        if dead.numel() == 0 or ffn.fused:
+            continue
+        w = ffn.module.gate_proj.weight
+        scale = w.float().pow(2).mean().sqrt()  # the layer's RMS row scale
+        gen = torch.Generator().manual_seed(s.recipe.seed * 1_000_003 + step * 101 + i)
+        fresh = torch.randn(dead.numel(), w.shape[1], generator=gen) * scale
+        w[dead] = fresh.to(device=w.device, dtype=w.dtype)
+        state = s.opt.state.get(w, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key][dead] = 0
+        n += dead.numel()
+    return n
 
 
 class TrainingDiverged(UsageError):

@@ -78,6 +78,11 @@ class OptimConfig:
     freeze: list[str] = field(default_factory=list)
     """Parameter-name substrings kept frozen on top of ``train_params`` (e.g. ``[down_proj]``:
     the L1 term can then not be paid by shrinking x1 and growing down_proj to compensate)."""
+    reinit_dead_every: int = 0
+    """Dead-neuron gate re-initialisation (not in the paper; TwELL, 2026): every N steps, a
+    neuron whose x1 was exactly zero on every training token since the last check gets its
+    ``gate_proj`` row drawn again at its layer's row scale (and its AdamW moments cleared), so
+    the L1 penalty cannot leave it dead for good; 0 = never."""
     fused: bool | None = None
     """AdamW's fused kernel (one pass per parameter instead of a dozen; equal within rounding):
     None = wherever torch has it for the parameters' device, false = the per-tensor loop."""
@@ -89,6 +94,10 @@ class DistillConfig:
 
     weight: float = 0.0
     """Weight of KL(teacher || student) on next-token distributions; 0 disables (no teacher)."""
+    steps: int = 0
+    """Distil for the first N steps only (the recovery after the swap, where it helps most;
+    later steps skip the teacher's forward pass, a third of a step on a small model);
+    0 = every step."""
     temperature: float = 1.0
     """Softmax temperature of both distributions; the KL is multiplied by T^2."""
     lm_weight: float = 1.0
@@ -306,6 +315,10 @@ class Recipe:
         if self.distill.hidden_weight > 0 and self.distill.weight == 0:
             raise UsageError("distill.hidden_weight > 0 matches the original model's hidden "
                              "states, which needs its teacher: set distill.weight > 0 too")
+        if self.distill.steps and self.distill.lm_weight == 0:
+            raise UsageError(f"distill.steps ({self.distill.steps}) ends distillation early but "
+                             "distill.lm_weight is 0: the steps after it would train on nothing; "
+                             "set distill.lm_weight > 0 or distill.steps=0")
         if self.distill.weight == 0 and self.distill.lm_weight == 0:
             raise UsageError("distill.lm_weight is 0 and distill.weight is 0: nothing to train on; "
                              "set one of them > 0")
@@ -335,10 +348,12 @@ _FIELD_CHECKS = {
     "optim.warmup_steps": checks.nonneg_int,
     "optim.weight_decay": checks.nonneg_float,
     "optim.grad_clip": checks.nonneg_float,
+    "optim.reinit_dead_every": checks.nonneg_int,
     "batch_size": checks.positive_int,
     "grad_accum": checks.positive_int,
     "distill.weight": checks.nonneg_float,
     "distill.temperature": checks.positive_float,
+    "distill.steps": checks.nonneg_int,
     "distill.lm_weight": checks.nonneg_float,
     "distill.hidden_weight": checks.nonneg_float,
     "threshold.value": checks.threshold,
