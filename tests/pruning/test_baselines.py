@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from prosparse.core.errors import UsageError
 from prosparse.pruning import nm_compliance, nm_mask, prunable_linears, weight_sparsity
 from prosparse.pruning.baselines import (
     magnitude_prune_,
@@ -11,7 +13,7 @@ from prosparse.pruning.baselines import (
     sparsegpt_prune_,
     wanda_prune_,
 )
-from prosparse.pruning.proxsparse import ProxConfig, learn_masks, lr_at
+from prosparse.pruning.proxsparse import ProxConfig, lambda_at, learn_masks, lr_at
 
 
 def _blocks(n=6, seq=24, seed=0):
@@ -70,6 +72,21 @@ def test_lr_schedule_warmup_and_decay():
     assert lr_at(9, 100, 1.0, 0.1) == 1.0  # end of warm-up (10 steps)
     assert abs(lr_at(55, 100, 1.0, 0.1) - 0.5) < 1e-9
     assert abs(lr_at(99, 100, 1.0, 0.1) - 1 / 90) < 1e-9
+
+
+def test_lambda_ramp_rises_to_the_peak_and_stays():
+    assert lambda_at(0, 100, 0.5, 0.0) == 0.5  # no ramp: the authors' constant lambda
+    assert lambda_at(0, 100, 0.5, 0.5) == 0.5 / 50
+    assert lambda_at(49, 100, 0.5, 0.5) == 0.5
+    assert lambda_at(99, 100, 0.5, 0.5) == 0.5
+
+
+def test_proxsparse_logs_the_ramped_lambda(llama):
+    cfg = ProxConfig(lam=0.2, lambda_warmup=0.5, log_every=1)
+    _, log = learn_masks(llama, prunable_linears(llama), _blocks(4), cfg, progress=False)
+    assert log["prox_lambda"] == pytest.approx([0.1, 0.2, 0.2, 0.2])
+    with pytest.raises(UsageError, match="--prox-lambda-warmup"):
+        ProxConfig(lambda_warmup=1.5).check()
 
 
 def test_proxsparse_masks_learned_weights_and_restores_originals(llama):

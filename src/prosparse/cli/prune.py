@@ -20,6 +20,8 @@ _FLAGS = [
     ("--prox-lambda-scale", "lambda_scale", str, "ProxSparse: raw (prox(w, lambda), the "
                                                  "authors') or lr (prox(w, lr * lambda)) "
                                                  "(default raw)", ("--lambda-scale",)),
+    ("--prox-lambda-warmup", "lambda_warmup", float, "ProxSparse: share of steps over which "
+                                                     "lambda ramps up from 0 (default 0)", ()),
     ("--lr", "lr", float, "ProxSparse: peak AdamW learning rate (default 1e-3)", ()),
     ("--epochs", "epochs", int, "ProxSparse: passes over the calibration blocks (default 1)", ()),
     ("--warmup", "warmup", float, "ProxSparse: share of steps warming up (default 0.1)", ()),

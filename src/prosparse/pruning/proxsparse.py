@@ -53,6 +53,10 @@ class ProxConfig:
     """Blocks per optimiser step (the paper: 1)."""
     warmup: float = 0.1
     """Share of the steps with linear warm-up; then linear decay to 0 (HF's default)."""
+    lambda_warmup: float = 0.0
+    """Share of the steps over which lambda rises linearly from 0 to ``lam`` (a ramp: the LM
+    loss moves the weights before the regulariser settles the groups); 0 = full lambda from
+    the first step, as the authors' code."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
     lambda2: float = 0.0
@@ -83,6 +87,8 @@ class ProxConfig:
                                  "positive")
         if not 0 <= self.warmup < 1:
             raise UsageError(f"--warmup ({self.warmup:g}) must be in [0, 1)")
+        if not 0 <= self.lambda_warmup <= 1:
+            raise UsageError(f"--prox-lambda-warmup ({self.lambda_warmup:g}) must be in [0, 1]")
         if self.val_samples < 0 or self.val_every < 1:
             raise UsageError(f"val_samples ({self.val_samples}) must be >= 0 and val_every "
                              f"({self.val_every}) >= 1")
@@ -98,6 +104,13 @@ def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
     if step < n_warm:  # 1: warm-up
         return peak * (step + 1) / n_warm
     return peak * max(0.0, (total - step) / max(1, total - n_warm))  # 2: decay
+
+
+def lambda_at(step: int, total: int, peak: float, ramp: float) -> float:
+    """Lambda of the prox step after optimiser step ``step`` (0-based): ``peak`` times
+    ``min(1, (step + 1) / ceil(ramp * total))``; ``peak`` throughout when ``ramp`` is 0."""
+    n_ramp = math.ceil(ramp * total)
+    return peak if n_ramp == 0 else peak * min(1.0, (step + 1) / n_ramp)
 
 
 def frozen_weight_term(weights: dict[str, nn.Parameter], originals: dict[str, torch.Tensor],
@@ -190,7 +203,8 @@ def learn_masks(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.T
                 optim.step()
                 optim.zero_grad(set_to_none=True)
                 # The prox step on every weight after every optimiser step (paper Alg. 1).
-                lam = cfg.lam if cfg.lambda_scale == "raw" else cfg.lam * lr
+                lam = lambda_at(step, total, cfg.lam, cfg.lambda_warmup)
+                lam = lam if cfg.lambda_scale == "raw" else lam * lr
                 with torch.no_grad():
                     for w in weights.values():
                         w.copy_(prox_2of4(w, lam))
