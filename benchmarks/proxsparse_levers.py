@@ -42,6 +42,7 @@ ROWS = {
     "lambda0.1": {"lambda": 0.1},
     "lambda0.02": {"lambda": 0.02},
     "lambda-ramp": {"lambda_warmup": 0.5},
+    "mask-wanda": {"mask_score": "wanda"},
     "frozen1e-2": {"lambda2": 1e-2},
     "frozen1e-1": {"lambda2": 1e-1},
     "earlystop": {"val_samples": 16, "val_every": 16},

@@ -89,6 +89,29 @@ def test_proxsparse_logs_the_ramped_lambda(llama):
         ProxConfig(lambda_warmup=1.5).check()
 
 
+def test_proxsparse_wanda_mask_score_ranks_by_weight_times_input_norm(llama):
+    """With the weights unmoved (lambda 0, lr ~0) the wanda score gives Wanda's masks on the
+    tokens the run saw; a finished group (two exact zeros) keeps its two either way."""
+    blocks = _blocks(4)
+    name = "model.layers.0.self_attn.q_proj"
+    lin = prunable_linears(llama)[name]
+    w0 = lin.weight.detach().clone()
+    seen = []
+    h = lin.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        llama(input_ids=blocks)
+    h.remove()
+    norm = torch.cat(seen).square().sum(0).sqrt()
+    cfg = ProxConfig(lam=0.0, lr=1e-12, mask_score="wanda")
+    masks, _ = learn_masks(llama, prunable_linears(llama), blocks, cfg, progress=False)
+    assert torch.equal(masks[name], nm_mask(w0.abs() * norm, 2, 4))
+    assert not torch.equal(masks[name], nm_mask(w0.abs(), 2, 4))  # not magnitude's
+    assert not any(h for lin in prunable_linears(llama).values()
+                   for h in lin._forward_pre_hooks.values())  # hooks removed
+    with pytest.raises(UsageError, match="--prox-mask-score"):
+        ProxConfig(mask_score="random").check()
+
+
 def test_proxsparse_masks_learned_weights_and_restores_originals(llama):
     originals = {k: v.weight.detach().clone() for k, v in prunable_linears(llama).items()}
     embed = llama.model.embed_tokens.weight.detach().clone()

@@ -20,6 +20,10 @@ _FLAGS = [
     ("--prox-lambda-scale", "lambda_scale", str, "ProxSparse: raw (prox(w, lambda), the "
                                                  "authors') or lr (prox(w, lr * lambda)) "
                                                  "(default raw)", ("--lambda-scale",)),
+    ("--prox-mask-score", "mask_score", str, "ProxSparse: pick each group's top 2 of the "
+                                             "learned weights by magnitude (the paper's) or "
+                                             "wanda (|w| times input norm) (default "
+                                             "magnitude)", ()),
     ("--prox-lambda-warmup", "lambda_warmup", float, "ProxSparse: share of steps over which "
                                                      "lambda ramps up from 0 (default 0)", ()),
     ("--lr", "lr", float, "ProxSparse: peak AdamW learning rate (default 1e-3)", ()),

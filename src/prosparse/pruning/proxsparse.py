@@ -5,6 +5,8 @@ Every prunable linear trains with AdamW on the LM loss over the calibration bloc
 optimiser step the proximal operator of ``lam * R`` (:func:`.prox.prox_2of4`) pulls each group of
 4 towards at most 2 non-zeros. At the end the top 2 ``|w|`` of each group of the LEARNED weights
 make the mask, applied to the ORIGINAL weights: no weight update survives (paper Sec. 3.3).
+With ``mask_score="wanda"`` the top 2 are by ``|w| * ||x_j||`` instead: the same two wherever
+the regulariser has finished a group, Wanda's choice among the learned weights where it has not.
 
 Lambda enters the prox step raw (``prox(w, lam)``), as the authors' code does, by default;
 ``lambda_scale="lr"`` uses ``prox(w, lr_t * lam)``, the textbook proximal-gradient step. Either
@@ -34,6 +36,7 @@ from prosparse.pruning.masks import nm_mask
 from prosparse.pruning.prox import group_nonzeros, prox_2of4
 
 LAMBDA_SCALES = ("raw", "lr")
+MASK_SCORES = ("magnitude", "wanda")
 
 
 @dataclass
@@ -53,6 +56,11 @@ class ProxConfig:
     """Blocks per optimiser step (the paper: 1)."""
     warmup: float = 0.1
     """Share of the steps with linear warm-up; then linear decay to 0 (HF's default)."""
+    mask_score: str = "magnitude"
+    """How the top 2 of each group are picked from the learned weights: ``magnitude`` (|w|, the
+    paper's) or ``wanda`` (|w| times the L2 norm of the linear's input channel over the
+    calibration tokens the run saw). Groups the regulariser has finished (two zeros) keep the
+    same two either way; the score decides the groups still holding three or four non-zeros."""
     lambda_warmup: float = 0.0
     """Share of the steps over which lambda rises linearly from 0 to ``lam`` (a ramp: the LM
     loss moves the weights before the regulariser settles the groups); 0 = full lambda from
@@ -87,6 +95,9 @@ class ProxConfig:
                                  "positive")
         if not 0 <= self.warmup < 1:
             raise UsageError(f"--warmup ({self.warmup:g}) must be in [0, 1)")
+        if self.mask_score not in MASK_SCORES:
+            raise UsageError(f"--prox-mask-score {self.mask_score!r}: choose one of "
+                             f"{', '.join(MASK_SCORES)}")
         if not 0 <= self.lambda_warmup <= 1:
             raise UsageError(f"--prox-lambda-warmup ({self.lambda_warmup:g}) must be in [0, 1]")
         if self.val_samples < 0 or self.val_every < 1:
@@ -131,20 +142,66 @@ def nonzero_shares(weights: dict[str, nn.Parameter]) -> list[float]:
     return (counts.double() / counts.sum()).tolist()
 
 
+class _InputNorms:
+    """Sum of squares of each linear's input, per input channel, over every token the forward
+    passes see (Wanda's ``||X_j||_2``, squared), collected by forward pre-hooks."""
+
+    def __init__(self, linears: dict[str, nn.Module]):
+        self.sq: dict[str, torch.Tensor] = {}
+        self.active = True
+        self.handles = [lin.register_forward_pre_hook(self._hook(name))
+                        for name, lin in linears.items()]
+
+    def _hook(self, name):
+        def hook(_module, args):
+            if not self.active:
+                return
+            x = args[0].detach()
+            s = x.float().square().reshape(-1, x.shape[-1]).sum(0)
+            self.sq[name] = self.sq[name] + s if name in self.sq else s
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 @torch.no_grad()
-def _deployed_perplexity(model, weights, originals, val_blocks) -> tuple[float, dict]:
+def _masks(weights: dict[str, nn.Parameter], norms: _InputNorms | None, accelerator=None
+           ) -> dict[str, torch.Tensor]:
+    """Top 2 of every group of 4 of the learned weights, by |w| or (with ``norms``) by
+    |w| * ||x_j||."""
+    masks = {}
+    for name, w in weights.items():
+        score = w.detach().abs().float()
+        if norms is not None and name in norms.sq:
+            sq = norms.sq[name]
+            if accelerator is not None and accelerator.num_processes > 1:
+                sq = accelerator.reduce(sq.clone(), "sum")
+            score = score * sq.sqrt()
+        masks[name] = nm_mask(score, 2, 4)
+    return masks
+
+
+@torch.no_grad()
+def _deployed_perplexity(model, weights, originals, val_blocks, norms=None, accelerator=None
+                         ) -> tuple[float, dict]:
     """Perplexity on ``val_blocks`` of the original weights under the current learned masks
     (what the run would deploy if it stopped now), and those masks; the learned weights are put
     back afterwards."""
     from prosparse.measure.heldout import evaluate_blocks
 
-    masks = {name: nm_mask(w.abs(), 2, 4) for name, w in weights.items()}
+    masks = _masks(weights, norms, accelerator)
     learned = {name: w.detach().clone() for name, w in weights.items()}
     for name, w in weights.items():
         w.copy_(originals[name] * masks[name])
+    if norms is not None:  # validation tokens are not calibration tokens
+        norms.active = False
     try:
         ppl = evaluate_blocks(model, val_blocks).perplexity
     finally:
+        if norms is not None:
+            norms.active = True
         for name, w in weights.items():
             w.copy_(learned[name])
     return ppl, masks
@@ -182,6 +239,8 @@ def learn_masks(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.T
     best: tuple[float, int, dict] | None = None  # (validation perplexity, step, masks)
     if val_blocks is not None:
         log["validation"] = []
+    # Wanda's input norms, over the calibration tokens as the run sees them.
+    norms = _InputNorms(linears) if cfg.mask_score == "wanda" else None
     model.train()
     start = time.perf_counter()
     bar = tqdm(total=total, desc="proxsparse", disable=not (progress and
@@ -220,7 +279,7 @@ def learn_masks(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.T
                 if val_blocks is not None and (step % cfg.val_every == 0 or step == total):
                     model.eval()
                     ppl, masks_now = _deployed_perplexity(prepared, weights, originals,
-                                                          val_blocks)
+                                                          val_blocks, norms, accelerator)
                     model.train()
                     log["validation"].append({"step": step, "perplexity": ppl})
                     if best is None or ppl < best[0]:
@@ -228,14 +287,14 @@ def learn_masks(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.T
                 bar.update(1)
     finally:
         bar.close()
+        if norms is not None:
+            norms.remove()
         for n, p in model.named_parameters():
             p.requires_grad_(requires[n])
     model.eval()
     # Top 2 of each group of 4 of the LEARNED weights, applied to the ORIGINAL weights.
-    masks = {}
     with torch.no_grad():
-        for name, w in weights.items():
-            masks[name] = nm_mask(w.detach().abs(), 2, 4)
+        masks = _masks(weights, norms, accelerator)
         if best is not None:  # early stopping: the masks the validation text liked best
             masks = best[2]
             log.update(chosen_step=best[1], chosen_validation_perplexity=best[0])
