@@ -43,6 +43,10 @@ ROWS = {
     "lambda0.02": {"lambda": 0.02},
     "lambda-ramp": {"lambda_warmup": 0.5},
     "mask-wanda": {"mask_score": "wanda"},
+    # the regulariser in Wanda's metric too, and with it the levers that move the balance
+    "wanda-both": {"mask_score": "wanda", "reg_score": "wanda"},
+    "mask-wanda-lambda0.02": {"mask_score": "wanda", "lambda": 0.02},
+    "lr3e-3": {"lr": 3e-3},
     "frozen1e-2": {"lambda2": 1e-2},
     "frozen1e-1": {"lambda2": 1e-1},
     "earlystop": {"val_samples": 16, "val_every": 16},

@@ -112,6 +112,29 @@ def test_proxsparse_wanda_mask_score_ranks_by_weight_times_input_norm(llama):
         ProxConfig(mask_score="random").check()
 
 
+def test_proxsparse_wanda_reg_score_runs_the_prox_step_on_input_scaled_weights(llama):
+    """One step (lr ~0): the learned weights are prox(w * s, lambda) / s, s the input norms
+    over the step's tokens normalised to mean 1, and the masks their top 2."""
+    from prosparse.pruning import prox_2of4
+
+    blocks = _blocks(1)
+    name = "model.layers.0.mlp.down_proj"
+    lin = prunable_linears(llama)[name]
+    w0 = lin.weight.detach().clone()
+    seen = []
+    h = lin.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        llama(input_ids=blocks)
+    h.remove()
+    s = torch.cat(seen).square().sum(0).sqrt()
+    s = (s / s.mean()).clamp(min=1e-6)
+    learned = prox_2of4(w0 * s, 0.5) / s
+    cfg = ProxConfig(lam=0.5, lr=1e-12, reg_score="wanda")
+    masks, _ = learn_masks(llama, prunable_linears(llama), blocks, cfg, progress=False)
+    assert torch.equal(masks[name], nm_mask(learned.abs(), 2, 4))
+    assert not torch.equal(masks[name], nm_mask(prox_2of4(w0, 0.5).abs(), 2, 4))
+
+
 def test_proxsparse_masks_learned_weights_and_restores_originals(llama):
     originals = {k: v.weight.detach().clone() for k, v in prunable_linears(llama).items()}
     embed = llama.model.embed_tokens.weight.detach().clone()

@@ -24,6 +24,9 @@ _FLAGS = [
                                              "learned weights by magnitude (the paper's) or "
                                              "wanda (|w| times input norm) (default "
                                              "magnitude)", ()),
+    ("--prox-reg-score", "reg_score", str, "ProxSparse: the regulariser acts on the weights "
+                                           "(magnitude, the paper's) or on them times their "
+                                           "input norm (wanda) (default magnitude)", ()),
     ("--prox-lambda-warmup", "lambda_warmup", float, "ProxSparse: share of steps over which "
                                                      "lambda ramps up from 0 (default 0)", ()),
     ("--lr", "lr", float, "ProxSparse: peak AdamW learning rate (default 1e-3)", ()),

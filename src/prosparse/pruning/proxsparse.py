@@ -61,6 +61,11 @@ class ProxConfig:
     paper's) or ``wanda`` (|w| times the L2 norm of the linear's input channel over the
     calibration tokens the run saw). Groups the regulariser has finished (two zeros) keep the
     same two either way; the score decides the groups still holding three or four non-zeros."""
+    reg_score: str = "magnitude"
+    """What the regulariser pulls towards 2:4: the weights themselves (``magnitude``, the
+    paper's) or the weights scaled per input channel by the channel's input norm over the
+    tokens seen so far, normalised to mean 1 (``wanda``: the prox step runs on ``w * s`` and
+    maps back, so a weight fed large inputs is shrunk less)."""
     lambda_warmup: float = 0.0
     """Share of the steps over which lambda rises linearly from 0 to ``lam`` (a ramp: the LM
     loss moves the weights before the regulariser settles the groups); 0 = full lambda from
@@ -97,6 +102,9 @@ class ProxConfig:
             raise UsageError(f"--warmup ({self.warmup:g}) must be in [0, 1)")
         if self.mask_score not in MASK_SCORES:
             raise UsageError(f"--prox-mask-score {self.mask_score!r}: choose one of "
+                             f"{', '.join(MASK_SCORES)}")
+        if self.reg_score not in MASK_SCORES:
+            raise UsageError(f"--prox-reg-score {self.reg_score!r}: choose one of "
                              f"{', '.join(MASK_SCORES)}")
         if not 0 <= self.lambda_warmup <= 1:
             raise UsageError(f"--prox-lambda-warmup ({self.lambda_warmup:g}) must be in [0, 1]")
@@ -166,6 +174,18 @@ class _InputNorms:
             h.remove()
 
 
+def _summed(sq: torch.Tensor, accelerator=None) -> torch.Tensor:
+    if accelerator is not None and accelerator.num_processes > 1:  # every replica the same
+        return accelerator.reduce(sq.clone(), "sum")
+    return sq
+
+
+def _channel_scale(sq: torch.Tensor) -> torch.Tensor:
+    """Input norms per channel, normalised to mean 1 (a dead channel's kept above 0)."""
+    s = sq.sqrt()
+    return (s / s.mean().clamp(min=1e-30)).clamp(min=1e-6)
+
+
 @torch.no_grad()
 def _masks(weights: dict[str, nn.Parameter], norms: _InputNorms | None, accelerator=None
            ) -> dict[str, torch.Tensor]:
@@ -175,23 +195,20 @@ def _masks(weights: dict[str, nn.Parameter], norms: _InputNorms | None, accelera
     for name, w in weights.items():
         score = w.detach().abs().float()
         if norms is not None and name in norms.sq:
-            sq = norms.sq[name]
-            if accelerator is not None and accelerator.num_processes > 1:
-                sq = accelerator.reduce(sq.clone(), "sum")
-            score = score * sq.sqrt()
+            score = score * _summed(norms.sq[name], accelerator).sqrt()
         masks[name] = nm_mask(score, 2, 4)
     return masks
 
 
 @torch.no_grad()
-def _deployed_perplexity(model, weights, originals, val_blocks, norms=None, accelerator=None
-                         ) -> tuple[float, dict]:
+def _deployed_perplexity(model, weights, originals, val_blocks, norms=None, accelerator=None,
+                         wanda_masks: bool = False) -> tuple[float, dict]:
     """Perplexity on ``val_blocks`` of the original weights under the current learned masks
     (what the run would deploy if it stopped now), and those masks; the learned weights are put
     back afterwards."""
     from prosparse.measure.heldout import evaluate_blocks
 
-    masks = _masks(weights, norms, accelerator)
+    masks = _masks(weights, norms if wanda_masks else None, accelerator)
     learned = {name: w.detach().clone() for name, w in weights.items()}
     for name, w in weights.items():
         w.copy_(originals[name] * masks[name])
@@ -240,7 +257,8 @@ def learn_masks(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.T
     if val_blocks is not None:
         log["validation"] = []
     # Wanda's input norms, over the calibration tokens as the run sees them.
-    norms = _InputNorms(linears) if cfg.mask_score == "wanda" else None
+    norms = _InputNorms(linears) if "wanda" in (cfg.mask_score, cfg.reg_score) else None
+    mask_norms = norms if cfg.mask_score == "wanda" else None
     model.train()
     start = time.perf_counter()
     bar = tqdm(total=total, desc="proxsparse", disable=not (progress and
@@ -265,8 +283,12 @@ def learn_masks(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.T
                 lam = lambda_at(step, total, cfg.lam, cfg.lambda_warmup)
                 lam = lam if cfg.lambda_scale == "raw" else lam * lr
                 with torch.no_grad():
-                    for w in weights.values():
-                        w.copy_(prox_2of4(w, lam))
+                    for name, w in weights.items():
+                        if cfg.reg_score == "wanda":  # the prox step on w * s, mapped back
+                            scale = _channel_scale(_summed(norms.sq[name], accelerator))
+                            w.copy_(prox_2of4(w * scale, lam) / scale)
+                        else:
+                            w.copy_(prox_2of4(w, lam))
                 step += 1
                 if step % cfg.log_every == 0 or step == total or step == 1:
                     shares = nonzero_shares(weights)
@@ -279,7 +301,8 @@ def learn_masks(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.T
                 if val_blocks is not None and (step % cfg.val_every == 0 or step == total):
                     model.eval()
                     ppl, masks_now = _deployed_perplexity(prepared, weights, originals,
-                                                          val_blocks, norms, accelerator)
+                                                          val_blocks, norms, accelerator,
+                                                          mask_norms is not None)
                     model.train()
                     log["validation"].append({"step": step, "perplexity": ppl})
                     if best is None or ppl < best[0]:
@@ -294,7 +317,7 @@ def learn_masks(model: nn.Module, linears: dict[str, nn.Linear], blocks: torch.T
     model.eval()
     # Top 2 of each group of 4 of the LEARNED weights, applied to the ORIGINAL weights.
     with torch.no_grad():
-        masks = _masks(weights, norms, accelerator)
+        masks = _masks(weights, mask_norms, accelerator)
         if best is not None:  # early stopping: the masks the validation text liked best
             masks = best[2]
             log.update(chosen_step=best[1], chosen_validation_perplexity=best[0])
