@@ -205,6 +205,26 @@ def test_recipes_parse():
         assert cfg.method == "proxsparse"
 
 
+def test_cpu_recipe_is_the_default_proxsparse_run():
+    """The CPU recipe the README names and `prosparse prune --method proxsparse` learn the
+    same masks: the same calibration budget and ProxSparse settings."""
+    from dataclasses import asdict, replace
+    from pathlib import Path
+
+    import yaml
+
+    from prosparse.pruning.proxsparse import ProxConfig
+    from prosparse.pruning.run import config_from_mapping
+
+    path = Path(__file__).parents[2] / "configs" / "proxsparse-smollm2-cpu.yaml"
+    cfg = config_from_mapping(yaml.safe_load(path.read_text()))
+    default = PruneConfig()
+    assert (cfg.samples, cfg.seq_len, cfg.data) == (default.samples, default.seq_len,
+                                                    default.data)
+    assert asdict(replace(cfg.prox, log_every=0)) == asdict(replace(ProxConfig(), log_every=0))
+    assert (cfg.prox.mask_score, cfg.prox.reg_score) == ("wanda", "wanda")
+
+
 @pytest.mark.slow  # two accelerate processes on gloo: about 30 s
 def test_proxsparse_under_accelerate_launch(model_dir, text_file, tmp_path):
     import os

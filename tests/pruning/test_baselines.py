@@ -129,7 +129,7 @@ def test_proxsparse_wanda_reg_score_runs_the_prox_step_on_input_scaled_weights(l
     s = torch.cat(seen).square().sum(0).sqrt()
     s = (s / s.mean()).clamp(min=1e-6)
     learned = prox_2of4(w0 * s, 0.5) / s
-    cfg = ProxConfig(lam=0.5, lr=1e-12, reg_score="wanda")
+    cfg = ProxConfig(lam=0.5, lr=1e-12, reg_score="wanda", mask_score="magnitude")
     masks, _ = learn_masks(llama, prunable_linears(llama), blocks, cfg, progress=False)
     assert torch.equal(masks[name], nm_mask(learned.abs(), 2, 4))
     assert not torch.equal(masks[name], nm_mask(prox_2of4(w0, 0.5).abs(), 2, 4))

@@ -14,7 +14,7 @@ _FLAGS = [
     ("--method", "method", str, "magnitude, wanda, sparsegpt or proxsparse (default wanda)", ()),
     ("--pattern", "pattern", str, "N:M, keep N of every M along the input dim (default 2:4)",
      ()),
-    ("--samples", "samples", int, "calibration blocks (default 64)", ()),
+    ("--samples", "samples", int, "calibration blocks (default 128)", ()),
     ("--prox-lambda", "lambda", float, "ProxSparse: weight of the 2:4 regulariser (default "
                                        "0.05)", ("--lambda",)),
     ("--prox-lambda-scale", "lambda_scale", str, "ProxSparse: raw (prox(w, lambda), the "
@@ -23,10 +23,10 @@ _FLAGS = [
     ("--prox-mask-score", "mask_score", str, "ProxSparse: pick each group's top 2 of the "
                                              "learned weights by magnitude (the paper's) or "
                                              "wanda (|w| times input norm) (default "
-                                             "magnitude)", ()),
+                                             "wanda)", ()),
     ("--prox-reg-score", "reg_score", str, "ProxSparse: the regulariser acts on the weights "
                                            "(magnitude, the paper's) or on them times their "
-                                           "input norm (wanda) (default magnitude)", ()),
+                                           "input norm (wanda) (default wanda)", ()),
     ("--prox-lambda-warmup", "lambda_warmup", float, "ProxSparse: share of steps over which "
                                                      "lambda ramps up from 0 (default 0)", ()),
     ("--lr", "lr", float, "ProxSparse: peak AdamW learning rate (default 1e-3)", ()),

@@ -41,7 +41,7 @@ class PruneConfig:
     """N:M: keep N of every M weights along the input dimension."""
     data: str = "wiki"
     """Calibration source (its train split)."""
-    samples: int = 64
+    samples: int = 128
     """Calibration blocks (not used by magnitude)."""
     seq_len: int = 256
     """Tokens per calibration block."""
