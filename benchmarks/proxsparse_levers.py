@@ -75,8 +75,10 @@ def run_row(name: str, overrides: dict) -> dict:
         name, overrides, time.time() - t0)
     for key in ("layers",):  # per-linear detail: not needed by the table
         result.pop(key, None)
-    if "proxsparse" in result:
-        result["proxsparse"].pop("nonzero_shares", None)
+    if "proxsparse" in result:  # the groups' non-zero counts at the end only
+        shares = result["proxsparse"].pop("nonzero_shares", None)
+        if shares:
+            result["proxsparse"]["final_nonzero_shares"] = shares[-1]
     return result
 
 

@@ -87,7 +87,10 @@ def test_lazyload_database_round_trip(tmp_path):
 
 
 def test_austen_and_pydoc_found_under_an_unpack_root(tmp_path, monkeypatch):
+    import sys
+
     monkeypatch.setenv("PROSPARSE_DEB_ROOT", str(tmp_path / "deb"))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "env"))  # not this environment's copy
     lib = tmp_path / "deb/usr/lib/R/site-library/janeaustenr/data"
     lib.mkdir(parents=True)
     _write_db(lib, {"persuasion": ["Chapter 1", "Sir Walter Elliot, of Kellynch Hall."]})
