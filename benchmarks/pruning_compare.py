@@ -33,7 +33,8 @@ def run(args) -> dict:
     from prosparse.pruning.proxsparse import ProxConfig
     from prosparse.pruning.run import PruneConfig, run_method
 
-    prox = ProxConfig(lam=args.lam, lr=args.lr, epochs=args.epochs, log_every=args.log_every)
+    prox = ProxConfig(lam=args.lam, lr=args.lr, epochs=args.epochs, log_every=args.log_every,
+                      mask_score=args.mask_score, reg_score=args.reg_score)
     cfg = PruneConfig(model=args.model, samples=args.samples, seq_len=args.seq_len, prox=prox)
     _, tok = load_model(args.model)
     blocks = calibration_blocks(tok, "wiki", args.samples, args.seq_len)
@@ -45,7 +46,8 @@ def run(args) -> dict:
                     "seq_len": args.eval_seq_len},
         "lm_eval": {"tasks": TASKS, "limit": args.limit}, "proxsparse": {
             "lambda": args.lam, "lambda_enters": "raw: prox(w, lambda)", "lr": args.lr,
-            "epochs": args.epochs}, "methods": {}}
+            "epochs": args.epochs, "mask_score": args.mask_score,
+            "reg_score": args.reg_score}, "methods": {}}
     # Pass 1: prune and measure perplexity for every method (the JSON is complete after each);
     # pass 2: the lm-eval set on the pruned weights kept in memory.
     pruned = {}
@@ -127,16 +129,20 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--methods", default=",".join(METHODS),
                    type=lambda s: [m for m in s.split(",") if m])
-    p.add_argument("--samples", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=256)
-    # ProxSparse's settings default to `prosparse prune`'s (ProxConfig), so the table's row is
-    # the CLI's default run.
+    # Calibration and ProxSparse's settings default to `prosparse prune`'s (PruneConfig,
+    # ProxConfig), so the table's row is the CLI's default run.
     from prosparse.pruning.proxsparse import ProxConfig
+    from prosparse.pruning.run import PruneConfig
+
+    p.add_argument("--samples", type=int, default=PruneConfig().samples)
+    p.add_argument("--seq-len", type=int, default=256)
 
     d = ProxConfig()
     p.add_argument("--lambda", dest="lam", type=float, default=d.lam)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--mask-score", default=d.mask_score, choices=("magnitude", "wanda"))
+    p.add_argument("--reg-score", default=d.reg_score, choices=("magnitude", "wanda"))
     p.add_argument("--log-every", type=int, default=8)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--eval-seq-len", type=int, default=256)
