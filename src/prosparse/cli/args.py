@@ -231,6 +231,21 @@ def add_out(p: argparse.ArgumentParser, role: str | None = None, required: bool 
 
 # --- runs -----------------------------------------------------------------------------------
 
+def add_time_budget(p: argparse.ArgumentParser) -> None:
+    """--time-budget MIN: the recipe's ``time_budget`` (an override appended after the others)."""
+    p.add_argument("--time-budget", type=checks.nonneg_float, default=None, metavar="MIN",
+                   help="minutes the whole run may take (measurements, training, sweep, report): "
+                        "after timing its first steps it trains fewer steps, the schedule "
+                        "compressed, where the recipe would take longer; 0 = the recipe as "
+                        "written (default: the recipe's time_budget)")
+
+
+def budget_overrides(args) -> list[str]:
+    """The dotted overrides with ``--time-budget`` last, so it wins."""
+    extra = [] if args.time_budget is None else [f"time_budget={args.time_budget:g}"]
+    return [*args.overrides, *extra]
+
+
 def add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=checks.positive_int, default=None, help=HELP["--threads"])
 

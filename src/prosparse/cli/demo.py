@@ -39,13 +39,19 @@ def run_demo(out: str = "runs/demo", recipe: str | Path | None = None,
     t = f"per layer {min(t):g}..{max(t):g}" if isinstance(t, list) else f"{t:g}"
     print(f"threshold t = {t}, trained on {report['tokens_trained']} tokens, "
           f"wall {time.time() - start:.0f} s")
+    tb = report.get("time_budget")
+    if tb and tb["steps"] < tb["planned_steps"]:
+        print(f"time budget {tb['minutes']:g} min: trained {tb['steps']} of the recipe's "
+              f"{tb['planned_steps']} steps ({tb['step_seconds']:.2f} s a step here; the full "
+              f"recipe would take about {tb['estimated_minutes']:.0f} min: "
+              "--time-budget 0 runs it)")
     print(f"run folder: {out} (report.json, table.md, training.png, layer_sparsity.png, final/)")
     return report
 
 
 def _demo(args) -> int:
-    run_demo(out=args.out, recipe=args.recipe, overrides=args.overrides, resume=args.resume,
-             overwrite=args.overwrite)
+    run_demo(out=args.out, recipe=args.recipe, overrides=a.budget_overrides(args),
+             resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -55,6 +61,7 @@ def register(sub) -> None:
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. stages.2.lambda=4")
     a.add_out(p, "the run folder", required=False, default="runs/demo")
     p.add_argument("--recipe", default=None, help="recipe (default configs/demo.yaml)")
+    a.add_time_budget(p)
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted demo from its latest checkpoint")
     p.set_defaults(func=_demo)

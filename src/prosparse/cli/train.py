@@ -46,13 +46,14 @@ def _train(args) -> int:
     from prosparse.training.loop import train
     from prosparse.training.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, a.budget_overrides(args))
     out = args.out or str(Path("runs") / Path(args.recipe).stem)
     result = train(recipe, out, resume=args.resume, overwrite=args.overwrite)
     if result.report:
         print(result.report["table"])
         print(json.dumps({k: result.report[k] for k in ("threshold", "tokens_trained",
-                                                        "wall_seconds")}))
+                                                        "wall_seconds", "time_budget")
+                          if k in result.report}))
     print(f"run folder: {result.run}")
     return 0
 
@@ -144,6 +145,7 @@ def register(sub) -> None:
     p.add_argument("recipe", help="YAML recipe, e.g. configs/demo.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.4.lambda=0.1")
     a.add_out(p, "the run folder (default runs/<recipe name>)", required=False)
+    a.add_time_budget(p)
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in the run folder (refused when "
                         "the model or recipe changed, beyond logging and checkpoint cadence)")

@@ -39,12 +39,14 @@ from prosparse.sparsity.schedule import l1_factor, stage_index, train_threshold
 from prosparse.training.checkpoint import checkpoint_step, load_checkpoint, save_checkpoint
 from prosparse.training.data import build_blocks, heldout_blocks, micro_batch
 from prosparse.training.metrics import MetricsLog
-from prosparse.training.recipe import Recipe
+from prosparse.training.recipe import BUDGET_PROBE_STEPS, Recipe, scale_schedule
 from prosparse.training.report import benchmark, finish_run
 from prosparse.training.runs import (
     check_recipe_inputs,
     check_resume_overwrite,
     check_run_folder,
+    record_budget,
+    recorded_budget,
     start_run_folder,
 )
 
@@ -269,6 +271,9 @@ class _Session:
     alive: list[torch.Tensor] | None = None
     """Dead-neuron re-initialisation: per layer, which neurons were non-zero since the last
     check (bool (d_ff,), on the device)."""
+    timings: dict = field(default_factory=dict)
+    """Seconds the set-up's own measurements took (``heldout``: one held-out evaluation;
+    ``benchmark``: the lm-eval of the original), for ``time_budget``."""
 
     @property
     def world(self) -> int:
@@ -324,10 +329,13 @@ def _setup(recipe: Recipe, run: Path, ckpt: Path | None, accelerator,
         else:  # a ReLU-family model that records no original: its own row, never "original"
             report["start"] = evaluate_heldout(model, heldout, accelerator=accelerator,
                                                progress=shown)
+    timings = {}
     if recipe.eval.tasks and ckpt is None and accelerator.is_main_process:
         key = "original" if original is not None else "start"
+        t0 = time.perf_counter()
         report["benchmarks"] = {key: benchmark(original if original is not None else model,
                                                tok, recipe)}
+        timings["benchmark"] = time.perf_counter() - t0
     teacher = None
     if recipe.distill.weight > 0:
         teacher = (copy.deepcopy(model) if original is model else original).eval()
@@ -339,8 +347,10 @@ def _setup(recipe: Recipe, run: Path, ckpt: Path | None, accelerator,
     originals = [f.act for f in find_gated_ffns(model)]
     relufy_(model, recipe.activation, recipe.activation_param)
     if measure_before:
+        t0 = time.perf_counter()
         report["relu_swap"] = evaluate_heldout(model, heldout, accelerator=accelerator,
                                                progress=shown)
+        timings["heldout"] = time.perf_counter() - t0
     an = recipe.anneal
     if an.steps > 0:  # blend act0 into the swapped-in activation; exact from step an.steps on
         begin_anneal_(model, originals)
@@ -394,7 +404,8 @@ def _setup(recipe: Recipe, run: Path, ckpt: Path | None, accelerator,
     return _Session(recipe=recipe, run=run, accelerator=accelerator, model=model, tok=tok,
                     opt=opt, teacher=teacher, blocks=blocks, masks=masks, heldout=heldout,
                     eval_blocks=eval_blocks, report=report, start_step=start_step,
-                    n_layers=len(find_gated_ffns(model)), t_base=t_base, t_now=t_now)
+                    n_layers=len(find_gated_ffns(model)), t_base=t_base, t_now=t_now,
+                    timings=timings)
 
 
 def _original_model(recipe: Recipe, model: torch.nn.Module
@@ -615,19 +626,113 @@ class _LossWatch:
                                    f"written{self._last_checkpoint()}")
 
 
+def budget_steps(recipe: Recipe, *, elapsed: float, done: int, step_seconds: float,
+                 heldout_seconds: float, eval_fraction: float, benchmark_seconds: float = 0.0
+                 ) -> tuple[int, float]:
+    """``time_budget``: the most optimiser steps (at most the recipe's) whose run ends within
+    the budget, and the minutes the schedule as written would take; at least one step more than
+    ``done`` and one per stage, even when that overruns.
+
+    The estimate: ``elapsed`` seconds so far (``done`` steps made), ``step_seconds`` for each
+    step still to make, a held-out evaluation of ``eval_fraction`` x ``heldout_seconds`` every
+    ``log.eval_every`` steps and at the last, and the end of the run: the trained and final
+    measurements and each threshold the sweep tries (``heldout_seconds`` each; about a dozen
+    for per-layer thresholds), the final lm-eval (``benchmark_seconds``, what the original's
+    took) and saving (two evaluations' worth)."""
+    th, every = recipe.threshold, recipe.log.eval_every
+    sweeps = 12 if th.per_layer else (len(th.sweep) + 1 if th.value is None else 0)
+    end = (2 + sweeps + 2) * heldout_seconds + benchmark_seconds
+
+    def minutes(n: int) -> float:
+        evals = (n // every - done // every + (n % every != 0)) if every else 1
+        return (elapsed + (n - done) * step_seconds + evals * eval_fraction * heldout_seconds
+                + end) / 60
+
+    total, budget = recipe.total_steps, recipe.time_budget
+    full = minutes(total)
+    if full <= budget:
+        return total, full
+    lo = max(done + 1, len(recipe.stages))
+    if lo >= total:
+        return total, full
+    n = lo
+    for cand in range(lo, total):  # minutes() grows with n: the last that fits
+        if minutes(cand) > budget:
+            break
+        n = cand
+    return min(n, total - 1), full
+
+
+def _fit_budget(s: _Session, wall_start: float, done: int, seconds: list[float],
+                main: bool) -> dict:
+    """Time the probe steps and, where the schedule would overrun ``time_budget``, compress
+    it (:func:`~prosparse.training.recipe.scale_schedule`); returns the decision."""
+    recipe = s.recipe
+    step_s = sorted(seconds)[len(seconds) // 2]  # median: a slow first step or GC is no guide
+    held = sum(int(v.shape[0]) for v in s.heldout.values())
+    frac = sum(int(v.shape[0]) for v in s.eval_blocks.values()) / max(1, held)
+    heldout_s = s.timings.get("heldout")
+    if heldout_s is None:  # not measured before training: a forward costs ~1/3 of a step
+        tokens = held * (recipe.data.heldout_seq_len or recipe.data.seq_len)
+        heldout_s = step_s / 3 * tokens / (s.per_step * recipe.data.seq_len)
+    steps, full = budget_steps(recipe, elapsed=time.time() - wall_start, done=done,
+                               step_seconds=step_s, heldout_seconds=heldout_s,
+                               eval_fraction=frac,
+                               benchmark_seconds=s.timings.get("benchmark", 0.0))
+    decision = {"minutes": recipe.time_budget, "step_seconds": round(step_s, 4),
+                "planned_steps": recipe.total_steps, "steps": steps,
+                "estimated_minutes": round(full, 2)}
+    if steps < recipe.total_steps:
+        log.info("time_budget %g min: %d steps at %.2f s a step would end after about %.1f "
+                 "min; training %d steps, the schedule scaled by %.3f",
+                 recipe.time_budget, recipe.total_steps, step_s, full, steps,
+                 steps / recipe.total_steps)
+    else:
+        log.info("time_budget %g min: the %d steps fit (about %.1f min at %.2f s a step)",
+                 recipe.time_budget, recipe.total_steps, full, step_s)
+    if main:
+        record_budget(s.run, decision)
+    return decision
+
+
+def _apply_budget(s: _Session, decision: dict) -> Recipe:
+    if decision["steps"] < s.recipe.total_steps:
+        s.recipe = scale_schedule(s.recipe, decision["steps"])
+        decision["stages"] = [{"lambda": st.lam, "steps": st.steps} for st in s.recipe.stages]
+    s.report["time_budget"] = decision
+    return s.recipe
+
+
 def _train(recipe: Recipe, run: Path, ckpt: Path | None, accelerator, stop_after: int | None,
            progress: bool, wall_start: float) -> TrainResult:
     s = _setup(recipe, run, ckpt, accelerator, progress)
     main = accelerator.is_main_process
     log = MetricsLog(run, main, recipe.log.tensorboard, s.start_step)
+    budget = recipe.time_budget > 0
+    if budget and ckpt is not None and (kept := recorded_budget(run)) is not None:
+        recipe = _apply_budget(s, dict(kept))  # resumed: the schedule the run started
+        budget = False
     last = recipe.total_steps if stop_after is None else min(recipe.total_steps,
                                                              s.start_step + stop_after)
     bar = tqdm(range(s.start_step + 1, last + 1), initial=s.start_step, total=recipe.total_steps,
                disable=not (progress and main), desc="train")
     lambdas = []
     watch = _LossWatch(s)
+    probe: list[float] = []
     for step in bar:
+        if step > last:  # a time budget shortened the run
+            break
         record = _step(s, step)
+        if budget:
+            if step > s.start_step + 1:  # the first step warms up; not a guide
+                probe.append(record["step_seconds"])
+            if len(probe) == BUDGET_PROBE_STEPS or step == last:
+                recipe = _apply_budget(s, _fit_budget(s, wall_start, step, probe, main))
+                last = recipe.total_steps if stop_after is None else min(
+                    recipe.total_steps, s.start_step + stop_after)
+                bar.total = recipe.total_steps
+                bar.refresh()
+                budget = False
         lambdas.append(record["lambda"])
         watch.check(step, record)  # a non-finite loss stops the run here, before any save
         if (recipe.log.eval_every and step % recipe.log.eval_every == 0) or \

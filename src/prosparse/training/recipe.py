@@ -235,6 +235,13 @@ class Recipe:
     AMX; fp32 on other CPUs), ``bf16``, ``fp32``."""
     seed: int = 0
     """Seed of the data order and of torch."""
+    time_budget: float = 0.0
+    """Minutes the whole run may take, from the start of ``prosparse train`` to its report
+    (loading, the measurements before, training, the threshold sweep, the lm-eval). The run
+    times its first :data:`BUDGET_PROBE_STEPS` steps and, when the schedule as written would
+    end later, trains fewer steps: every step count of the schedule (stages, distillation,
+    annealing, threshold ramp) scaled by the same factor (:func:`scale_schedule`), said in the
+    log and in the report's ``time_budget``. 0 = the schedule as written."""
 
     def validate(self) -> None:
         validate_stages(self.stages)
@@ -366,11 +373,51 @@ _FIELD_CHECKS = {
     "checkpoint.every": checks.nonneg_int,
     "checkpoint.keep": checks.positive_int,
     "seed": checks.nonneg_int,
+    "time_budget": checks.nonneg_float,
 }
 _LIST_CHECKS = {
     "data.weights": checks.nonneg_float,
     "threshold.sweep": checks.threshold,
 }
+
+
+BUDGET_PROBE_STEPS = 10
+"""Steps a ``time_budget`` run times before it fixes its schedule (the first one, which warms
+kernels and caches up, is not counted)."""
+
+
+def scale_schedule(recipe: Recipe, steps: int) -> Recipe:
+    """The recipe with its schedule compressed to ``steps`` optimiser steps (fewer than it has):
+    every stage boundary, ``distill.steps``, ``anneal.steps`` and the threshold ramp's start and
+    length multiplied by ``steps / total_steps`` and rounded, stage boundaries kept strictly
+    increasing, the ramp kept inside the run. Lambdas, learning rate, warm-up and logging are
+    unchanged. The result is validated."""
+    import copy
+
+    total = recipe.total_steps
+    if not 0 < steps < total:
+        raise ValueError(f"scale_schedule: steps ({steps}) must be in 1..{total - 1}")
+    if steps < len(recipe.stages):
+        raise UsageError(f"time_budget leaves {steps} steps, fewer than the recipe's "
+                         f"{len(recipe.stages)} stages; raise time_budget or shorten the recipe")
+    f = steps / total
+    out = copy.deepcopy(recipe)
+    prev = 0
+    n = len(out.stages)
+    for i, st in enumerate(out.stages):  # leave one step for each stage still to come
+        st.steps = steps if i == n - 1 else min(max(prev + 1, round(st.steps * f)),
+                                                steps - (n - 1 - i))
+        prev = st.steps
+    if out.distill.steps:
+        out.distill.steps = max(1, round(out.distill.steps * f))
+    out.anneal.steps = round(out.anneal.steps * f)
+    th = out.threshold
+    if th.train > 0:
+        th.train_ramp = min(round(th.train_ramp * f), steps)
+        th.train_start = max(out.anneal.steps, min(round(th.train_start * f),
+                                                   steps - th.train_ramp))
+    out.validate()
+    return out
 
 
 def _get(obj, dotted: str):

@@ -277,6 +277,20 @@ def start_run_folder(run: Path, recipe: Recipe, fingerprint: dict, *, resume: bo
     _replace_text(saved, dump_recipe(recipe))
 
 
+def record_budget(run: Path, decision: dict) -> None:
+    """Main process: keep a ``time_budget`` run's schedule decision in its marker, so that
+    ``--resume`` continues the schedule the run started (not a new estimate)."""
+    marker = read_marker(run) or {"kind": "run"}
+    marker["time_budget"] = decision
+    _replace_text(run / MARKER, json.dumps(marker, indent=2) + "\n")
+
+
+def recorded_budget(run: Path) -> dict | None:
+    """The schedule decision :func:`record_budget` kept, or None."""
+    info = (read_marker(run) or {}).get("time_budget")
+    return info if isinstance(info, dict) and isinstance(info.get("steps"), int) else None
+
+
 def _replace_text(path: Path, text: str) -> None:
     """Write ``text`` beside ``path``, then rename: a kill never leaves half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
