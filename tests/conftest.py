@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import string
+import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,21 @@ import torch
 # prosparse.kernels.triton, which any test folder may trigger: set it before all of them.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@contextmanager
+def benchmark_script(name: str):
+    """``benchmarks/NAME.py`` imported as module ``NAME`` (registered in ``sys.modules`` while
+    in use: dataclasses look their module up there)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(name, None)
 
 
 def tiny_llama(intermediate_size: int = 176, vocab_size: int = 128, seed: int = 0):

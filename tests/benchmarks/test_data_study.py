@@ -3,29 +3,22 @@ its knob, and the table reads finished runs the way `prosparse train` writes the
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from prosparse.training.recipe import load_recipe
+from tests.conftest import benchmark_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("data_study", ROOT / "benchmarks" / "data_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["data_study"] = mod
-    try:
-        spec.loader.exec_module(mod)
+    with benchmark_script("data_study") as mod:
         yield mod
-    finally:
-        sys.modules.pop("data_study", None)
 
 
 def test_variants_are_equal_token_recovery_runs(study):

@@ -3,27 +3,20 @@ the report draws every method as its own series."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 from prosparse.training.recipe import load_recipe
+from tests.conftest import benchmark_script
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def frontier():
-    spec = importlib.util.spec_from_file_location("frontier", ROOT / "benchmarks" / "frontier.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["frontier"] = mod  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(mod)
+    with benchmark_script("frontier") as mod:
         yield mod
-    finally:
-        sys.modules.pop("frontier", None)
 
 
 def _trained(frontier, budget=1):

@@ -3,21 +3,15 @@ paper's scores, and the lm-eval table's means are the tasks' own."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def levers():
-    spec = importlib.util.spec_from_file_location("levers", ROOT / "benchmarks" /
-                                                  "proxsparse_levers.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    with benchmark_script("proxsparse_levers") as mod:
+        yield mod
 
 
 def test_every_row_is_a_valid_config_and_one_lever_from_the_base(levers):

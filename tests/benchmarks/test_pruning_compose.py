@@ -4,26 +4,15 @@ held-out source."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def compose():
-    spec = importlib.util.spec_from_file_location("pruning_compose", ROOT / "benchmarks" /
-                                                  "pruning_compose.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up
-    try:
-        spec.loader.exec_module(mod)
+    with benchmark_script("pruning_compose") as mod:
         yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_orders_share_their_starting_models_and_recipe(compose):
