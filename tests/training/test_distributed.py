@@ -116,3 +116,22 @@ def test_fsdp_matches_ddp(tmp_path, text_file):
     b, _ = load_model(str(tmp_path / "fsdp/final"))
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.slow  # two accelerate processes: about 20 s
+def test_two_processes_train_one_budgeted_schedule(tmp_path, text_file):
+    """Each process times its own steps; both must train the same compressed schedule (a
+    process that stopped earlier would leave the other waiting in a collective)."""
+    from prosparse.training.metrics import read_metrics
+
+    out = tmp_path / "run"
+    overrides = [*_tiny_overrides(tmp_path, text_file), "time_budget=0.0001", "log.eval_every=0",
+                 "stages=[{lambda: 0, steps: 14}, {lambda: 0.5, steps: 20}, "
+                 "{lambda: 1.0, steps: 24}]", "checkpoint.every=0"]
+    _launch(out, overrides, port=29520)
+    ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]["lambdas"]) == len(ranks[1]["lambdas"]) == 12
+    assert ranks[0]["lambdas"] == ranks[1]["lambdas"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["time_budget"]["steps"] == 12 < report["time_budget"]["planned_steps"]
+    assert [r["step"] for r in read_metrics(out)][-1] == 12

@@ -679,6 +679,9 @@ def _fit_budget(s: _Session, wall_start: float, done: int, seconds: list[float],
                                step_seconds=step_s, heldout_seconds=heldout_s,
                                eval_fraction=frac,
                                benchmark_seconds=s.timings.get("benchmark", 0.0))
+    if s.world > 1:  # every process trains the same schedule: the most cautious estimate
+        acc = s.accelerator
+        steps = int(acc.gather(torch.tensor([steps], device=acc.device)).min())
     decision = {"minutes": recipe.time_budget, "step_seconds": round(step_s, 4),
                 "planned_steps": recipe.total_steps, "steps": steps,
                 "estimated_minutes": round(full, 2)}
