@@ -265,7 +265,8 @@ def test_per_layer_thresholds_as_the_recipe_deploys_them(tiny_dir, text_file, tm
 
 def test_dead_neurons_get_their_gate_drawn_again(tiny_dir, text_file, tmp_path):
     """A threshold far above every gate leaves the FFNs dead; optim.reinit_dead_every redraws
-    their gate rows at the layer's scale (the counts are in the metrics)."""
+    their gate rows at the layer's scale and zero their down-projection columns (the counts are
+    in the metrics)."""
     from prosparse import load_model
 
     _reset_accelerate()
@@ -282,3 +283,7 @@ def test_dead_neurons_get_their_gate_drawn_again(tiny_dir, text_file, tmp_path):
     assert changed.float().mean() > 0.5
     assert float(after.pow(2).mean().sqrt()) == pytest.approx(
         float(before.pow(2).mean().sqrt()), rel=0.5)
+    # a revived neuron starts with no output: its down-projection column is zero
+    down = load_model(str(tmp_path / "run/checkpoints/step-000002/model"))[0] \
+        .model.layers[0].mlp.down_proj.weight.detach()
+    assert torch.equal((down == 0).all(dim=0), changed)

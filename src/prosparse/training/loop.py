@@ -542,8 +542,14 @@ def _step(s: _Session, step: int) -> dict:
 @torch.no_grad()
 def _reinit_dead_(s: _Session, step: int) -> int:
     """Draw again the gate rows of the neurons that stayed at zero since the last check (at
-    their layer's RMS row scale, the same draw on every process), clear their AdamW moments,
-    and start counting afresh. Returns how many were re-initialised."""
+    their layer's RMS row scale, the same draw on every process), zero their down-projection
+    columns, clear the AdamW moments of both, and start counting afresh. Returns how many were
+    re-initialised.
+
+    A revived neuron starts with no output: its old down-projection column was never trained
+    while it was dead, and some (SmolLM2's massive-activation neurons among them) are large
+    enough that firing them at once sends the perplexity into the thousands. From zero, the
+    column grows only as the loss asks for it."""
     accelerator = s.accelerator
     n = 0
     for i, ffn in enumerate(find_gated_ffns(accelerator.unwrap_model(s.model))):
@@ -559,10 +565,13 @@ def _reinit_dead_(s: _Session, step: int) -> int:
         gen = torch.Generator().manual_seed(s.recipe.seed * 1_000_003 + step * 101 + i)
         fresh = torch.randn(dead.numel(), w.shape[1], generator=gen) * scale
         w[dead] = fresh.to(device=w.device, dtype=w.dtype)
-        state = s.opt.state.get(w, {})
-        for key in ("exp_avg", "exp_avg_sq"):
-            if key in state:
-                state[key][dead] = 0
+        down = ffn.module.down_proj.weight
+        down[:, dead] = 0
+        for p, idx in ((w, (dead,)), (down, (slice(None), dead))):
+            state = s.opt.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key][idx] = 0
         n += dead.numel()
     return n
 
