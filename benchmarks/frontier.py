@@ -668,7 +668,8 @@ def main() -> None:
         rows.append(r)
     if rows:
         md = report(rows, row_dir)
-        (row_dir / "frontier.md").write_text(md + "\n")
+        RUNS.mkdir(parents=True, exist_ok=True)  # the tables beside the runs, not the results
+        (RUNS / f"{row_dir.name}.md").write_text(md + "\n")
         print(md)
 
 
