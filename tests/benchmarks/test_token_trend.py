@@ -45,3 +45,17 @@ def test_every_committed_run_loads(trend):
         tokens, base, pts = trend.load_points(trend.RESULTS / rel)
         assert tokens > 0 and 15 < base < 25 and len(pts) >= 1
         assert all(0 < s < 1 and math.isfinite(p) for s, p in pts)
+
+
+def test_the_prepared_run_is_the_trend_budget_within_90_minutes(trend):
+    """benchmarks/paper_sparsity.yaml: the tokens the trend gives, the quality bar's lm-eval
+    (500 documents a task, 5 tasks) and a 90-minute budget that compresses it where steps are
+    slower; its report lands where the trend reads it."""
+    from prosparse.training.recipe import load_recipe
+
+    r = load_recipe(ROOT / "benchmarks" / "paper_sparsity.yaml")
+    tokens = r.stages[-1].steps * r.batch_size * r.grad_accum * r.data.seq_len
+    assert tokens == 5000 * trend.TOKENS_PER_STEP
+    assert r.time_budget == 90 and r.eval.limit >= 500 and len(r.eval.tasks) == 5
+    assert r.threshold.per_layer and r.threshold.train > 0
+    assert trend.EXTRA.name == "paper_sparsity_report.json"
