@@ -89,3 +89,35 @@ def test_tiny_model_dir_loads(model_dir):
     model, tok = load_model(str(model_dir))
     assert model.training is False and tok.eos_token_id == 1
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_threshold_command_reference_model(model_dir, text_file, tmp_path, capsys):
+    """--reference judges the tolerance against another model's perplexity on the same text."""
+    from prosparse import load_model
+    from prosparse.measure.heldout import evaluate_heldout
+    from prosparse.measure.sparsity import heldout_sets
+
+    js = tmp_path / "t.json"
+    assert main(["threshold", str(model_dir), "--act", "relu", "--data", str(text_file),
+                 "--thresholds", "0,0.01,1", "--tokens", "128", "--seq-len", "32",
+                 "--reference", str(model_dir), "--tolerance", "0.05", "--json", str(js)]) == 0
+    result = json.loads(js.read_text())
+    ref, tok = load_model(str(model_dir))  # the SiLU model as saved
+    want = evaluate_heldout(ref, heldout_sets(tok, [str(text_file)], 128, 32))["perplexity"]
+    assert result["reference_perplexity"] == pytest.approx(want)
+    rows = {r["t"]: r["perplexity"] for r in result["thresholds"]}
+    ok = [t for t, p in rows.items() if p <= want * 1.05]
+    assert result["within_tolerance"] == bool(ok)
+    assert result["recommended"] == (max(ok) if ok else 0)
+    assert f"reference {model_dir}: perplexity" in capsys.readouterr().out
+
+
+def test_threshold_reference_with_another_tokenizer_is_refused(model_dir, llama, tokenizer,
+                                                               text_file, tmp_path, capsys):
+    other = tmp_path / "other"
+    tok = tokenizer.__class__.from_pretrained(str(model_dir))
+    tok.add_tokens(["<extra>"])
+    save_model(llama, tok, other)
+    assert main(["threshold", str(model_dir), "--act", "relu", "--data", str(text_file),
+                 "--tokens", "128", "--seq-len", "32", "--reference", str(other)]) == 2
+    assert "has another tokenizer" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from prosparse.core.errors import UsageError
 from prosparse.measure.cett import (
     cett_curve,
     cutoff_for,
@@ -181,3 +182,47 @@ def test_per_layer_thresholds_hold_the_tolerance_and_deploy(trained, tmp_path, t
         dense = back(input_ids=ids).logits
         sparsify_(back, backend="cpu", dense_below=0.0)  # every kernel reads its layer's t
         torch.testing.assert_close(back(input_ids=ids).logits, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_per_layer_thresholds_against_a_reference_may_fall_below_the_trained_t(trained, text_file):
+    """Judged against another model's perplexity (the original's), the search finds the sparsest
+    thresholds within it, below the trained t where the budget asks for it; a budget even plain
+    ReLU misses is reported, not hidden."""
+    import copy
+
+    from prosparse import relufy_
+    from prosparse.measure.heldout import evaluate_heldout
+    from prosparse.measure.sparsity import heldout_sets
+    from prosparse.measure.threshold import per_layer_thresholds
+    from prosparse.models.relufy import set_threshold_
+    from tests.conftest import char_tokenizer
+
+    model, _, _ = trained
+    tok = char_tokenizer()
+    data = [f"c={text_file}"]
+    held = heldout_sets(tok, data, 256, 32)
+    relu = copy.deepcopy(model)
+    relufy_(relu, "relu")
+    at_zero = evaluate_heldout(relu, held)["perplexity"]
+    for big_t in (0.3, 0.6, 1.2, 2.4, 4.8):  # a threshold the model pays for
+        set_threshold_(relu, big_t)
+        at_big = evaluate_heldout(relu, held)["perplexity"]
+        if at_big > 1.05 * at_zero:
+            break
+    assert at_big > 1.05 * at_zero
+    ref = (at_zero + at_big) / 2 / 1.01
+    kw = dict(data=data, tokens=256, seq_len=32, calib_tokens=256, progress=False)
+    r = per_layer_thresholds(relu, tok, tolerance=0.01, baseline_t=big_t,
+                             reference_perplexity=ref, **kw)
+    assert r["within_tolerance"] and r["reference_perplexity"] == ref
+    assert r["baseline_perplexity"] == pytest.approx(at_big)
+    assert r["perplexity"] <= ref * 1.01 < r["baseline_perplexity"]
+    assert min(r["layer_thresholds"]) < big_t and max(r["layer_thresholds"]) > 0
+    set_threshold_(relu, r["layer_thresholds"])
+    assert evaluate_heldout(relu, held)["perplexity"] == pytest.approx(r["perplexity"])
+    miss = per_layer_thresholds(relu, tok, tolerance=0.0, baseline_t=big_t,
+                                reference_perplexity=at_zero / 2, **kw)
+    assert not miss["within_tolerance"] and miss["layer_thresholds"] == [0.0, 0.0]
+    assert miss["perplexity"] == pytest.approx(at_zero)
+    with pytest.raises(UsageError, match="reference perplexity"):
+        per_layer_thresholds(relu, tok, reference_perplexity=float("nan"), **kw)

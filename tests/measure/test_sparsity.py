@@ -137,3 +137,21 @@ def test_threshold_sweep_tolerance_is_relative_to_baseline_t(llama, tokenizer, t
     with pytest.raises(UsageError, match="baseline_t"):
         threshold_sweep(llama, tokenizer, [0.1], data=[str(text_file)], tokens=256, seq_len=32,
                         progress=False, baseline_t=-1.0)
+
+
+def test_threshold_sweep_against_a_reference_perplexity(llama, tokenizer, text_file):
+    """Judged against a reference (the original model's perplexity), the recommendation is the
+    largest t within it, and a reference no t meets says so and falls back to the lowest t."""
+    relufy_(llama)
+    kw = dict(data=[str(text_file)], tokens=256, seq_len=32, progress=False)
+    out = threshold_sweep(llama, tokenizer, [0.0, 0.5, 5.0], tolerance=0.0, **kw)
+    rows = {r["t"]: r["perplexity"] for r in out["thresholds"]}
+    ref = (rows[0.5] + rows[5.0]) / 2
+    out = threshold_sweep(llama, tokenizer, [0.0, 0.5, 5.0], tolerance=0.0,
+                          reference_perplexity=ref, **kw)
+    expected = max(t for t, p in rows.items() if p <= ref)
+    assert out["recommended"] == expected and out["within_tolerance"]
+    assert out["reference_perplexity"] == ref
+    low = threshold_sweep(llama, tokenizer, [0.5, 5.0], tolerance=0.0,
+                          reference_perplexity=min(rows.values()) / 2, baseline_t=0.5, **kw)
+    assert not low["within_tolerance"] and low["recommended"] == 0.5

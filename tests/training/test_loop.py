@@ -263,6 +263,26 @@ def test_per_layer_thresholds_as_the_recipe_deploys_them(tiny_dir, text_file, tm
     assert act in ("fatrelu", "relu") and (params == pytest.approx(ts) or max(ts) == 0)
 
 
+def test_thresholds_judged_against_the_original_model(tiny_dir, text_file, tmp_path):
+    """threshold.reference original: the final thresholds are searched against the original
+    model's held-out perplexity, measured before the swap, and the report says which."""
+    from prosparse.core.errors import UsageError
+
+    _reset_accelerate()
+    res = train(tiny_recipe(tiny_dir, text_file, "threshold.value=null",
+                            "threshold.per_layer=true", "threshold.tolerance=0.5",
+                            "threshold.reference=original"),
+                tmp_path / "run", progress=False)
+    r = res.report
+    chosen = r["threshold_per_layer"]
+    assert chosen["reference_perplexity"] == pytest.approx(r["original"]["perplexity"])
+    assert chosen["within_tolerance"] == (
+        r["final"]["perplexity"] <= 1.5 * r["original"]["perplexity"] + 1e-9)
+    assert r["threshold"] == chosen["layer_thresholds"]
+    with pytest.raises(UsageError, match="threshold.reference 'model'"):
+        tiny_recipe(tiny_dir, text_file, "threshold.reference=model")
+
+
 def test_dead_neurons_get_their_gate_drawn_again(tiny_dir, text_file, tmp_path):
     """A threshold far above every gate leaves the FFNs dead; optim.reinit_dead_every redraws
     their gate rows at the layer's scale and zero their down-projection columns (the counts are

@@ -99,23 +99,53 @@ def _threshold(args) -> int:
     a.activation_from_args(args)  # conflicting flags fail before the model loads
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     a.apply_activation_args(model, args)
+    ref = _reference_perplexity(args, tok) if args.reference else None
     if args.per_layer:
-        return _per_layer(args, model, tok)
+        return _per_layer(args, model, tok, ref)
     result = threshold_sweep(model, tok, args.thresholds, data=args.data or [DEFAULT_DATA],
                              tolerance=args.tolerance, tokens=args.tokens, seq_len=args.seq_len,
-                             batch_size=args.batch_size, baseline_t=args.baseline_t)
+                             batch_size=args.batch_size, baseline_t=args.baseline_t,
+                             reference_perplexity=ref)
     rows = [[f"{r['t']:g}", pct(r["average_sparsity"]), f"{r['perplexity']:.3f}"]
             for r in result["thresholds"]]
     print(format_table(["t", "sparsity %", "perplexity"], rows))
-    print(f"recommended t = {result['recommended']:g} (perplexity within "
-          f"{100 * args.tolerance:g}% of t = {args.baseline_t:g}: "
-          f"{result['baseline_perplexity']:.3f})")
+    if not result["within_tolerance"]:
+        print(f"no t is within {100 * args.tolerance:g}% of {_judged(args, result)}; "
+              f"recommended t = {result['recommended']:g}, the lowest tried")
+    else:
+        print(f"recommended t = {result['recommended']:g} (perplexity within "
+              f"{100 * args.tolerance:g}% of {_judged(args, result)})")
     if args.json:
         write_json(args.json, result)
     return 0
 
 
-def _per_layer(args, model, tok) -> int:
+def _reference_perplexity(args, tok) -> float:
+    """``--reference MODEL``: its perplexity on the held-out text the thresholds are judged on
+    (tokenized as the model's: the two must share a vocabulary to be compared)."""
+    from prosparse.core.errors import UsageError
+    from prosparse.measure.heldout import evaluate_heldout
+    from prosparse.measure.sparsity import heldout_sets
+    from prosparse.models.loading import load_model
+
+    ref, ref_tok = load_model(args.reference, dtype=args.dtype, device=args.device)
+    if ref_tok.get_vocab() != tok.get_vocab():
+        raise UsageError(f"--reference {args.reference} has another tokenizer than {args.model}: "
+                         "perplexities over different tokens do not compare; give the model "
+                         "it was trained from")
+    batches = heldout_sets(tok, args.data or [DEFAULT_DATA], args.tokens, args.seq_len)
+    ppl = evaluate_heldout(ref, batches, args.batch_size)["perplexity"]
+    print(f"reference {args.reference}: perplexity {ppl:.3f}")
+    return ppl
+
+
+def _judged(args, result: dict) -> str:
+    if result.get("reference_perplexity") is not None:
+        return f"{args.reference}: {result['reference_perplexity']:.3f}"
+    return f"t = {args.baseline_t:g}: {result['baseline_perplexity']:.3f}"
+
+
+def _per_layer(args, model, tok, ref: float | None = None) -> int:
     """``threshold --per-layer``: one FATReLU threshold per layer from a shared CETT budget."""
     from prosparse.core.io import write_json
     from prosparse.measure.threshold import per_layer_thresholds
@@ -123,15 +153,19 @@ def _per_layer(args, model, tok) -> int:
     result = per_layer_thresholds(model, tok, data=args.data or [DEFAULT_DATA],
                                   tolerance=args.tolerance, tokens=args.tokens,
                                   seq_len=args.seq_len, batch_size=args.batch_size,
-                                  baseline_t=args.baseline_t)
+                                  baseline_t=args.baseline_t, reference_perplexity=ref)
     ts = result["layer_thresholds"]
     print(format_table(["layer", "t", "sparsity %"],
                        [[i, f"{t:.4g}", pct(s)] for i, (t, s) in
                         enumerate(zip(ts, result["layer_sparsity"]))]))
-    print(f"per-layer thresholds: sparsity {pct(result['average_sparsity'])}% at perplexity "
-          f"{result['perplexity']:.3f} (within {100 * args.tolerance:g}% of t = "
-          f"{args.baseline_t:g}: {result['baseline_perplexity']:.3f}); deploy with relufy_(model, "
-          "'fatrelu', layer_thresholds) or the recipe's threshold.per_layer")
+    if not result["within_tolerance"]:
+        print(f"even plain ReLU (every t = 0) is past {100 * args.tolerance:g}% of "
+              f"{_judged(args, result)}: perplexity {result['perplexity']:.3f}")
+    else:
+        print(f"per-layer thresholds: sparsity {pct(result['average_sparsity'])}% at perplexity "
+              f"{result['perplexity']:.3f} (within {100 * args.tolerance:g}% of "
+              f"{_judged(args, result)}); deploy with relufy_(model, 'fatrelu', "
+              "layer_thresholds) or the recipe's threshold.per_layer")
     if args.json:
         write_json(args.json, result)
     return 0
@@ -175,5 +209,9 @@ def register(sub) -> None:
                    help="pick one threshold per layer instead (each within a CETT budget shared "
                         "by all layers, the budget searched to the tolerance); --thresholds is "
                         "then unused")
+    p.add_argument("--reference", default=None, metavar="MODEL",
+                   help="judge the tolerance against this model's perplexity on the same text "
+                        "(e.g. the original SiLU model) instead of the model's own at "
+                        "--baseline-t; per-layer thresholds may then fall below --baseline-t")
     a.add_json(p, "the results")
     p.set_defaults(func=_threshold)

@@ -25,6 +25,7 @@ def threshold_sweep(
     batch_size: int = 4,
     progress: bool = True,
     baseline_t: float = 0.0,
+    reference_perplexity: float | None = None,
 ) -> dict:
     """Sparsity and perplexity of ``model`` with FATReLU at each threshold ``t``.
 
@@ -34,7 +35,12 @@ def threshold_sweep(
     under plain ReLU, the trained threshold for one trained under FATReLU (``threshold.train``),
     whose perplexity at t = 0 is off its training point. Sparsity and perplexity combine
     all data sources token-weighted. Returns the JSON of ``prosparse threshold``.
+
+    With ``reference_perplexity`` (another model's perplexity on the same text, e.g. the
+    original SiLU model's), the tolerance is judged against it instead; when no ``t`` is within
+    it, ``recommended`` is the lowest ``t`` and ``within_tolerance`` is false.
     """
+    _check_reference(reference_perplexity)
     if not thresholds or any(not math.isfinite(t) or t < 0 for t in thresholds):
         raise UsageError(f"--thresholds must be finite and >= 0 (got {thresholds})")
     if not math.isfinite(tolerance) or tolerance < 0:
@@ -56,14 +62,24 @@ def threshold_sweep(
     finally:
         restore()
     base = rows[float(baseline_t)]["perplexity"]
-    ok = [t for t in grid if rows[t]["perplexity"] <= base * (1 + tolerance)]
+    limit = (base if reference_perplexity is None else reference_perplexity) * (1 + tolerance)
+    ok = [t for t in grid if rows[t]["perplexity"] <= limit]
     return {
         "thresholds": [rows[t] for t in sorted(set(thresholds))],
-        "recommended": max(ok),
+        "recommended": max(ok) if ok else grid[0],
+        "within_tolerance": bool(ok),
         "baseline_perplexity": base,
         "baseline_t": float(baseline_t),
         "tolerance": tolerance,
+        "reference_perplexity": reference_perplexity,
     }
+
+
+def _check_reference(reference_perplexity: float | None) -> None:
+    if reference_perplexity is not None and not (math.isfinite(reference_perplexity)
+                                                 and reference_perplexity > 0):
+        raise UsageError(f"the reference perplexity ({reference_perplexity}) must be a finite "
+                         "number > 0")
 
 
 def per_layer_thresholds(
@@ -78,6 +94,7 @@ def per_layer_thresholds(
     baseline_t: float = 0.0,
     interval: float = 1e-3,
     progress: bool = True,
+    reference_perplexity: float | None = None,
 ) -> dict:
     """One FATReLU threshold per layer instead of the paper's single ``t``.
 
@@ -88,7 +105,14 @@ def per_layer_thresholds(
     ``baseline_t``, as the single-``t`` sweep judges it. Layers whose gates matter less get a
     higher threshold. The model's activation is restored afterwards; the JSON has the
     ``layer_thresholds`` to deploy (``relufy_(model, "fatrelu", layer_thresholds)``).
+
+    With ``reference_perplexity`` (another model's perplexity on the same text, e.g. the
+    original SiLU model's), the budget is searched for the largest perplexity within
+    ``tolerance`` of it instead, and a layer's threshold may fall below ``baseline_t``: the
+    sparsest thresholds at that quality. ``within_tolerance`` is false when even plain ReLU
+    (every threshold 0) is past it; the thresholds are then all 0.
     """
+    _check_reference(reference_perplexity)
     from prosparse.measure.cett import cett_curve, cutoff_for, dense_gates, dense_x1
     from prosparse.models.relufy import find_gated_ffns
 
@@ -105,7 +129,15 @@ def per_layer_thresholds(
     try:
         set_threshold_(model, baseline_t)
         base = evaluate_heldout(model, batches, batch_size)
-        limit = base["perplexity"] * (1 + tolerance)
+        if reference_perplexity is None:
+            floor, limit = float(baseline_t), base["perplexity"] * (1 + tolerance)
+            best = (0.0, [floor] * len(find_gated_ffns(model)), base)
+        else:
+            floor, limit = 0.0, reference_perplexity * (1 + tolerance)
+            set_threshold_(model, 0.0)
+            best = (0.0, [0.0] * len(find_gated_ffns(model)),
+                    evaluate_heldout(model, batches, batch_size))
+        within = best[2]["perplexity"] <= limit
         gates = dense_gates(model, calib, calib_tokens, batch_size)
         x1s = dense_x1(model, calib, calib_tokens, batch_size)
         ffns = find_gated_ffns(model)
@@ -115,9 +147,9 @@ def per_layer_thresholds(
                                            disable=not progress), gates, ffns)]
 
         def at(c: float) -> list[float]:
-            return [max(float(baseline_t), cutoff_for(t, v, c)) for t, v in curves]
+            return [max(floor, cutoff_for(t, v, c)) for t, v in curves]
 
-        lo, hi, best = 0.0, 1.0, (0.0, [float(baseline_t)] * len(curves), base)
+        lo, hi = 0.0, 1.0
         for _ in tqdm(range(math.ceil(math.log2(1 / interval))), desc="per-layer search",
                       leave=False, disable=not progress):
             mid = (lo + hi) / 2
@@ -125,7 +157,7 @@ def per_layer_thresholds(
             set_threshold_(model, ts)
             res = evaluate_heldout(model, batches, batch_size)
             if res["perplexity"] <= limit:
-                lo, best = mid, (mid, ts, res)
+                lo, best, within = mid, (mid, ts, res), True
             else:
                 hi = mid
     finally:
@@ -133,4 +165,5 @@ def per_layer_thresholds(
     c, ts, res = best
     return {"layer_thresholds": ts, "cett": c, "tolerance": tolerance,
             "baseline_t": float(baseline_t), "baseline_perplexity": base["perplexity"],
-            "baseline_sparsity": base["average_sparsity"], **res}
+            "baseline_sparsity": base["average_sparsity"],
+            "reference_perplexity": reference_perplexity, "within_tolerance": within, **res}

@@ -304,8 +304,9 @@ def _setup(recipe: Recipe, run: Path, ckpt: Path | None, accelerator,
                          "to render the messages with; use an instruct model's tokenizer or "
                          "data.format=text")
     measure_before = recipe.log.measure_before and ckpt is None
+    by_original = recipe.threshold.reference == "original"
     needs_original = measure_before or recipe.distill.weight > 0 or \
-        (recipe.eval.tasks and ckpt is None)
+        (recipe.eval.tasks and ckpt is None) or by_original
     original, origin = _original_model(recipe, model) if needs_original else (model, None)
     if TRAINED_FROM_KEY not in vars(model.config) and origin is not None:
         setattr(model.config, TRAINED_FROM_KEY, origin)  # final/ and checkpoints record it
@@ -329,6 +330,13 @@ def _setup(recipe: Recipe, run: Path, ckpt: Path | None, accelerator,
         else:  # a ReLU-family model that records no original: its own row, never "original"
             report["start"] = evaluate_heldout(model, heldout, accelerator=accelerator,
                                                progress=shown)
+    if by_original and "original" not in report:
+        if original is None:
+            raise UsageError(f"threshold.reference is original but {recipe.model} records no "
+                             "original model to compare with; use threshold.reference trained")
+        # a resumed run measures it again: the threshold search is judged against it at the end
+        report["original"] = evaluate_heldout(original, heldout, accelerator=accelerator,
+                                              progress=shown)
     timings = {}
     if recipe.eval.tasks and ckpt is None and accelerator.is_main_process:
         key = "original" if original is not None else "start"

@@ -127,6 +127,11 @@ class ThresholdConfig:
     """One FATReLU threshold per layer instead of one ``t``: each layer's the largest within a
     CETT budget shared by all layers, the budget searched for the largest perplexity within
     ``tolerance`` (``prosparse threshold --per-layer``); ``sweep`` and ``value`` are then unused."""
+    reference: str = "trained"
+    """What ``tolerance`` is relative to: ``trained``, the model's own perplexity at the trained
+    threshold (``train``), or ``original``, the original model's before the swap: then the
+    final threshold is the sparsest whose perplexity is within ``tolerance`` of the original
+    (``tolerance: 0.15`` = at most 1.15x), and per-layer thresholds may fall below ``train``."""
     train: float = 0.0
     """Threshold-aware training (not in the paper): the FATReLU threshold the model trains under
     at the end, reached by a linear ramp from the swapped-in activation's own threshold (0 for
@@ -313,6 +318,9 @@ class Recipe:
                 raise UsageError(f"threshold.train_start ({th.train_start}) falls inside the "
                                  f"activation annealing ramp (anneal.steps {self.anneal.steps}); "
                                  "start the threshold ramp after it")
+        if th.reference not in ("trained", "original"):
+            raise UsageError(f"threshold.reference {th.reference!r}: choose trained (the model's "
+                             "own perplexity at the trained threshold) or original")
         if th.value is None and not th.sweep and not th.per_layer:
             raise UsageError("threshold.sweep is empty and threshold.value is null: give the "
                              "thresholds to try (e.g. threshold.sweep=[0.01,0.02]) or a fixed "

@@ -110,6 +110,7 @@ def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, 
         log.warning("threshold shift skipped: %s", reason)
         report.update(threshold=None, shift=param, threshold_skipped=reason)
     else:
+        reference = report["original"]["perplexity"] if th.reference == "original" else None
         if th.per_layer:
             from prosparse.measure.threshold import per_layer_thresholds
 
@@ -117,7 +118,7 @@ def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, 
                 accelerator.unwrap_model(model), tokenizer, data=recipe.data.heldout,
                 tolerance=th.tolerance, tokens=recipe.data.heldout_tokens,
                 seq_len=recipe.data.heldout_seq_len or recipe.data.seq_len, progress=shown,
-                baseline_t=th.train)
+                baseline_t=th.train, reference_perplexity=reference)
             report["threshold_per_layer"] = {k: v for k, v in chosen.items()
                                              if k not in ("datasets",)}
             t = chosen["layer_thresholds"]
@@ -128,7 +129,8 @@ def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, 
                                     data=recipe.data.heldout, tolerance=th.tolerance,
                                     tokens=recipe.data.heldout_tokens,
                                     seq_len=recipe.data.heldout_seq_len or recipe.data.seq_len,
-                                    progress=shown, baseline_t=th.train)
+                                    progress=shown, baseline_t=th.train,
+                                    reference_perplexity=reference)
             report["threshold_sweep"] = sweep
             t = float(sweep["recommended"])
         else:
