@@ -121,3 +121,23 @@ def test_threshold_reference_with_another_tokenizer_is_refused(model_dir, llama,
     assert main(["threshold", str(model_dir), "--act", "relu", "--data", str(text_file),
                  "--tokens", "128", "--seq-len", "32", "--reference", str(other)]) == 2
     assert "has another tokenizer" in capsys.readouterr().err
+
+
+def test_threshold_out_saves_the_chosen_thresholds(model_dir, text_file, tmp_path, capsys):
+    from prosparse.models.relufy import current_activation
+
+    js, out = tmp_path / "t.json", tmp_path / "deploy"
+    args = ["threshold", str(model_dir), "--act", "relu", "--data", str(text_file),
+            "--tokens", "128", "--seq-len", "32", "--per-layer", "--tolerance", "0.05",
+            "--json", str(js), "--out", str(out)]
+    assert main(args) == 0
+    ts = json.loads(js.read_text())["layer_thresholds"]
+    model, _ = load_model(str(out))
+    act, param = current_activation(model)
+    assert act in ("fatrelu", "relu")
+    assert (param if isinstance(param, list) else [param] * len(ts)) == pytest.approx(ts)
+    assert f"wrote {out}" in capsys.readouterr().out
+    keep = out / "config.json"
+    before = keep.read_text()
+    assert main(args) == 2  # an existing --out: refused before any work, nothing touched
+    assert "--overwrite" in capsys.readouterr().err and keep.read_text() == before

@@ -310,7 +310,7 @@ def check_predictor_dir(path: str) -> Path:
 # --- outputs ---------------------------------------------------------------------------------
 
 INPUT_DESTS = ("model", "data", "eval_data", "recipe", "config", "predictors", "data_dir",
-               "results", "run", "data_root")
+               "results", "run", "data_root", "reference")
 """Arguments that name things a command reads (a path, or ``NAME=PATH`` for data)."""
 RESULT_DESTS = ("json", "plot")
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".svgz", ".jpg", ".jpeg", ".eps", ".ps", ".tif",

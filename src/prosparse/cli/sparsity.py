@@ -97,6 +97,8 @@ def _threshold(args) -> int:
 
     check_data(args.data or [DEFAULT_DATA])
     a.activation_from_args(args)  # conflicting flags fail before the model loads
+    if args.out:
+        checks.check_output_dir(args.out, args.overwrite)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     a.apply_activation_args(model, args)
     ref = _reference_perplexity(args, tok) if args.reference else None
@@ -115,6 +117,7 @@ def _threshold(args) -> int:
     else:
         print(f"recommended t = {result['recommended']:g} (perplexity within "
               f"{100 * args.tolerance:g}% of {_judged(args, result)})")
+    _save(args, model, tok, result["recommended"])
     if args.json:
         write_json(args.json, result)
     return 0
@@ -137,6 +140,20 @@ def _reference_perplexity(args, tok) -> float:
     ppl = evaluate_heldout(ref, batches, args.batch_size)["perplexity"]
     print(f"reference {args.reference}: perplexity {ppl:.3f}")
     return ppl
+
+
+def _save(args, model, tok, t) -> None:
+    """``--out``: the model with the chosen threshold(s) applied, a checkpoint to deploy."""
+    if not args.out:
+        return
+    from prosparse.models.relufy import current_activation, set_threshold_
+    from prosparse.models.saving import save_model
+
+    set_threshold_(model, t)
+    path = save_model(model, tok, args.out, overwrite=args.overwrite)
+    act, param = current_activation(model)
+    shown = f"{param:g}" if isinstance(param, float) else f"{min(param):.4g}..{max(param):.4g}"
+    print(f"wrote {path} (hidden_act={act}, hidden_act_param={shown})")
 
 
 def _judged(args, result: dict) -> str:
@@ -166,6 +183,7 @@ def _per_layer(args, model, tok, ref: float | None = None) -> int:
               f"{result['perplexity']:.3f} (within {100 * args.tolerance:g}% of "
               f"{_judged(args, result)}); deploy with relufy_(model, 'fatrelu', "
               "layer_thresholds) or the recipe's threshold.per_layer")
+    _save(args, model, tok, ts)
     if args.json:
         write_json(args.json, result)
     return 0
@@ -214,4 +232,5 @@ def register(sub) -> None:
                         "(e.g. the original SiLU model) instead of the model's own at "
                         "--baseline-t; per-layer thresholds may then fall below --baseline-t")
     a.add_json(p, "the results")
+    a.add_out(p, "save the model with the recommended threshold(s) applied", required=False)
     p.set_defaults(func=_threshold)
