@@ -58,4 +58,5 @@ def test_the_prepared_run_is_the_trend_budget_within_90_minutes(trend):
     assert tokens == 5000 * trend.TOKENS_PER_STEP
     assert r.time_budget == 90 and r.eval.limit >= 500 and len(r.eval.tasks) == 5
     assert r.threshold.per_layer and r.threshold.train > 0
+    assert r.threshold.reference == "original" and r.threshold.tolerance == 0.15
     assert trend.EXTRA.name == "paper_sparsity_report.json"
