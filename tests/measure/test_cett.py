@@ -184,10 +184,10 @@ def test_per_layer_thresholds_hold_the_tolerance_and_deploy(trained, tmp_path, t
         torch.testing.assert_close(back(input_ids=ids).logits, dense, rtol=1e-5, atol=1e-5)
 
 
-def test_per_layer_thresholds_against_a_reference_may_fall_below_the_trained_t(trained, text_file):
+def test_per_layer_thresholds_against_a_reference_perplexity(trained, text_file):
     """Judged against another model's perplexity (the original's), the search finds the sparsest
-    thresholds within it, below the trained t where the budget asks for it; a budget even plain
-    ReLU misses is reported, not hidden."""
+    thresholds within it, never below the trained t; a reference the model at its trained t
+    already misses is reported, and the thresholds stay at that t."""
     import copy
 
     from prosparse import relufy_
@@ -210,19 +210,19 @@ def test_per_layer_thresholds_against_a_reference_may_fall_below_the_trained_t(t
         if at_big > 1.05 * at_zero:
             break
     assert at_big > 1.05 * at_zero
-    ref = (at_zero + at_big) / 2 / 1.01
+    relufy_(relu, "relu")
+    ref = (at_zero + at_big) / 2
     kw = dict(data=data, tokens=256, seq_len=32, calib_tokens=256, progress=False)
-    r = per_layer_thresholds(relu, tok, tolerance=0.01, baseline_t=big_t,
-                             reference_perplexity=ref, **kw)
+    own = per_layer_thresholds(relu, tok, tolerance=0.01, **kw)
+    r = per_layer_thresholds(relu, tok, tolerance=0.01, reference_perplexity=ref, **kw)
     assert r["within_tolerance"] and r["reference_perplexity"] == ref
-    assert r["baseline_perplexity"] == pytest.approx(at_big)
-    assert r["perplexity"] <= ref * 1.01 < r["baseline_perplexity"]
-    assert min(r["layer_thresholds"]) < big_t and max(r["layer_thresholds"]) > 0
+    assert r["perplexity"] <= ref * 1.01
+    assert r["average_sparsity"] > own["average_sparsity"]  # a looser bar, more zeros
     set_threshold_(relu, r["layer_thresholds"])
     assert evaluate_heldout(relu, held)["perplexity"] == pytest.approx(r["perplexity"])
     miss = per_layer_thresholds(relu, tok, tolerance=0.0, baseline_t=big_t,
-                                reference_perplexity=at_zero / 2, **kw)
-    assert not miss["within_tolerance"] and miss["layer_thresholds"] == [0.0, 0.0]
-    assert miss["perplexity"] == pytest.approx(at_zero)
+                                reference_perplexity=at_zero, **kw)
+    assert not miss["within_tolerance"] and miss["layer_thresholds"] == [big_t, big_t]
+    assert miss["perplexity"] == pytest.approx(at_big)
     with pytest.raises(UsageError, match="reference perplexity"):
         per_layer_thresholds(relu, tok, reference_perplexity=float("nan"), **kw)

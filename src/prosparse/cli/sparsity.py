@@ -113,7 +113,7 @@ def _threshold(args) -> int:
     print(format_table(["t", "sparsity %", "perplexity"], rows))
     if not result["within_tolerance"]:
         print(f"no t is within {100 * args.tolerance:g}% of {_judged(args, result)}; "
-              f"recommended t = {result['recommended']:g}, the lowest tried")
+              f"recommended t = {result['recommended']:g}, the baseline")
     else:
         print(f"recommended t = {result['recommended']:g} (perplexity within "
               f"{100 * args.tolerance:g}% of {_judged(args, result)})")
@@ -176,8 +176,9 @@ def _per_layer(args, model, tok, ref: float | None = None) -> int:
                        [[i, f"{t:.4g}", pct(s)] for i, (t, s) in
                         enumerate(zip(ts, result["layer_sparsity"]))]))
     if not result["within_tolerance"]:
-        print(f"even plain ReLU (every t = 0) is past {100 * args.tolerance:g}% of "
-              f"{_judged(args, result)}: perplexity {result['perplexity']:.3f}")
+        print(f"the model at t = {args.baseline_t:g} is already past "
+              f"{100 * args.tolerance:g}% of {_judged(args, result)}: perplexity "
+              f"{result['perplexity']:.3f}; the thresholds stay at t = {args.baseline_t:g}")
     else:
         print(f"per-layer thresholds: sparsity {pct(result['average_sparsity'])}% at perplexity "
               f"{result['perplexity']:.3f} (within {100 * args.tolerance:g}% of "
@@ -230,7 +231,7 @@ def register(sub) -> None:
     p.add_argument("--reference", default=None, metavar="MODEL",
                    help="judge the tolerance against this model's perplexity on the same text "
                         "(e.g. the original SiLU model) instead of the model's own at "
-                        "--baseline-t; per-layer thresholds may then fall below --baseline-t")
+                        "--baseline-t (no threshold goes below --baseline-t)")
     a.add_json(p, "the results")
     a.add_out(p, "save the model with the recommended threshold(s) applied", required=False)
     p.set_defaults(func=_threshold)

@@ -38,7 +38,7 @@ def threshold_sweep(
 
     With ``reference_perplexity`` (another model's perplexity on the same text, e.g. the
     original SiLU model's), the tolerance is judged against it instead; when no ``t`` is within
-    it, ``recommended`` is the lowest ``t`` and ``within_tolerance`` is false.
+    it, ``recommended`` is ``baseline_t`` and ``within_tolerance`` is false.
     """
     _check_reference(reference_perplexity)
     if not thresholds or any(not math.isfinite(t) or t < 0 for t in thresholds):
@@ -66,7 +66,7 @@ def threshold_sweep(
     ok = [t for t in grid if rows[t]["perplexity"] <= limit]
     return {
         "thresholds": [rows[t] for t in sorted(set(thresholds))],
-        "recommended": max(ok) if ok else grid[0],
+        "recommended": max(ok) if ok else float(baseline_t),
         "within_tolerance": bool(ok),
         "baseline_perplexity": base,
         "baseline_t": float(baseline_t),
@@ -108,9 +108,10 @@ def per_layer_thresholds(
 
     With ``reference_perplexity`` (another model's perplexity on the same text, e.g. the
     original SiLU model's), the budget is searched for the largest perplexity within
-    ``tolerance`` of it instead, and a layer's threshold may fall below ``baseline_t``: the
-    sparsest thresholds at that quality. ``within_tolerance`` is false when even plain ReLU
-    (every threshold 0) is past it; the thresholds are then all 0.
+    ``tolerance`` of it instead: the sparsest thresholds at that quality. No threshold falls
+    below ``baseline_t``: a model trained under FATReLU t is worse below it (the weights rely
+    on the small activations being cut). ``within_tolerance`` is false when the model at
+    ``baseline_t`` is already past it; the thresholds are then ``baseline_t``.
     """
     _check_reference(reference_perplexity)
     from prosparse.measure.cett import cett_curve, cutoff_for, dense_gates, dense_x1
@@ -129,15 +130,11 @@ def per_layer_thresholds(
     try:
         set_threshold_(model, baseline_t)
         base = evaluate_heldout(model, batches, batch_size)
-        if reference_perplexity is None:
-            floor, limit = float(baseline_t), base["perplexity"] * (1 + tolerance)
-            best = (0.0, [floor] * len(find_gated_ffns(model)), base)
-        else:
-            floor, limit = 0.0, reference_perplexity * (1 + tolerance)
-            set_threshold_(model, 0.0)
-            best = (0.0, [0.0] * len(find_gated_ffns(model)),
-                    evaluate_heldout(model, batches, batch_size))
-        within = best[2]["perplexity"] <= limit
+        floor = float(baseline_t)
+        limit = (base["perplexity"] if reference_perplexity is None
+                 else reference_perplexity) * (1 + tolerance)
+        best = (0.0, [floor] * len(find_gated_ffns(model)), base)
+        within = base["perplexity"] <= limit
         gates = dense_gates(model, calib, calib_tokens, batch_size)
         x1s = dense_x1(model, calib, calib_tokens, batch_size)
         ffns = find_gated_ffns(model)

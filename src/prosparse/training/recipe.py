@@ -131,7 +131,8 @@ class ThresholdConfig:
     """What ``tolerance`` is relative to: ``trained``, the model's own perplexity at the trained
     threshold (``train``), or ``original``, the original model's before the swap: then the
     final threshold is the sparsest whose perplexity is within ``tolerance`` of the original
-    (``tolerance: 0.15`` = at most 1.15x), and per-layer thresholds may fall below ``train``."""
+    (``tolerance: 0.15`` = at most 1.15x); none below ``train``, and ``train`` itself when the
+    trained model is already past it (the report's ``within_tolerance`` is then false)."""
     train: float = 0.0
     """Threshold-aware training (not in the paper): the FATReLU threshold the model trains under
     at the end, reached by a linear ramp from the swapped-in activation's own threshold (0 for
