@@ -223,6 +223,11 @@ def test_a_relu_model_with_no_original_needs_a_named_teacher(tiny_dir, text_file
         train(tiny_recipe(tiny_dir, text_file, f"model={tmp_path / 'relu'}",
                           "distill.weight=0.5"), tmp_path / "run", progress=False)
     _reset_accelerate()
+    with pytest.raises(UsageError, match="records no original model.*reference trained"):
+        train(tiny_recipe(tiny_dir, text_file, f"model={tmp_path / 'relu'}",
+                          "threshold.reference=original"), tmp_path / "ref", progress=False)
+    assert not (tmp_path / "ref/metrics.jsonl").exists()  # refused before any training
+    _reset_accelerate()
     plain = train(tiny_recipe(tiny_dir, text_file, f"model={tmp_path / 'relu'}"),
                   tmp_path / "plain", progress=False).report
     assert "original" not in plain and "starting checkpoint" in plain["table"]
@@ -265,17 +270,24 @@ def test_per_layer_thresholds_as_the_recipe_deploys_them(tiny_dir, text_file, tm
 
 def test_thresholds_judged_against_the_original_model(tiny_dir, text_file, tmp_path):
     """threshold.reference original: the final thresholds are searched against the original
-    model's held-out perplexity, measured before the swap, and the report says which."""
+    model's held-out perplexity, measured again by a resumed run (whose report starts empty),
+    and the report says which."""
+    from prosparse import load_model
     from prosparse.core.errors import UsageError
+    from prosparse.measure.heldout import evaluate_heldout
+    from prosparse.measure.sparsity import heldout_sets
 
+    recipe = tiny_recipe(tiny_dir, text_file, "threshold.value=null", "threshold.per_layer=true",
+                         "threshold.tolerance=0.5", "threshold.reference=original")
     _reset_accelerate()
-    res = train(tiny_recipe(tiny_dir, text_file, "threshold.value=null",
-                            "threshold.per_layer=true", "threshold.tolerance=0.5",
-                            "threshold.reference=original"),
-                tmp_path / "run", progress=False)
-    r = res.report
+    train(recipe, tmp_path / "run", stop_after=3, progress=False)
+    _reset_accelerate()
+    r = train(recipe, tmp_path / "run", resume=True, progress=False).report
+    original, tok = load_model(str(tiny_dir))
+    want = evaluate_heldout(original, heldout_sets(tok, [str(text_file)], 128, 32))["perplexity"]
     chosen = r["threshold_per_layer"]
-    assert chosen["reference_perplexity"] == pytest.approx(r["original"]["perplexity"])
+    assert r["original"]["perplexity"] == pytest.approx(want, rel=1e-5)
+    assert chosen["reference_perplexity"] == r["original"]["perplexity"]
     assert chosen["within_tolerance"] == (
         r["final"]["perplexity"] <= 1.5 * r["original"]["perplexity"] + 1e-9)
     assert r["threshold"] == chosen["layer_thresholds"]

@@ -155,6 +155,16 @@ def activation_from_args(args) -> tuple[str, float] | None:
     return act, args.threshold if act == "fatrelu" else args.shift if act == "shifted_relu" else 0.0
 
 
+def describe_activation(act: str, param: float | list[float]) -> str:
+    """``hidden_act=...`` (and ``hidden_act_param=...`` when set) as a saved config names them,
+    per-layer values as their range."""
+    if not param:
+        return f"hidden_act={act}"
+    shown = (f"{len(param)} per-layer values, {min(param):g}..{max(param):g}"
+             if isinstance(param, list) else f"{param:g}")
+    return f"hidden_act={act}, hidden_act_param={shown}"
+
+
 def apply_activation_args(model, args) -> None:
     """relufy_ from --act/--threshold/--shift, when any of them asks for a swap."""
     from prosparse.models.relufy import relufy_

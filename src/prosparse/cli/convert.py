@@ -19,9 +19,7 @@ def _convert(args) -> int:
     checks.check_output_dir(args.out, args.overwrite)
     out, act, param = convert(args.model, act, param, args.out, dtype=args.dtype,
                               overwrite=args.overwrite)
-    shown = (f"{len(param)} per-layer values, {min(param):g}..{max(param):g}"
-             if isinstance(param, list) else f"{param:g}")
-    print(f"wrote {out} (hidden_act={act}" + (f", hidden_act_param={shown})" if param else ")"))
+    print(f"wrote {out} ({a.describe_activation(act, param)})")
     return 0
 
 

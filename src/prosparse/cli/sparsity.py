@@ -151,9 +151,7 @@ def _save(args, model, tok, t) -> None:
 
     set_threshold_(model, t)
     path = save_model(model, tok, args.out, overwrite=args.overwrite)
-    act, param = current_activation(model)
-    shown = f"{param:g}" if isinstance(param, float) else f"{min(param):.4g}..{max(param):.4g}"
-    print(f"wrote {path} (hidden_act={act}, hidden_act_param={shown})")
+    print(f"wrote {path} ({a.describe_activation(*current_activation(model))})")
 
 
 def _judged(args, result: dict) -> str:

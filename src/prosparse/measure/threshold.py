@@ -130,11 +130,8 @@ def per_layer_thresholds(
     try:
         set_threshold_(model, baseline_t)
         base = evaluate_heldout(model, batches, batch_size)
-        floor = float(baseline_t)
         limit = (base["perplexity"] if reference_perplexity is None
                  else reference_perplexity) * (1 + tolerance)
-        best = (0.0, [floor] * len(find_gated_ffns(model)), base)
-        within = base["perplexity"] <= limit
         gates = dense_gates(model, calib, calib_tokens, batch_size)
         x1s = dense_x1(model, calib, calib_tokens, batch_size)
         ffns = find_gated_ffns(model)
@@ -144,9 +141,9 @@ def per_layer_thresholds(
                                            disable=not progress), gates, ffns)]
 
         def at(c: float) -> list[float]:
-            return [max(floor, cutoff_for(t, v, c)) for t, v in curves]
+            return [max(float(baseline_t), cutoff_for(t, v, c)) for t, v in curves]
 
-        lo, hi = 0.0, 1.0
+        lo, hi, best = 0.0, 1.0, (0.0, [float(baseline_t)] * len(curves), base)
         for _ in tqdm(range(math.ceil(math.log2(1 / interval))), desc="per-layer search",
                       leave=False, disable=not progress):
             mid = (lo + hi) / 2
@@ -154,7 +151,7 @@ def per_layer_thresholds(
             set_threshold_(model, ts)
             res = evaluate_heldout(model, batches, batch_size)
             if res["perplexity"] <= limit:
-                lo, best, within = mid, (mid, ts, res), True
+                lo, best = mid, (mid, ts, res)
             else:
                 hi = mid
     finally:
@@ -163,4 +160,5 @@ def per_layer_thresholds(
     return {"layer_thresholds": ts, "cett": c, "tolerance": tolerance,
             "baseline_t": float(baseline_t), "baseline_perplexity": base["perplexity"],
             "baseline_sparsity": base["average_sparsity"],
-            "reference_perplexity": reference_perplexity, "within_tolerance": within, **res}
+            "reference_perplexity": reference_perplexity,
+            "within_tolerance": res["perplexity"] <= limit, **res}

@@ -308,6 +308,9 @@ def _setup(recipe: Recipe, run: Path, ckpt: Path | None, accelerator,
     needs_original = measure_before or recipe.distill.weight > 0 or \
         (recipe.eval.tasks and ckpt is None) or by_original
     original, origin = _original_model(recipe, model) if needs_original else (model, None)
+    if by_original and original is None:
+        raise UsageError(f"threshold.reference is original but {recipe.model} records no "
+                         "original model to compare with; use threshold.reference trained")
     if TRAINED_FROM_KEY not in vars(model.config) and origin is not None:
         setattr(model.config, TRAINED_FROM_KEY, origin)  # final/ and checkpoints record it
     model.to(accelerator.device)
@@ -331,9 +334,6 @@ def _setup(recipe: Recipe, run: Path, ckpt: Path | None, accelerator,
             report["start"] = evaluate_heldout(model, heldout, accelerator=accelerator,
                                                progress=shown)
     if by_original and "original" not in report:
-        if original is None:
-            raise UsageError(f"threshold.reference is original but {recipe.model} records no "
-                             "original model to compare with; use threshold.reference trained")
         # a resumed run measures it again: the threshold search is judged against it at the end
         report["original"] = evaluate_heldout(original, heldout, accelerator=accelerator,
                                               progress=shown)
