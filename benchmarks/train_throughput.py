@@ -8,7 +8,8 @@ Each variant runs ``configs/demo.yaml`` (distillation, the ReLU swap, the demo's
 and reads the per-step wall time the loop logs (``step_seconds``). Medians skip the first two
 steps (allocation, first-touch). Variants: the per-tensor AdamW loop (``optim.fused=false``, the
 loop before fused AdamW became the default), fused AdamW, fused AdamW + bf16 autocast, all
-training every weight; then the committed demo recipe's FFN-only training. Losses are compared
+training every weight; then the committed demo recipe's FFN-only training, in bf16 and fp32;
+and what ``dtype: auto`` picks here. Losses are compared
 step by step with the first variant's (identical data order and seed): fp32 variants must agree
 within float rounding, bf16 within bf16 rounding; FFN-only trains fewer weights, so only its
 first loss must agree. Table to stdout, JSON to
@@ -35,6 +36,8 @@ VARIANTS = {
     # frontier for quality): its losses part from the others after the first step by design.
     "fused AdamW + bf16, FFN only (make demo)": ["optim.fused=true", "dtype=bf16",
                                                  "optim.train_params=ffn"],
+    # The demo recipe in fp32: what dtype: auto trains in where bf16 does not measure faster.
+    "fused AdamW + fp32, FFN only": ["optim.fused=true", "dtype=fp32", "optim.train_params=ffn"],
 }
 QUIET = ["log.measure_before=false", "log.eval_every=0", "log.tensorboard=false", "eval.tasks=[]"]
 
@@ -43,7 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="configs/demo.yaml")
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--only", default=None, help="comma-separated variant names")
+    ap.add_argument("--only", default=None, help="variant names separated by ;")
     ap.add_argument("--json", default="benchmarks/results/train_throughput.json")
     args = ap.parse_args()
 
@@ -56,7 +59,7 @@ def main() -> None:
     from prosparse.training import read_metrics, train
     from prosparse.training.recipe import load_recipe
 
-    names = args.only.split(",") if args.only else list(VARIANTS)
+    names = args.only.split(";") if args.only else list(VARIANTS)
     results = {}
     for name in names:
         recipe = load_recipe(args.recipe, [*QUIET, *VARIANTS[name]])
@@ -87,10 +90,16 @@ def main() -> None:
     table = format_table(["variant", "median s/step", "tokens/s", f"vs {base_name}",
                           "max rel. loss diff"], rows)
     print(table)
+    from prosparse.training.loop import _mixed_precision, bf16_matmul_speedup
+
+    auto = {"bf16_matmul_speedup": bf16_matmul_speedup(),
+            "mixed_precision": _mixed_precision(load_recipe(args.recipe, ["dtype=auto"]))}
+    print(f"dtype: auto here: bf16 matrix product {auto['bf16_matmul_speedup']:.2f}x fp32's "
+          f"speed, so mixed_precision {auto['mixed_precision']}")
     write_json(args.json, {
         "recipe": args.recipe, "steps": args.steps, "threads": torch.get_num_threads(),
         "cpu": _device_name(torch.device("cpu")), "cpu_isa": cpu_isa(), "torch": torch.__version__, "baseline": base_name,
-        "variants": results, "table": table,
+        "dtype_auto": auto, "variants": results, "table": table,
     })
 
 

@@ -119,25 +119,54 @@ def test_fused_adamw_choice():
         use_fused_adamw(meta, True)
 
 
-@pytest.mark.parametrize("flags,cuda,want", [
-    ({"avx2", "fma"}, False, "no"),            # AVX2 only: bf16 is emulated, fp32 it is
-    ({"avx512f", "avx512_bf16"}, False, "bf16"),
-    ({"amx_bf16", "amx_tile"}, False, "bf16"),
-    (set(), True, "bf16"),                     # CUDA
+@pytest.mark.parametrize("flags,speedup,cuda,want", [
+    ({"avx2", "fma"}, 2.0, False, "no"),            # AVX2 only: bf16 is emulated, fp32 it is
+    ({"avx512f", "avx512_bf16"}, 1.6, False, "bf16"),
+    ({"avx512f", "avx512_bf16"}, 0.6, False, "no"),  # native bf16 that measures slower
+    ({"amx_bf16", "amx_tile"}, 1.6, False, "bf16"),
+    (set(), 0.6, True, "bf16"),                     # CUDA
 ])
-def test_dtype_auto_is_bf16_where_the_hardware_has_it(monkeypatch, flags, cuda, want):
+def test_dtype_auto_is_bf16_where_the_hardware_makes_it_faster(monkeypatch, flags, speedup,
+                                                                cuda, want):
     from prosparse.kernels import fused
     from prosparse.training import loop
     from prosparse.training.recipe import load_recipe
 
     monkeypatch.setattr(fused, "cpu_flags", lambda: set(flags))
+    monkeypatch.setattr(loop, "bf16_matmul_speedup", lambda: speedup)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     auto = load_recipe(None, ["model=smollm2-135m"])
     assert auto.dtype == "auto"
     assert loop._mixed_precision(auto) == want
     pinned = {d: load_recipe(None, ["model=smollm2-135m", f"dtype={d}"]) for d in ("fp32", "bf16")}
     assert loop._mixed_precision(pinned["fp32"]) == "no"
     assert loop._mixed_precision(pinned["bf16"]) == "bf16"
+
+
+@pytest.mark.parametrize("flags,want", [({"avx512_bf16"}, "no"), ({"avx512_bf16", "amx_bf16"},
+                                                                   "bf16")])
+def test_dtype_auto_goes_by_the_flags_in_a_multi_process_run(monkeypatch, flags, want):
+    """Processes of one run must agree on the precision, so they do not time it each."""
+    from prosparse.kernels import fused
+    from prosparse.training import loop
+    from prosparse.training.recipe import load_recipe
+
+    def no_timing():
+        raise AssertionError("timed in a multi-process run")
+
+    monkeypatch.setattr(fused, "cpu_flags", lambda: set(flags))
+    monkeypatch.setattr(loop, "bf16_matmul_speedup", no_timing)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert loop._mixed_precision(load_recipe(None, ["model=smollm2-135m"])) == want
+
+
+def test_bf16_matmul_speedup_is_a_positive_ratio():
+    from prosparse.training.loop import bf16_matmul_speedup
+
+    r = bf16_matmul_speedup.__wrapped__(reps=2)
+    assert 0 < r < 1000
 
 
 def test_report_records_the_chosen_precision(tiny_dir, text_file, tmp_path):

@@ -10,8 +10,10 @@ lambda are pure functions of the step, so a resumed run lands on the same values
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
+import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -147,20 +149,63 @@ def use_fused_adamw(params: list[torch.Tensor], fused: bool | None) -> bool | No
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where bf16 autocast
-    trains faster than fp32; elsewhere oneDNN emulates it, many times slower."""
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere oneDNN
+    emulates it, many times slower than fp32."""
     from prosparse.kernels.fused import cpu_flags
 
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+BF16_MIN_SPEEDUP = 1.1
+"""``dtype: auto`` trains under bf16 autocast on a CPU only where a bf16 matrix product runs at
+least this much faster than fp32 (measured by :func:`bf16_matmul_speedup`)."""
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_matmul_speedup(reps: int = 8) -> float:
+    """fp32 time over bf16 time of one FFN-sized product (256 tokens x 1024 -> 2816, the weight
+    cast to bf16 each time as autocast does), medians of ``reps`` after a warm-up: about 0.2 s.
+
+    Hardware bf16 is not always faster: with AMX it is (1.6x a training step), but a VM that
+    reports AVX512-BF16 without AMX can run bf16 products slower than fp32 (1.6x slower a step
+    of ``make demo`` on one such Xeon), so the flags alone do not decide."""
+    x = torch.randn(256, 1024)
+    w = torch.randn(2816, 1024)
+
+    def median_time(fn) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    fp32 = median_time(lambda: x @ w.T)
+    xb = x.bfloat16()
+    bf16 = median_time(lambda: xb @ w.bfloat16().T)
+    return fp32 / max(bf16, 1e-9)
+
+
+def _cpu_bf16_pays() -> bool:
+    """bf16 autocast on this CPU: native bf16 that measures faster than fp32. Processes of one
+    run must agree, so a multi-process run goes by the flags (AMX) instead of a timing."""
+    from prosparse.kernels.fused import cpu_flags
+
+    if not cpu_has_native_bf16():
+        return False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "amx_bf16" in cpu_flags()
+    return bf16_matmul_speedup() >= BF16_MIN_SPEEDUP
+
+
 def _mixed_precision(recipe: Recipe) -> str:
-    """``dtype: auto`` is bf16 autocast on CUDA and on CPUs with native bf16 matmuls (the
-    make demo recipe: 1.6x the steps per second at the same frontier,
-    benchmarks/results/frontier/prosparse-1.5-bf16.json), fp32 elsewhere."""
+    """``dtype: auto`` is bf16 autocast on CUDA and on CPUs whose native bf16 products measure
+    faster than fp32 (the make demo recipe with AMX: 1.6x the steps per second at the same
+    frontier, benchmarks/results/frontier/prosparse-1.5-bf16.json), fp32 elsewhere."""
     if recipe.dtype == "bf16":
         return "bf16"
-    if recipe.dtype == "auto" and (torch.cuda.is_available() or cpu_has_native_bf16()):
+    if recipe.dtype == "auto" and (torch.cuda.is_available() or _cpu_bf16_pays()):
         return "bf16"
     return "no"
 
