@@ -57,6 +57,15 @@ def test_budget_steps_is_the_last_step_that_fits():
     assert budget_steps(recipe, step_seconds=2.0, **kw)[0] == 11
 
 
+def test_budget_counts_each_sweep_threshold_but_the_trained_one():
+    recipe = load_recipe(DEMO, ["time_budget=10", "log.eval_every=0", "eval.tasks=[]",
+                                "threshold.sweep=[0.3, 0.35, 0.4]", "threshold.train=0.35"])
+    kw = dict(elapsed=60.0, done=10, step_seconds=2.0, eval_fraction=0.25)
+    # trained + 0.3 + 0.4 + saving: 5 evaluations at the end, and the last step's (a quarter)
+    steps, _ = budget_steps(recipe, heldout_seconds=8.0, **kw)
+    assert steps == 10 + (600 - 60 - 5 * 8 - 0.25 * 8) // 2
+
+
 def test_negative_budget_is_refused():
     with pytest.raises(UsageError, match="time_budget"):
         load_recipe(DEMO, ["time_budget=-1"])

@@ -73,6 +73,38 @@ def test_report_and_final_checkpoint_load(tiny_dir, text_file, tmp_path):
                                load_model(str(tiny_dir))[0].model.layers[0].mlp.up_proj.weight)
 
 
+@pytest.mark.parametrize("sweep", ["[0.0, 0.01, 0.02]", "[0.02, 0.05]"])
+def test_sweep_measures_the_trained_t_once_and_final_is_the_saved_model(
+        tiny_dir, text_file, tmp_path, monkeypatch, sweep):
+    """The trained model's measurement is the sweep's point at its trained t, and the final row
+    is the sweep's point at the chosen t: neither is measured twice, and both equal what the
+    saved model measures afresh."""
+    from prosparse import load_model
+    from prosparse.measure import threshold as threshold_mod
+    from prosparse.measure.heldout import evaluate_heldout
+    from prosparse.training.data import heldout_blocks
+
+    calls = []
+    real = threshold_mod.evaluate_heldout
+    monkeypatch.setattr(threshold_mod, "evaluate_heldout",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    _reset_accelerate()
+    train(tiny_recipe(tiny_dir, text_file, "threshold.value=null", f"threshold.sweep={sweep}",
+                      "threshold.train=0.01", "threshold.train_start=3", "threshold.train_ramp=1",
+                      "threshold.tolerance=1.0"), tmp_path / "run", progress=False)
+    report = json.loads((tmp_path / "run/report.json").read_text())
+    rows = {r["t"]: r for r in report["threshold_sweep"]["thresholds"]}
+    assert len(calls) == len(rows | {0.01: None}) - 1  # every t but the trained one
+    assert report["threshold_sweep"]["baseline_perplexity"] == report["trained"]["perplexity"]
+    t = report["threshold"]
+    assert t in rows and t != 0.01  # a generous tolerance: the largest t of the sweep
+    assert report["final"]["perplexity"] == rows[t]["perplexity"]
+    model, tok = load_model(str(tmp_path / "run/final"))
+    fresh = evaluate_heldout(model, heldout_blocks(tok, [str(text_file)], 32, 128))
+    assert fresh["perplexity"] == pytest.approx(report["final"]["perplexity"], rel=1e-5)
+    assert fresh["average_sparsity"] == pytest.approx(report["final"]["average_sparsity"])
+
+
 def test_freeze_keeps_named_parameters(tiny_dir, text_file, tmp_path):
     from prosparse import load_model
 

@@ -26,6 +26,7 @@ def threshold_sweep(
     progress: bool = True,
     baseline_t: float = 0.0,
     reference_perplexity: float | None = None,
+    measured: dict[float, dict] | None = None,
 ) -> dict:
     """Sparsity and perplexity of ``model`` with FATReLU at each threshold ``t``.
 
@@ -39,6 +40,10 @@ def threshold_sweep(
     With ``reference_perplexity`` (another model's perplexity on the same text, e.g. the
     original SiLU model's), the tolerance is judged against it instead; when no ``t`` is within
     it, ``recommended`` is ``baseline_t`` and ``within_tolerance`` is false.
+
+    ``measured`` maps thresholds to measurements of this model already made on the same text
+    (``evaluate_heldout``'s dict: the trained model at its trained t), which are used instead of
+    measuring again.
     """
     _check_reference(reference_perplexity)
     if not thresholds or any(not math.isfinite(t) or t < 0 for t in thresholds):
@@ -56,7 +61,11 @@ def threshold_sweep(
     rows = {}
     restore = activation_state(model)
     try:
+        known = {float(t): m for t, m in (measured or {}).items()}
         for t in tqdm(grid, desc="thresholds", disable=not progress):
+            if t in known:
+                rows[t] = {"t": t, **known[t]}
+                continue
             set_threshold_(model, t)
             rows[t] = {"t": t, **evaluate_heldout(model, batches, batch_size)}
     finally:

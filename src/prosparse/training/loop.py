@@ -697,13 +697,19 @@ def budget_steps(recipe: Recipe, *, elapsed: float, done: int, step_seconds: flo
 
     The estimate: ``elapsed`` seconds so far (``done`` steps made), ``step_seconds`` for each
     step still to make, a held-out evaluation of ``eval_fraction`` x ``heldout_seconds`` every
-    ``log.eval_every`` steps and at the last, and the end of the run: the trained and final
-    measurements and each threshold the sweep tries (``heldout_seconds`` each; about a dozen
-    for per-layer thresholds), the final lm-eval (``benchmark_seconds``, what the original's
+    ``log.eval_every`` steps and at the last, and the end of the run: the trained measurement,
+    each threshold the sweep tries besides the trained one (the final row is the sweep's), or
+    the final measurement after a fixed threshold, or about a dozen for per-layer thresholds
+    (``heldout_seconds`` each), the final lm-eval (``benchmark_seconds``, what the original's
     took) and saving (two evaluations' worth)."""
     th, every = recipe.threshold, recipe.log.eval_every
-    sweeps = 12 if th.per_layer else (len(th.sweep) + 1 if th.value is None else 0)
-    end = (2 + sweeps + 2) * heldout_seconds + benchmark_seconds
+    if th.per_layer:
+        end = 2 + 12
+    elif th.value is None:  # the trained t and the chosen t are not measured again
+        end = 1 + len(set(th.sweep) - {th.train})
+    else:
+        end = 2
+    end = (end + 2) * heldout_seconds + benchmark_seconds
 
     def minutes(n: int) -> float:
         evals = (n // every - done // every + (n % every != 0)) if every else 1

@@ -99,6 +99,7 @@ def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, 
     shown = progress and accelerator.is_main_process
     report["trained"] = evaluate_heldout(model, heldout, accelerator=accelerator, progress=shown)
     th = recipe.threshold
+    final = None
     # The unwrapped model: a DDP/FSDP wrapper has no .config, which must name the activation.
     act, param = current_activation(accelerator.unwrap_model(model))
     if act == "shifted_relu":
@@ -125,19 +126,28 @@ def finish_run(accelerator, model, tokenizer, recipe, run: Path, heldout: dict, 
         elif th.value is None:
             from prosparse.measure.threshold import threshold_sweep
 
+            # The trained model as measured above is the sweep's point at its own threshold.
+            here = {0.0: report["trained"]} if act == "relu" else \
+                {float(param): report["trained"]} if act in ("fatrelu", "drelu") and \
+                isinstance(param, (int, float)) else {}
             sweep = threshold_sweep(accelerator.unwrap_model(model), tokenizer, list(th.sweep),
                                     data=recipe.data.heldout, tolerance=th.tolerance,
                                     tokens=recipe.data.heldout_tokens,
                                     seq_len=recipe.data.heldout_seq_len or recipe.data.seq_len,
                                     progress=shown, baseline_t=th.train,
-                                    reference_perplexity=reference)
+                                    reference_perplexity=reference, measured=here)
             report["threshold_sweep"] = sweep
             t = float(sweep["recommended"])
+            rows = {**here, **{r["t"]: r for r in sweep["thresholds"]}}
+            if t in rows:  # already measured at the chosen t: the final row is that one
+                final = {k: v for k, v in rows[t].items() if k != "t"}
         else:
             t = float(th.value)
         report["threshold"] = t  # one t, or one per layer
         set_threshold_(accelerator.unwrap_model(model), t)
-    report["final"] = evaluate_heldout(model, heldout, accelerator=accelerator, progress=shown)
+    if final is None:
+        final = evaluate_heldout(model, heldout, accelerator=accelerator, progress=shown)
+    report["final"] = final
     vocab = getattr(getattr(accelerator.unwrap_model(model), "config", None), "vocab_size", None)
     if vocab and report["final"]["perplexity"] > vocab / 2:
         msg = (f"the final held-out perplexity {report['final']['perplexity']:.1f} is near the "
